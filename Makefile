@@ -1,0 +1,19 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv first
+# (idempotent; see scripts/setup_env.sh for the overrides it accepts).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow benchmark
+
+setup:
+	bash scripts/setup_env.sh
+
+demo: setup
+	$(PY) tools/demo.py
+
+test: setup
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest tests -q -m slow --runslow $(PYTEST_ARGS)

@@ -1,0 +1,8 @@
+# Deploy twin of ../fcos_repvgg-a0_fpn_gn-head_1x_coco.py:
+# every RepVGG module is built fused (deploy=True), so that a checkpoint
+# written by tools/convert_deploy.py loads strictly:
+#   python tools/test.py configs/repvgg/deploy/fcos_repvgg-a0_fpn_gn-head_1x_coco.py DEPLOY.pth
+_base_ = '../fcos_repvgg-a0_fpn_gn-head_1x_coco.py'
+
+model = dict(
+    backbone=dict(deploy=True, init_cfg=None))

@@ -1,0 +1,9 @@
+# Deploy twin of ../retinanet_repvgg-a0_repvgg-fpn_1x_coco.py:
+# every RepVGG module is built fused (deploy=True), so that a checkpoint
+# written by tools/convert_deploy.py loads strictly:
+#   python tools/test.py configs/repvgg/deploy/retinanet_repvgg-a0_repvgg-fpn_1x_coco.py DEPLOY.pth
+_base_ = '../retinanet_repvgg-a0_repvgg-fpn_1x_coco.py'
+
+model = dict(
+    backbone=dict(deploy=True, init_cfg=None),
+    neck=dict(block_cfg=dict(deploy=True)))

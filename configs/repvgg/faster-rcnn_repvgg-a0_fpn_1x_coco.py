@@ -1,0 +1,17 @@
+# Faster R-CNN with a RepVGG-A0 backbone, 1x on COCO.
+_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+
+custom_imports = dict(imports=['mmrepvgg'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='RepVGG',
+        arch='A0',
+        out_indices=(0, 1, 2, 3),
+        frozen_stages=1,
+        norm_cfg=dict(type='BN', requires_grad=True),
+        norm_eval=True,
+        init_cfg=dict(
+            type='Pretrained', checkpoint='checkpoints/repvgg-a0_in1k.pth')),
+    neck=dict(in_channels=[48, 96, 192, 1280]))

@@ -1,0 +1,8 @@
+# Faster R-CNN with a RepVGG-B1g2 backbone, 1x on COCO.
+_base_ = './faster-rcnn_repvgg-a0_fpn_1x_coco.py'
+
+model = dict(
+    backbone=dict(
+        arch='B1g2',
+        init_cfg=dict(checkpoint='checkpoints/repvgg-b1g2_in1k.pth')),
+    neck=dict(in_channels=[128, 256, 512, 2048]))

@@ -1,0 +1,4 @@
+from .repvgg_block import RepVGGBlock
+from .se_layer import SELayer
+
+__all__ = ['RepVGGBlock', 'SELayer']

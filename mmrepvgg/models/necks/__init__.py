@@ -1,0 +1,3 @@
+from .repvgg_fpn import RepVGGFPN
+
+__all__ = ['RepVGGFPN']

@@ -1,0 +1,170 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from mmrepvgg import ARCH_SETTINGS, RepVGG, RepVGGBlock, switch_to_deploy
+from mmrepvgg.testing import randomize_, relative_error
+
+#: Published totals (deploy form, with the 1000-class classifier), millions,
+#: from the RepVGG paper / official repository. B2g2 and B3g2 have no
+#: published figure.
+PUBLISHED_TOTAL_M = {
+    'A0': 8.30, 'A1': 12.78, 'A2': 25.49, 'B0': 14.33, 'B1': 51.82,
+    'B1g2': 41.36, 'B1g4': 36.12, 'B2': 80.31, 'B2g4': 55.77, 'B3': 110.96,
+    'B3g4': 75.62, 'D2se': 120.39,
+}
+TINY_ARCH = dict(num_blocks=(1, 2, 2, 1), width_factor=(0.25, 0.25, 0.25, 0.5),
+                 group_layer_map={2: 2, 4: 4})
+
+
+def deploy_param_count(arch: str) -> int:
+    with torch.device('meta'):
+        model = RepVGG(arch, deploy=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def classifier_params(arch: str) -> int:
+    return int(512 * ARCH_SETTINGS[arch]['width_factor'][3]) * 1000 + 1000
+
+
+@pytest.mark.parametrize('arch', sorted(PUBLISHED_TOTAL_M))
+def test_deploy_param_count_matches_published(arch):
+    total = (deploy_param_count(arch) + classifier_params(arch)) / 1e6
+    assert abs(total - PUBLISHED_TOTAL_M[arch]) <= 0.01, total
+
+
+def test_training_form_has_more_params_than_deploy():
+    with torch.device('meta'):
+        train = RepVGG('A0')
+    n_train = sum(p.numel() for p in train.parameters())
+    assert n_train > deploy_param_count('A0')
+
+
+@pytest.mark.parametrize('arch,channels', [
+    ('A0', (48, 96, 192, 1280)), ('B1g4', (128, 256, 512, 2048)),
+    ('D2se', (160, 320, 640, 2560))])
+def test_stage_channels_and_strides(arch, channels):
+    with torch.device('meta'):
+        model = RepVGG(arch)
+        outs = model(torch.empty(1, 3, 64, 96))
+    assert tuple(model.out_channels) == channels
+    assert [o.shape[1] for o in outs] == list(channels)
+    assert [o.shape[2:] for o in outs] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+
+
+def test_group_layout_of_g4():
+    model = RepVGG('B1g4', deploy=True)
+    blocks = [model.stem] + [b for n in model.stage_names
+                             for b in getattr(model, n)]
+    groups = [b.groups for b in blocks]
+    assert groups == [4 if i in range(2, 27, 2) else 1
+                      for i in range(len(blocks))]
+
+
+def test_d2se_blocks_have_se():
+    with torch.device('meta'):
+        model = RepVGG('D2se')
+    blocks = [m for m in model.modules() if isinstance(m, RepVGGBlock)]
+    assert len(blocks) == 1 + 8 + 14 + 24 + 1
+    assert all(not isinstance(b.se, nn.Identity) for b in blocks)
+
+
+def test_out_indices_and_dilations():
+    model = RepVGG(TINY_ARCH, out_indices=(1, 3), strides=(2, 2, 2, 1),
+                   dilations=(1, 1, 1, 2)).eval()
+    outs = model(torch.randn(1, 3, 64, 64))
+    assert len(outs) == 2
+    assert outs[0].shape[2:] == (8, 8) and outs[1].shape[2:] == (4, 4)
+
+
+@pytest.mark.parametrize('arch', [TINY_ARCH, 'A0'])
+def test_whole_backbone_equivalence(arch):
+    model = randomize_(RepVGG(arch), seed=1).eval()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        ref = model(x)
+        fused = switch_to_deploy(model, verbose=False)
+        outs = fused(x)
+    for r, o in zip(ref, outs):
+        assert relative_error(r, o) <= 1e-6
+    # A deploy-built backbone takes the converted state dict strictly.
+    deploy = RepVGG(arch, deploy=True).eval()
+    deploy.load_state_dict(fused.state_dict(), strict=True)
+    with torch.no_grad():
+        for o, d in zip(outs, deploy(x)):
+            assert torch.equal(o, d)
+
+
+def test_backbone_switch_method():
+    model = randomize_(RepVGG(TINY_ARCH)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        model.switch_to_deploy()
+        assert model.deploy
+        assert all(b.deploy for b in model.modules()
+                   if isinstance(b, RepVGGBlock))
+        for r, o in zip(ref, model(x)):
+            assert relative_error(r, o) <= 1e-6
+
+
+def test_frozen_stages_and_norm_eval():
+    model = RepVGG(TINY_ARCH, frozen_stages=1, norm_eval=False)
+    model.train()
+    for name, p in model.named_parameters():
+        frozen = name.startswith(('stem.', 'stage_1.'))
+        assert p.requires_grad != frozen, name
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            frozen = name.startswith(('stem.', 'stage_1.'))
+            assert m.training != frozen, name
+    # Frozen statistics do not move in a training step.
+    stem_mean = model.stem.branch_3x3.norm.running_mean.clone()
+    stage2_mean = model.stage_2[0].branch_3x3.norm.running_mean.clone()
+    model(torch.randn(2, 3, 32, 32))[-1].sum().backward()
+    assert torch.equal(model.stem.branch_3x3.norm.running_mean, stem_mean)
+    assert not torch.equal(model.stage_2[0].branch_3x3.norm.running_mean,
+                           stage2_mean)
+    assert model.stem.branch_3x3.conv.weight.grad is None
+    assert model.stage_2[0].branch_3x3.conv.weight.grad is not None
+
+    model = RepVGG(TINY_ARCH, frozen_stages=0, norm_eval=True).train()
+    assert not any(p.requires_grad for p in model.stem.parameters())
+    assert all(p.requires_grad for p in model.stage_1.parameters())
+    assert not any(m.training for m in model.modules()
+                   if isinstance(m, nn.BatchNorm2d))
+    assert model.stage_1[0].branch_3x3.conv.training
+
+
+def test_with_cp_same_outputs_and_grads():
+    torch.manual_seed(0)
+    a = RepVGG(TINY_ARCH, with_cp=True).train()
+    b = RepVGG(TINY_ARCH, with_cp=False).train()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    oa, ob = a(x), b(x)
+    for u, v in zip(oa, ob):
+        assert torch.allclose(u, v, atol=1e-6)
+    sum(o.sum() for o in oa).backward()
+    sum(o.sum() for o in ob).backward()
+    ga = a.stage_2[0].branch_3x3.conv.weight.grad
+    gb = b.stage_2[0].branch_3x3.conv.weight.grad
+    assert ga is not None and torch.allclose(ga, gb, atol=1e-5)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(arch='C9'), 'arch'),
+    (dict(arch=dict(num_blocks=(1, 1))), 'width_factor'),
+    (dict(out_indices=(4, )), 'out_indices'),
+    (dict(frozen_stages=7), 'frozen_stages'),
+    (dict(strides=(2, 2)), 'strides'),
+])
+def test_bad_backbone_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RepVGG(**kwargs)
+
+
+def test_build_from_mmdet_registry():
+    from mmdet.registry import MODELS
+    model = MODELS.build(dict(type='RepVGG', arch='A0', out_indices=(1, 2, 3)))
+    assert isinstance(model, RepVGG) and model.out_indices == (1, 2, 3)

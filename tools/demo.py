@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""End-to-end demo: toy data -> train -> convert -> test both forms -> speed.
+
+    python tools/demo.py [--work-dir work_dirs/demo] [--epochs 24]
+
+1. generates the toy shapes dataset (tools/make_toy_dataset.py),
+2. trains the tiny RepVGG RetinaNet on CPU with tools/train.py,
+3. converts the checkpoint with tools/convert_deploy.py,
+4. tests the training form and the deploy form with tools/test.py,
+5. compares their detections and times both forms side by side.
+Exits non-zero if the deploy mAP differs from the training mAP (3 decimals)
+or the training mAP is below --min-map.
+"""
+import argparse
+import os
+import warnings
+import os.path as osp
+import pickle
+import re
+import subprocess
+import sys
+import time
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CONFIG = osp.join(ROOT, 'configs/toy/retinanet_repvgg-tiny_repvgg-fpn_toy.py')
+PROGRESS = re.compile(r'Epoch\((train|val)\)|bbox_mAP_copypaste|converted|'
+                      r'blocks converted|parameters|conv layers|file size|'
+                      r'verification|forward latency|^error')
+
+
+def run(step: str, cmd, log_path: str) -> str:
+    """Run ``cmd``, echo progress lines, keep the full log; return stdout."""
+    print(f'\n==> {step}', flush=True)
+    print('    $ ' + ' '.join(osp.relpath(c, ROOT) if osp.isabs(c) else c
+                             for c in cmd), flush=True)
+    env = dict(os.environ, PYTHONWARNINGS='ignore')
+    lines = []
+    with open(log_path, 'w') as log, subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            lines.append(line)
+            if PROGRESS.search(line):
+                print('    ' + _short(line.rstrip()), flush=True)
+        proc.wait()
+    if proc.returncode:
+        tail = ''.join(lines[-20:])
+        raise SystemExit(f'{step} failed (exit {proc.returncode}); full log: '
+                         f'{log_path}\n{tail}')
+    return ''.join(lines)
+
+
+def _short(line: str) -> str:
+    # "11/22 00:20:46 - mmengine - INFO - Epoch(train) [23][10/12] ..." ->
+    # "Epoch(train) [23][10/12] ...", without eta/time/data_time noise.
+    line = re.sub(r'^.*? - mmengine - \w+ - ', '', line)
+    line = re.sub(r'\s+(eta|time|data_time|memory):\s+\S+', '', line)
+    return line
+
+
+def parse_map(output: str) -> float:
+    m = re.findall(r'bbox_mAP_copypaste: ([\d.]+)', output)
+    if not m:
+        raise SystemExit('could not find bbox_mAP in the test output')
+    return float(m[-1])
+
+
+def compare_detections(pkl_a: str, pkl_b: str) -> dict:
+    with open(pkl_a, 'rb') as f:
+        a = pickle.load(f)  # written by our own tools/test.py run
+    with open(pkl_b, 'rb') as f:
+        b = pickle.load(f)
+    import numpy as np
+    box_diff = score_diff = 0.0
+    count_mismatch = 0
+    for ra, rb in zip(a, b):
+        pa, pb = ra['pred_instances'], rb['pred_instances']
+        ba, bb = np.asarray(pa['bboxes']), np.asarray(pb['bboxes'])
+        if ba.shape != bb.shape or not np.array_equal(
+                np.asarray(pa['labels']), np.asarray(pb['labels'])):
+            count_mismatch += 1
+            continue
+        if ba.size:
+            box_diff = max(box_diff, float(np.abs(ba - bb).max()))
+            score_diff = max(score_diff, float(np.abs(
+                np.asarray(pa['scores']) - np.asarray(pb['scores'])).max()))
+    return dict(images=len(a), mismatched_images=count_mismatch,
+                box=box_diff, score=score_diff)
+
+
+def time_forms(train_cfg: str, train_ckpt: str, deploy_cfg: str,
+               deploy_ckpt: str, batch: int, repeats: int) -> dict:
+    """Median latency of both forms, measured interleaved in one process."""
+    warnings.filterwarnings('ignore', category=UserWarning)
+    import torch
+    sys.path.insert(0, ROOT)
+    import mmrepvgg  # noqa: F401
+    from mmrepvgg.apis.convert import (build_model, load_config, make_inputs,
+                                       test_input_shape)
+    from mmrepvgg.deploy import load_checkpoint
+
+    def load(cfg_path, ckpt_path):
+        cfg = load_config(cfg_path)
+        model = build_model(cfg)
+        sd = load_checkpoint(ckpt_path)['state_dict']
+        model.load_state_dict(sd, strict=True)
+        return cfg, model.eval()
+
+    cfg, train_model = load(train_cfg, train_ckpt)
+    _, deploy_model = load(deploy_cfg, deploy_ckpt)
+    x, samples = make_inputs(test_input_shape(cfg), batch=batch)
+    times = {'training': [], 'deploy': []}
+    with torch.no_grad():
+        for _ in range(3):  # warm-up
+            train_model._forward(x, samples)
+            deploy_model._forward(x, samples)
+        for _ in range(repeats):
+            for name, model in (('training', train_model),
+                                ('deploy', deploy_model)):
+                t0 = time.perf_counter()
+                model._forward(x, samples)
+                times[name].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    med['shape'] = tuple(x.shape)
+    med['threads'] = torch.get_num_threads()
+    return med
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs', 'demo'))
+    p.add_argument('--epochs', type=int, default=24)
+    p.add_argument('--min-map', type=float, default=0.5)
+    p.add_argument('--repeats', type=int, default=20)
+    args = p.parse_args(argv)
+    wd = osp.abspath(args.work_dir)
+    os.makedirs(wd, exist_ok=True)
+    py = sys.executable
+    tools = osp.join(ROOT, 'tools')
+    t_start = time.time()
+
+    run('1/5 generate the toy dataset',
+        [py, osp.join(tools, 'make_toy_dataset.py'), '--out',
+         osp.join(ROOT, 'data', 'toy')], osp.join(wd, 'data.log'))
+    train_dir = osp.join(wd, 'train')
+    run(f'2/5 train the RepVGG detector on CPU ({args.epochs} epochs)',
+        [py, osp.join(tools, 'train.py'), CONFIG, '--work-dir', train_dir,
+         '--cfg-options', f'train_cfg.max_epochs={args.epochs}',
+         f'train_cfg.val_interval={args.epochs}',
+         f'default_hooks.checkpoint.interval={args.epochs}'],
+        osp.join(wd, 'train.log'))
+    ckpt = osp.join(train_dir, f'epoch_{args.epochs}.pth')
+    deploy_ckpt = osp.join(wd, 'deploy', 'toy_deploy.pth')
+    deploy_cfg = osp.splitext(deploy_ckpt)[0] + '.py'
+    conv = run('3/5 convert to the deploy form',
+               [py, osp.join(tools, 'convert_deploy.py'), CONFIG, ckpt,
+                deploy_ckpt], osp.join(wd, 'convert.log'))
+    rel = re.search(r'max abs err (\S+), max rel err (\S+)', conv)
+    out_a, out_b = osp.join(wd, 'det_training.pkl'), osp.join(wd,
+                                                               'det_deploy.pkl')
+    map_a = parse_map(run(
+        '4/5 test the training form',
+        [py, osp.join(tools, 'test.py'), CONFIG, ckpt, '--work-dir',
+         osp.join(wd, 'test_training'), '--out', out_a],
+        osp.join(wd, 'test_training.log')))
+    map_b = parse_map(run(
+        '4/5 test the deploy form',
+        [py, osp.join(tools, 'test.py'), deploy_cfg, deploy_ckpt,
+         '--work-dir', osp.join(wd, 'test_deploy'), '--out', out_b],
+        osp.join(wd, 'test_deploy.log')))
+    det = compare_detections(out_a, out_b)
+    print('\n==> 5/5 speed of both forms (interleaved, median)', flush=True)
+    speed = time_forms(CONFIG, ckpt, deploy_cfg, deploy_ckpt, batch=8,
+                       repeats=args.repeats)
+
+    ok_equal = f'{map_a:.3f}' == f'{map_b:.3f}'
+    ok_map = map_a >= args.min_map
+    print('\n' + '=' * 64)
+    print('mmrepvgg demo summary')
+    print('=' * 64)
+    print(f'bbox mAP, training form : {map_a:.3f}')
+    print(f'bbox mAP, deploy form   : {map_b:.3f}   '
+          f'(equal to 3 decimals: {"yes" if ok_equal else "NO"})')
+    if rel:
+        print(f'max raw output diff     : abs {rel.group(1)}, rel '
+              f'{rel.group(2)} (backbone, neck, head; convert_deploy.py)')
+    print(f'max detection diff      : boxes {det["box"]:.2e} px, scores '
+          f'{det["score"]:.2e} over {det["images"]} images '
+          f'({det["mismatched_images"]} with different detections)')
+    ta, tb = speed['training'], speed['deploy']
+    b, _, h, w = speed['shape']
+    print(f'speed (CPU, {speed["threads"]} threads, batch {b}, {h}x{w}) : '
+          f'training {ta * 1e3:.1f} ms ({b / ta:.0f} img/s), deploy '
+          f'{tb * 1e3:.1f} ms ({b / tb:.0f} img/s): {ta / tb:.2f}x faster')
+    print(f'total time              : {time.time() - t_start:.0f} s; '
+          f'logs and outputs in {osp.relpath(wd, ROOT)}/')
+    if not ok_map:
+        print(f'FAILED: training mAP {map_a:.3f} < {args.min_map}')
+    if not ok_equal:
+        print('FAILED: deploy mAP differs from training mAP')
+    return 0 if ok_map and ok_equal else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Distributed testing: torchrun starts GPUS processes per node and mmengine's
+# launcher (--launcher pytorch) sets up DDP.
+#   bash tools/dist_test.sh CONFIG CHECKPOINT GPUS [test.py args...]
+# Multi-node: NNODES, NODE_RANK, MASTER_ADDR, PORT. CPU-only (gloo):
+#   bash tools/dist_test.sh CONFIG CKPT 2 --cfg-options env_cfg.dist_cfg.backend=gloo
+set -euo pipefail
+if [ $# -lt 3 ]; then
+  echo "usage: $0 CONFIG CHECKPOINT GPUS [test.py options]" >&2
+  exit 2
+fi
+CONFIG=$1
+CHECKPOINT=$2
+GPUS=$3
+shift 3
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+PORT=${PORT:-29500}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+HERE="$(cd "$(dirname "$0")" && pwd)"
+PYTHON=${PYTHON:-python}
+
+PYTHONPATH="$HERE/..:${PYTHONPATH:-}" \
+exec "$PYTHON" -m torch.distributed.run \
+  --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
+  --nproc_per_node="$GPUS" --master_port="$PORT" \
+  "$HERE/test.py" "$CONFIG" "$CHECKPOINT" --launcher pytorch "$@"

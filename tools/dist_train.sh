@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Distributed training: torchrun starts GPUS processes per node and mmengine's
+# launcher (--launcher pytorch) sets up DDP.
+#   bash tools/dist_train.sh CONFIG GPUS [train.py args...]
+# Multi-node: NNODES, NODE_RANK, MASTER_ADDR, PORT. CPU-only (gloo):
+#   bash tools/dist_train.sh CONFIG 2 --cfg-options env_cfg.dist_cfg.backend=gloo
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: $0 CONFIG GPUS [train.py options]" >&2
+  exit 2
+fi
+CONFIG=$1
+GPUS=$2
+shift 2
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+PORT=${PORT:-29500}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+HERE="$(cd "$(dirname "$0")" && pwd)"
+PYTHON=${PYTHON:-python}
+
+PYTHONPATH="$HERE/..:${PYTHONPATH:-}" \
+exec "$PYTHON" -m torch.distributed.run \
+  --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
+  --nproc_per_node="$GPUS" --master_port="$PORT" \
+  "$HERE/train.py" "$CONFIG" --launcher pytorch "$@"
