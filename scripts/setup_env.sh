@@ -41,7 +41,7 @@ PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
 
 log "installing build tools"
-"${PIP[@]}" install -q "setuptools>=77.0.3,<81" wheel ninja
+"${PIP[@]}" install -q "setuptools>=77.0.3,<81" wheel ninja numpy
 log "installing $TORCH_REQ"
 # shellcheck disable=SC2086
 "${PIP[@]}" install -q "$TORCH_REQ" ${MMREPVGG_PIP_ARGS:-}

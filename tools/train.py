@@ -15,6 +15,9 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from mmrepvgg.utils import (allow_cpu_distributed,  # noqa: E402
+                            cpu_model_wrapper_cfg)
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Train a detector')
@@ -78,7 +81,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.unsafe_load:
         os.environ['TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'] = '1'
+    if args.launcher != 'none':
+        allow_cpu_distributed()  # gloo on CPU-only torch (no-op with CUDA)
     cfg = build_cfg(args)
+    if args.launcher != 'none':
+        cpu_model_wrapper_cfg(cfg)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg \
         else RUNNERS.build(cfg)
     runner.train()

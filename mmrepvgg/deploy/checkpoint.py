@@ -11,7 +11,6 @@ import os
 import os.path as osp
 import pickle
 import tempfile
-import zipfile
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -134,8 +133,7 @@ def load_checkpoint(path: str,
                 '--unsafe-load only if you trust this file') from None
         raise CheckpointError(
             f'{path}: not a valid checkpoint ({_first_line(msg)})') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
-            OSError) as e:
+    except Exception as e:  # the unpickler raises many types on garbage
         raise CheckpointError(
             f'{path}: not a valid checkpoint, truncated or corrupt '
             f'({type(e).__name__}: {_first_line(str(e))})') from None

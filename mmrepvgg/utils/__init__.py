@@ -1,0 +1,3 @@
+from .dist import allow_cpu_distributed, cpu_model_wrapper_cfg
+
+__all__ = ['allow_cpu_distributed', 'cpu_model_wrapper_cfg']

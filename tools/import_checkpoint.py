@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Import ImageNet RepVGG weights (official, mmpretrain, timm) as RepVGG
+backbone weights.
+
+    python tools/import_checkpoint.py RepVGG-A0-train.pth repvgg_a0.pth
+    python tools/import_checkpoint.py repvgg_b1g4.pth out.pth --arch B1g4
+
+Writes OUT = {'meta': {'mmrepvgg': {...}}, 'state_dict': backbone keys (no
+'backbone.' prefix unless --prefix)}, usable as
+``backbone=dict(type='RepVGG', arch=..., init_cfg=dict(type='Pretrained',
+checkpoint=OUT))``. The source format and arch are detected from the keys and
+weight shapes; the classifier is dropped; every other key must map onto the
+backbone and the result must load strictly into a fresh RepVGG. Exits 1 with
+one line naming the keys or file at fault, and writes nothing, on any error.
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+FORMAT_NAMES = ('official', 'mmpretrain', 'timm', 'mmrepvgg')
+
+
+class ToolError(Exception):
+    """Argument or file problem; the message is printed as is."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description='Convert ImageNet RepVGG weights (DingXiaoH/RepVGG, '
+        'mmpretrain, timm repvgg_*) into mmrepvgg RepVGG backbone weights.')
+    p.add_argument('src', metavar='SRC', help='source checkpoint')
+    p.add_argument('out', metavar='OUT', help='output checkpoint (.pth)')
+    p.add_argument('--arch', help='force the arch: a name (A0 ... D2se) or a '
+                   'JSON arch dict; detected from the weight shapes by '
+                   'default')
+    p.add_argument('--format', choices=FORMAT_NAMES,
+                   help='force the source key layout (default: detected)')
+    p.add_argument('--allow-custom-arch', action='store_true',
+                   help='when the shapes match no published arch, import '
+                   'them as an arch dict (recorded in meta) instead of '
+                   'failing')
+    p.add_argument('--prefix', default='',
+                   help="prefix for every output key, e.g. 'backbone.' to "
+                   'use OUT as load_from of a detector (default: none, for '
+                   "the backbone's init_cfg Pretrained)")
+    p.add_argument('--unsafe-load', action='store_true',
+                   help='unpickle with weights_only=False: ONLY for files '
+                   'you trust (a malicious checkpoint can run code)')
+    p.add_argument('--debug', action='store_true',
+                   help='show the full traceback on errors')
+    return p.parse_args(argv)
+
+
+def parse_arch(value):
+    """``--arch``: a published name or a JSON dict (None if not given)."""
+    if value is None:
+        return None
+    from mmrepvgg import ARCH_SETTINGS
+    text = value.strip()
+    if text.startswith('{'):
+        try:
+            arch = json.loads(text)
+        except ValueError as e:
+            raise ToolError(f'--arch: invalid JSON arch dict ({e})')
+        gmap = arch.get('group_layer_map')
+        if isinstance(gmap, dict):
+            try:
+                arch['group_layer_map'] = {int(k): v for k, v in gmap.items()}
+            except ValueError:
+                raise ToolError('--arch: group_layer_map keys must be block '
+                                f'indices, got {sorted(gmap)}')
+        return arch
+    if text not in ARCH_SETTINGS:
+        raise ToolError(f'--arch {value!r} is unknown; choose one of '
+                        f'{", ".join(ARCH_SETTINGS)} or pass a JSON dict')
+    return text
+
+
+def _same_file(a: str, b: str) -> bool:
+    if osp.abspath(a) == osp.abspath(b):
+        return True
+    return osp.exists(a) and osp.exists(b) and osp.samefile(a, b)
+
+
+def run(args) -> int:
+    import mmrepvgg  # noqa: F401  (registers modules and safe globals)
+    from mmrepvgg.apis.import_checkpoint import (CheckpointImportError,
+                                                 import_state_dict,
+                                                 make_checkpoint)
+    from mmrepvgg.deploy import load_checkpoint, save_checkpoint
+
+    if _same_file(args.src, args.out):
+        raise ToolError(f'{args.out}: refusing to overwrite the source '
+                        'checkpoint; choose another OUT')
+    if osp.isdir(args.out):
+        raise ToolError(f'{args.out}: is a folder; OUT must be a file path')
+    arch = parse_arch(args.arch)
+    obj = load_checkpoint(args.src, map_location='cpu',
+                          unsafe=args.unsafe_load)
+    try:
+        state, info = import_state_dict(
+            obj, arch=arch, fmt=args.format,
+            allow_custom=args.allow_custom_arch)
+    except CheckpointImportError as e:
+        raise ToolError(f'{args.src}: {e}') from None
+    ckpt = make_checkpoint(state, info, source=args.src, prefix=args.prefix)
+    save_checkpoint(ckpt, args.out)
+    print_report(args, info)
+    return 0
+
+
+def print_report(args, info: dict) -> None:
+    form = 'deploy (fused)' if info['deploy'] else 'training (multi-branch)'
+    arch = info['arch']
+    arch_repr = repr(arch)
+    print(f'imported {args.src} -> {args.out}')
+    print(f'  source format : {info["format"]} ({info["format_description"]})')
+    print(f'  arch          : {arch_repr}, {form} form')
+    print(f'  tensors       : {info["num_tensors"]}')
+    if info['dropped']:
+        print(f'  dropped       : {len(info["dropped"])} classifier key(s) '
+              f'({", ".join(info["dropped"][:4])}'
+              f'{" ..." if len(info["dropped"]) > 4 else ""})')
+    if info['filled']:
+        print(f'  filled        : {len(info["filled"])} missing '
+              'num_batches_tracked buffer(s) with 0')
+    deploy = ', deploy=True' if info['deploy'] else ''
+    if args.prefix:
+        print(f'  use with      : load_from={args.out!r} (keys prefixed '
+              f'{args.prefix!r})')
+    else:
+        print(f"  use with      : backbone=dict(type='RepVGG', "
+              f'arch={arch_repr}{deploy}, init_cfg=dict(type=\'Pretrained\','
+              f' checkpoint={args.out!r}))')
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print('error: interrupted; no output written', file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line, no traceback by default
+        if args.debug:
+            raise
+        from mmrepvgg.deploy import CheckpointError
+        msg = ' '.join(str(e).split()) if str(e) else type(e).__name__
+        if not isinstance(e, (ToolError, CheckpointError)):
+            msg = f'{type(e).__name__}: {msg}'
+        print(f'error: {msg}', file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
