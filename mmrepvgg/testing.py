@@ -49,3 +49,74 @@ def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
     diff = (ref - other.detach().double()).abs().max().item()
     scale = ref.abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+@torch.no_grad()
+def calibrate_bn_(model: nn.Module, inputs: torch.Tensor) -> nn.Module:
+    """Set every batch norm's running statistics to those of ``inputs``.
+
+    Randomized weights with randomized statistics make very deep networks
+    (47-block D2se) numerically chaotic: float32 and float64 evaluations of
+    the *same* model then disagree completely. Statistics measured on data,
+    as after training, keep activations normalized. One forward pass in
+    training mode with cumulative averaging (``momentum=None``); the model
+    is returned in eval mode.
+    """
+    norms = [m for m in model.modules() if is_fusable_norm(m)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    model(inputs)
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    return model.eval()
+
+
+def _last_tensor(out) -> torch.Tensor:
+    while isinstance(out, (list, tuple)):
+        out = out[-1]
+    return out
+
+
+@torch.no_grad()
+def fusion_errors(model: nn.Module, x: torch.Tensor) -> dict:
+    """Measure how exactly ``model`` survives the deploy switch.
+
+    ``model`` (eval mode, float32) is switched in place. Returns relative
+    errors (``max|a-b| / max|a|``):
+
+    * ``block_fp64``: worst block, each block fed its real input from the
+      network and evaluated in float64 before and after fusing: the
+      exactness of the fusion maths (about 1e-15);
+    * ``model_fp32``: last output of the whole model, float32, deploy form
+      vs training form;
+    * ``floor_fp32``: the training form in float32 vs in float64: rounding
+      noise that bounds any float32 comparison of this network.
+    """
+    import copy
+    blocks = [m for m in model.modules()
+              if callable(getattr(m, 'get_equivalent_kernel_bias', None))]
+    inputs = {}
+    hooks = [b.register_forward_pre_hook(
+        lambda m, a: inputs.__setitem__(id(m), a[0].clone())) for b in blocks]
+    try:
+        ref = _last_tensor(model(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    block_fp64 = 0.0
+    for b in blocks:
+        b64 = copy.deepcopy(b).double()
+        inp = inputs[id(b)].double()
+        before = b64(inp)
+        b64.switch_to_deploy()
+        block_fp64 = max(block_fp64, relative_error(before, b64(inp)))
+    floor = relative_error(_last_tensor(model.double()(x.double())), ref)
+    model.float()
+    for b in blocks:
+        b.switch_to_deploy()
+    out = _last_tensor(model(x))
+    return dict(block_fp64=block_fp64, model_fp32=relative_error(ref, out),
+                floor_fp32=floor)

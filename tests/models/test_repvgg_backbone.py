@@ -168,3 +168,28 @@ def test_build_from_mmdet_registry():
     from mmdet.registry import MODELS
     model = MODELS.build(dict(type='RepVGG', arch='A0', out_indices=(1, 2, 3)))
     assert isinstance(model, RepVGG) and model.out_indices == (1, 2, 3)
+
+
+@pytest.mark.parametrize('arch', ['A0', 'B1g4'])
+def test_fusion_errors_fast(arch):
+    from mmrepvgg.testing import fusion_errors
+    model = randomize_(RepVGG(arch), seed=2).eval()
+    errs = fusion_errors(model, torch.randn(1, 3, 64, 64))
+    assert errs['block_fp64'] <= 1e-12, errs
+    if arch == 'A0':
+        assert errs['model_fp32'] <= 1e-6, errs
+    else:  # deeper: two float32 evaluations differ by ~sqrt(2) x the floor
+        assert errs['model_fp32'] <= max(1e-6, 2 * errs['floor_fp32']), errs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('arch', sorted(ARCH_SETTINGS))
+def test_fusion_errors_all_archs(arch):
+    """Fusion is exact (float64) for every block of every arch; the float32
+    whole-backbone difference stays within the float32 noise of the network
+    itself (D2se's 47 random SE blocks are chaotic: see the README)."""
+    from mmrepvgg.testing import fusion_errors
+    model = randomize_(RepVGG(arch), seed=0).eval()
+    errs = fusion_errors(model, torch.randn(1, 3, 64, 64))
+    assert errs['block_fp64'] <= 1e-12, errs
+    assert errs['model_fp32'] <= max(2e-6, 3 * errs['floor_fp32']), errs

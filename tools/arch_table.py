@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Print the RepVGG arch table: parameters (both forms) vs the published
+totals, and the fusion error of each whole backbone.
+
+    python tools/arch_table.py [--equivalence] [--size 64]
+
+Parameter counts are taken on the meta device (instant). With
+``--equivalence`` every backbone is built for real, its weights and
+batch-norm statistics randomized, converted, and compared on a random input
+(relative error max|a-b| / max|a|, float32):
+
+* fusion, fp64: every block fed its real input inside the network, in
+  float64, training form vs fused form (worst block): the exactness of the
+  fusion maths itself;
+* backbone, fp32: last-stage output of the whole backbone in float32,
+  deploy form vs training form;
+* fp32 floor: the training form in float32 vs the same model in float64, the
+  rounding noise any float32 comparison of this network carries.
+"""
+import argparse
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+#: Published totals (deploy form, 1000-class classifier included), millions,
+#: RepVGG paper / official repository. B2g2 and B3g2 have none.
+PUBLISHED_TOTAL_M = {
+    'A0': 8.30, 'A1': 12.78, 'A2': 25.49, 'B0': 14.33, 'B1': 51.82,
+    'B1g2': 41.36, 'B1g4': 36.12, 'B2': 80.31, 'B2g4': 55.77, 'B3': 110.96,
+    'B3g4': 75.62, 'D2se': 120.39,
+}
+
+
+def equivalence(arch, size):
+    import torch
+
+    from mmrepvgg import RepVGG
+    from mmrepvgg.testing import fusion_errors, randomize_
+    model = randomize_(RepVGG(arch), seed=0).eval()
+    errs = fusion_errors(model, torch.randn(1, 3, size, size))
+    return errs['block_fp64'], errs['model_fp32'], errs['floor_fp32']
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from mmrepvgg import ARCH_SETTINGS, RepVGG, switch_to_deploy
+    from mmrepvgg.testing import randomize_, relative_error
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--equivalence', action='store_true')
+    p.add_argument('--size', type=int, default=64)
+    p.add_argument('--archs', nargs='+', default=list(ARCH_SETTINGS))
+    args = p.parse_args(argv)
+
+    def nparams(m):
+        return sum(t.numel() for t in m.parameters())
+
+    head = ('| arch | train params (M) | deploy params (M) | + classifier (M) '
+            '| published (M) | diff |')
+    if args.equivalence:
+        head += ' fusion, fp64 (worst block) | backbone, fp32 | fp32 floor |'
+    print(head)
+    print('|' + '---|' * (head.count('|') - 1))
+    torch.manual_seed(0)
+    for arch in args.archs:
+        with torch.device('meta'):
+            train = RepVGG(arch)
+            deploy = RepVGG(arch, deploy=True)
+        cls = int(512 * ARCH_SETTINGS[arch]['width_factor'][3]) * 1000 + 1000
+        total = (nparams(deploy) + cls) / 1e6
+        pub = PUBLISHED_TOTAL_M.get(arch)
+        diff = f'{total - pub:+.4f}' if pub else 'n/a'
+        row = (f'| {arch} | {nparams(train) / 1e6:.2f} | '
+               f'{nparams(deploy) / 1e6:.2f} | {total:.4f} | '
+               f'{pub if pub else "not published"} | {diff} |')
+        if args.equivalence:
+            row += ' {:.1e} | {:.2e} | {:.2e} |'.format(
+                *equivalence(arch, args.size))
+
+        print(row, flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
