@@ -91,3 +91,26 @@ def test_dist_train_two_processes_gloo(toy_trained):
     assert proc.returncode == 0, proc.stderr[-3000:]
     det, log = _test(ws, deploy.with_suffix('.py'), deploy, ws / 'dist.pkl')
     assert len(det) == 8 and 'Epoch(test)' in log
+
+
+def test_real_runner_checkpoint_loads_only_with_the_allowlist(toy_trained):
+    """A checkpoint written by mmengine's runner needs exactly our
+    allowlist: plain torch.load(weights_only=True) refuses it, and works once
+    mmrepvgg is imported, with weights_only still on."""
+    ckpt = str(toy_trained['ckpt'])
+    code = ('import torch, pickle, sys\n'
+            'try:\n'
+            f'    torch.load({ckpt!r}, weights_only=True)\n'
+            'except pickle.UnpicklingError as e:\n'
+            '    print("REFUSED", str(e).splitlines()[0]); sys.exit(0)\n'
+            'print("LOADED")\n')
+    proc = run_tool([sys.executable, '-c', code], cwd=toy_trained['ws'])
+    assert 'REFUSED' in proc.stdout, proc.stdout + proc.stderr
+
+    import mmrepvgg  # noqa: F401
+    from mmengine.logging import HistoryBuffer
+    obj = torch.load(ckpt, weights_only=True)
+    scalars = obj['message_hub']['log_scalars']
+    assert scalars and all(
+        isinstance(v, HistoryBuffer) for v in scalars.values())
+    assert isinstance(obj['meta'], dict) and 'state_dict' in obj
