@@ -38,8 +38,9 @@ def parse_args(argv=None):
                    '(default 1e-5)')
     p.add_argument('--no-verify', action='store_true',
                    help='skip the output comparison')
-    p.add_argument('--repeats', type=int, default=3,
-                   help='latency repeats per form (0 to skip timing)')
+    p.add_argument('--repeats', type=int, default=5,
+                   help='latency repeats per form, interleaved, median '
+                   '(0 to skip timing)')
     p.add_argument('--unsafe-load', action='store_true',
                    help='unpickle with weights_only=False: ONLY for files '
                    'you trust (a malicious checkpoint can run code)')

@@ -97,7 +97,7 @@ def time_forms(train_cfg: str, train_ckpt: str, deploy_cfg: str,
     sys.path.insert(0, ROOT)
     import mmrepvgg  # noqa: F401
     from mmrepvgg.apis.convert import (build_model, load_config, make_inputs,
-                                       test_input_shape)
+                                       measure_latency, test_input_shape)
     from mmrepvgg.deploy import load_checkpoint
 
     def load(cfg_path, ckpt_path):
@@ -110,18 +110,9 @@ def time_forms(train_cfg: str, train_ckpt: str, deploy_cfg: str,
     cfg, train_model = load(train_cfg, train_ckpt)
     _, deploy_model = load(deploy_cfg, deploy_ckpt)
     x, samples = make_inputs(test_input_shape(cfg), batch=batch)
-    times = {'training': [], 'deploy': []}
-    with torch.no_grad():
-        for _ in range(3):  # warm-up
-            train_model._forward(x, samples)
-            deploy_model._forward(x, samples)
-        for _ in range(repeats):
-            for name, model in (('training', train_model),
-                                ('deploy', deploy_model)):
-                t0 = time.perf_counter()
-                model._forward(x, samples)
-                times[name].append(time.perf_counter() - t0)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    ta, tb = measure_latency([train_model, deploy_model], x, samples,
+                             repeats=repeats, warmup=3)
+    med = dict(training=ta, deploy=tb)
     med['shape'] = tuple(x.shape)
     med['threads'] = torch.get_num_threads()
     return med

@@ -241,22 +241,27 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def measure_latency(model: nn.Module, x: torch.Tensor, samples: list,
-                    repeats: int = 5, warmup: int = 1) -> float:
-    """Median seconds of one tensor-mode forward (no post-processing)."""
-    fn = _tensor_forward(model)
+def measure_latency(models: Sequence[nn.Module], x: torch.Tensor,
+                    samples: list, repeats: int = 5,
+                    warmup: int = 2) -> List[float]:
+    """Median seconds of one tensor-mode forward (no post-processing) of
+    each model, measured interleaved (A B A B ...) so that machine load
+    affects every model alike."""
+    fns = [_tensor_forward(m) for m in models]
     for _ in range(warmup):
-        fn(x, samples)
-    times = []
+        for fn in fns:
+            fn(x, samples)
+    times: List[List[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn(x, samples)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        for fn, t in zip(fns, times):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(x, samples)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            t.append(time.perf_counter() - t0)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def _tensor_forward(model):
@@ -339,10 +344,8 @@ def convert_checkpoint(cfg: Config,
                 f'{errs["max_rel"]:.3g} (at {errs["worst"]}) > tolerance '
                 f'{tolerance:g}; nothing written')
     if latency_repeats > 0:
-        report['latency_before'] = measure_latency(model, x, samples,
-                                                   latency_repeats)
-        report['latency_after'] = measure_latency(fused, x, samples,
-                                                  latency_repeats)
+        report['latency_before'], report['latency_after'] = measure_latency(
+            [model, fused], x, samples, latency_repeats)
 
     # The deploy config must rebuild exactly this model (strict load).
     from mmdet.registry import MODELS
