@@ -45,8 +45,7 @@ def equivalence(arch, size):
 def main(argv=None) -> int:
     import torch
 
-    from mmrepvgg import ARCH_SETTINGS, RepVGG, switch_to_deploy
-    from mmrepvgg.testing import randomize_, relative_error
+    from mmrepvgg import ARCH_SETTINGS, RepVGG
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--equivalence', action='store_true')
     p.add_argument('--size', type=int, default=64)

@@ -5,28 +5,23 @@ Same arguments as mmdet's tools/test.py, plus ``--deploy``: switch every
 RepVGG block of the loaded model to its fused form before testing.
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import mmrepvgg  # noqa: E402,F401
-from mmengine.config import Config, ConfigDict, DictAction  # noqa: E402
-from mmengine.registry import RUNNERS  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
+from mmengine.config import ConfigDict  # noqa: E402
 
-from mmrepvgg.utils import (allow_cpu_distributed,  # noqa: E402
-                            cpu_model_wrapper_cfg)
+from mmrepvgg.apis.runner import (add_runner_args,  # noqa: E402
+                                  load_runner_config, parse_runner_args,
+                                  run_runner)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Test (and eval) a model')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--work-dir',
-                        help='the directory to save the file containing '
-                        'evaluation metrics')
     parser.add_argument('--out', type=str,
                         help='dump predictions to a pickle file (.pkl)')
     parser.add_argument('--show', action='store_true',
@@ -41,21 +36,8 @@ def parse_args(argv=None):
     parser.add_argument('--deploy', action='store_true',
                         help='switch the model to the fused deploy form '
                         'after loading the checkpoint')
-    parser.add_argument(
-        '--unsafe-load', action='store_true',
-        help='unpickle the checkpoint with weights_only=False: ONLY for '
-        'files you trust (a malicious checkpoint can run code)')
-    parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
-        help='override settings in the config, key=value (see mmdet)')
-    parser.add_argument('--launcher',
-                        choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    add_runner_args(parser)
+    return parse_runner_args(parser, argv)
 
 
 def _add_visualization(cfg, args):
@@ -71,20 +53,8 @@ def _add_visualization(cfg, args):
         hooks.visualization.test_out_dir = args.show_dir
 
 
-def build_cfg(args) -> Config:
-    for path, what in ((args.config, 'config'),
-                       (args.checkpoint, 'checkpoint')):
-        if not osp.isfile(path):
-            raise SystemExit(f'error: {what} file {path} does not exist')
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+def build_cfg(args):
+    cfg = load_runner_config(args, [(args.checkpoint, 'checkpoint')])
     cfg.load_from = args.checkpoint
     if args.show or args.show_dir:
         _add_visualization(cfg, args)
@@ -120,16 +90,7 @@ def _with_dump(evaluator, out):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.unsafe_load:
-        os.environ['TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'] = '1'
-    if args.launcher != 'none':
-        allow_cpu_distributed()  # gloo on CPU-only torch (no-op with CUDA)
-    cfg = build_cfg(args)
-    if args.launcher != 'none':
-        cpu_model_wrapper_cfg(cfg)
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg \
-        else RUNNERS.build(cfg)
-    runner.test()
+    run_runner(build_cfg(args), args, 'test')
 
 
 if __name__ == '__main__':

@@ -3,7 +3,6 @@ import importlib.util
 import os
 import os.path as osp
 import subprocess
-import sys
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOLS = osp.join(ROOT, 'tools')

@@ -1,11 +1,9 @@
 """End to end on CPU: train -> resume -> convert -> test both forms."""
 import os.path as osp
 import pickle
-import shutil
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 from _toolkit import TOOLS, TOY_CONFIG, run_tool, toy_train_options
