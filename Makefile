@@ -17,3 +17,9 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest tests -q -m slow --runslow $(PYTEST_ARGS)
+
+# Speed of training form vs deploy form vs a plain Conv2d+ReLU reference;
+# writes work_dirs/benchmark/benchmark.{md,png,json}.
+BENCH_ARGS ?=
+benchmark: setup
+	$(PY) tools/benchmark.py --out-dir work_dirs/benchmark $(BENCH_ARGS)

@@ -171,6 +171,10 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the usual 0666 minus umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if osp.exists(tmp):

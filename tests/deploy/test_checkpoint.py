@@ -129,3 +129,11 @@ def test_atomic_write_leaves_nothing_on_error(tmp_path):
     save_checkpoint({'a': torch.ones(1)}, str(out))
     assert [p.name for p in tmp_path.iterdir()] == ['out.pth']
     assert osp.getsize(out) > 0
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    out = tmp_path / 'perm.pth'
+    save_checkpoint({'a': torch.ones(1)}, str(out))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == (0o666 & ~umask)
