@@ -121,27 +121,8 @@ def run(args, argv) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    threads = None
-    try:
-        import torch
-        threads = torch.get_num_threads()
-        return run(args, argv)
-    except KeyboardInterrupt:
-        print('error: interrupted', file=sys.stderr)
-        return 130
-    except Exception as e:  # one clear line, no traceback by default
-        if args.debug:
-            raise
-        from mmrepvgg.apis.benchmark import BenchmarkError
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not isinstance(e, BenchmarkError):
-            msg = f'{type(e).__name__}: {msg}'
-        print(f'error: {msg}', file=sys.stderr)
-        return 1
-    finally:
-        if threads is not None:
-            import torch
-            torch.set_num_threads(threads)
+    from mmrepvgg.utils.cli import run_cli
+    return run_cli(lambda: run(args, argv), debug=args.debug)
 
 
 if __name__ == '__main__':

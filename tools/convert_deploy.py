@@ -106,20 +106,8 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print('error: interrupted; no partial output written', file=sys.stderr)
-        return 130
-    except Exception as e:  # one clear line, no traceback by default
-        if args.debug:
-            raise
-        from mmrepvgg.apis import ConvertError
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not isinstance(e, ConvertError):
-            msg = f'{type(e).__name__}: {msg}'
-        print(f'error: {msg}', file=sys.stderr)
-        return 1
+    from mmrepvgg.utils.cli import run_cli
+    return run_cli(lambda: run(args), debug=args.debug)
 
 
 if __name__ == '__main__':

@@ -125,27 +125,8 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    threads = None
-    try:
-        import torch
-        threads = torch.get_num_threads()
-        return run(args)
-    except KeyboardInterrupt:
-        print('error: interrupted; no output written', file=sys.stderr)
-        return 130
-    except Exception as e:  # one clear line, no traceback by default
-        if args.debug:
-            raise
-        from mmrepvgg.apis import ConvertError
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not isinstance(e, ConvertError):
-            msg = f'{type(e).__name__}: {msg}'
-        print(f'error: {msg}', file=sys.stderr)
-        return 1
-    finally:
-        if threads is not None:
-            import torch
-            torch.set_num_threads(threads)
+    from mmrepvgg.utils.cli import run_cli
+    return run_cli(lambda: run(args), debug=args.debug)
 
 
 if __name__ == '__main__':

@@ -20,11 +20,9 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from mmrepvgg.utils.cli import ToolError  # noqa: E402
+
 FORMAT_NAMES = ('official', 'mmpretrain', 'timm', 'mmrepvgg')
-
-
-class ToolError(Exception):
-    """Argument or file problem; the message is printed as is."""
 
 
 def parse_args(argv=None):
@@ -139,20 +137,8 @@ def print_report(args, info: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print('error: interrupted; no output written', file=sys.stderr)
-        return 130
-    except Exception as e:  # one clear line, no traceback by default
-        if args.debug:
-            raise
-        from mmrepvgg.deploy import CheckpointError
-        msg = ' '.join(str(e).split()) if str(e) else type(e).__name__
-        if not isinstance(e, (ToolError, CheckpointError)):
-            msg = f'{type(e).__name__}: {msg}'
-        print(f'error: {msg}', file=sys.stderr)
-        return 1
+    from mmrepvgg.utils.cli import run_cli
+    return run_cli(lambda: run(args), debug=args.debug)
 
 
 if __name__ == '__main__':

@@ -53,6 +53,7 @@ import torch.nn as nn
 
 from mmrepvgg.deploy import atomic_write, switch_to_deploy
 from mmrepvgg.testing import randomize_, relative_error
+from mmrepvgg.utils.cli import ToolError
 
 FORMS = ('training', 'deploy', 'reference')
 #: deploy/reference outputs must agree to this relative error.
@@ -68,7 +69,7 @@ COLUMNS = ('arch', 'input', 'batch', 'training ms', 'deploy ms',
            'peak MiB deploy')
 
 
-class BenchmarkError(Exception):
+class BenchmarkError(ToolError):
     """Bad option or failed check; the message names the argument."""
 
 

@@ -21,10 +21,11 @@ from mmrepvgg.deploy import (CheckpointError, atomic_write,
                              count_reparam_blocks, load_checkpoint,
                              make_deploy_config, save_checkpoint,
                              switch_to_deploy)
+from mmrepvgg.utils.cli import ToolError
 from mmrepvgg.version import __version__
 
 
-class ConvertError(Exception):
+class ConvertError(ToolError):
     """Conversion refused; the message names the file, key or argument."""
 
 

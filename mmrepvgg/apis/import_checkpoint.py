@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from mmrepvgg.utils.cli import ToolError
 from mmrepvgg.version import __version__
 
 Arch = Union[str, dict]
@@ -47,7 +48,7 @@ _BN_FIELDS = ('weight', 'bias', 'running_mean', 'running_var',
 _BASE = 64  # RepVGG base_channels
 
 
-class CheckpointImportError(Exception):
+class CheckpointImportError(ToolError):
     """Import refused; the one-line message names the keys at fault."""
 
 

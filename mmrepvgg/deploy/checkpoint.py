@@ -15,8 +15,10 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from mmrepvgg.utils.cli import ToolError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(ToolError, RuntimeError):
     """A checkpoint file that cannot be read (message names the file)."""
 
 
