@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test test-slow benchmark
 
 setup:
-	bash scripts/setup_env.sh
+	MMREPVGG_VENV=$(abspath $(VENV)) bash scripts/setup_env.sh
 
 demo: setup
 	$(PY) tools/demo.py
