@@ -32,6 +32,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 def parse_args(argv=None):
+    from mmrepvgg.utils.cli import add_cli_args
     p = argparse.ArgumentParser(
         description='Time the training, deploy and plain-conv reference '
         'forms of RepVGG backbones, interleaved, with warm-up and medians.')
@@ -65,8 +66,7 @@ def parse_args(argv=None):
     p.add_argument('--out-dir', default='work_dirs/benchmark',
                    help='where benchmark.md/.png/.json go; default '
                    'work_dirs/benchmark')
-    p.add_argument('--debug', action='store_true',
-                   help='show the full traceback on errors')
+    add_cli_args(p, unsafe_load=False)
     return p.parse_args(argv)
 
 

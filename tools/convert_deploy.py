@@ -18,6 +18,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 def parse_args(argv=None):
+    from mmrepvgg.utils.cli import add_cli_args
     from mmengine.config import DictAction
     p = argparse.ArgumentParser(
         description='Fuse every RepVGG block of a trained detector and write '
@@ -41,11 +42,7 @@ def parse_args(argv=None):
     p.add_argument('--repeats', type=int, default=5,
                    help='latency repeats per form, interleaved, median '
                    '(0 to skip timing)')
-    p.add_argument('--unsafe-load', action='store_true',
-                   help='unpickle with weights_only=False: ONLY for files '
-                   'you trust (a malicious checkpoint can run code)')
-    p.add_argument('--debug', action='store_true',
-                   help='show the full traceback on errors')
+    add_cli_args(p)
     return p.parse_args(argv)
 
 

@@ -32,6 +32,7 @@ DEFAULT_OPSET = 17
 
 
 def parse_args(argv=None):
+    from mmrepvgg.utils.cli import add_cli_args
     from mmengine.config import DictAction
     p = argparse.ArgumentParser(
         description='Export a RepVGG model in deploy form to ONNX, verified '
@@ -65,11 +66,7 @@ def parse_args(argv=None):
                    help='threads of both PyTorch and onnxruntime')
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
                    help='override settings in the config, key=value')
-    p.add_argument('--unsafe-load', action='store_true',
-                   help='unpickle with weights_only=False: ONLY for files '
-                   'you trust (a malicious checkpoint can run code)')
-    p.add_argument('--debug', action='store_true',
-                   help='show the full traceback on errors')
+    add_cli_args(p)
     return p.parse_args(argv)
 
 

@@ -26,6 +26,7 @@ FORMAT_NAMES = ('official', 'mmpretrain', 'timm', 'mmrepvgg')
 
 
 def parse_args(argv=None):
+    from mmrepvgg.utils.cli import add_cli_args
     p = argparse.ArgumentParser(
         description='Convert ImageNet RepVGG weights (DingXiaoH/RepVGG, '
         'mmpretrain, timm repvgg_*) into mmrepvgg RepVGG backbone weights.')
@@ -44,11 +45,7 @@ def parse_args(argv=None):
                    help="prefix for every output key, e.g. 'backbone.' to "
                    'use OUT as load_from of a detector (default: none, for '
                    "the backbone's init_cfg Pretrained)")
-    p.add_argument('--unsafe-load', action='store_true',
-                   help='unpickle with weights_only=False: ONLY for files '
-                   'you trust (a malicious checkpoint can run code)')
-    p.add_argument('--debug', action='store_true',
-                   help='show the full traceback on errors')
+    add_cli_args(p)
     return p.parse_args(argv)
 
 

@@ -7,16 +7,14 @@ import os.path as osp
 from mmengine.config import Config, DictAction
 
 from mmrepvgg.utils import allow_cpu_distributed, cpu_model_wrapper_cfg
+from mmrepvgg.utils.cli import add_cli_args
 
 
 def add_runner_args(parser: argparse.ArgumentParser) -> None:
     """Arguments common to mmdet's train and test tools."""
     parser.add_argument('--work-dir',
                         help='the dir to save logs, models and metrics')
-    parser.add_argument(
-        '--unsafe-load', action='store_true',
-        help='unpickle checkpoints with weights_only=False: ONLY for files '
-        'you trust (a malicious checkpoint can run code)')
+    add_cli_args(parser, debug=False)
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override settings in the config, key=value (see mmdet)')
