@@ -17,7 +17,7 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from mmengine.structures import InstanceData
 
-from mmrepvgg.deploy import (CheckpointError, atomic_write,
+from mmrepvgg.deploy import (atomic_write,
                              count_reparam_blocks, load_checkpoint,
                              make_deploy_config, save_checkpoint,
                              switch_to_deploy)
@@ -49,6 +49,17 @@ def extract_state_dict(ckpt, path: str) -> Tuple[Dict[str, torch.Tensor],
     if all(k.startswith('module.') for k in sd):
         sd = OrderedDict((k[len('module.'):], v) for k, v in sd.items())
     return sd, meta
+
+
+def read_state_dict(path: str, unsafe_load: bool = False
+                    ) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Safely load a checkpoint file; ``(state_dict, meta)``.
+
+    Raises:
+        CheckpointError / ConvertError: naming ``path``.
+    """
+    ckpt = load_checkpoint(path, map_location='cpu', unsafe=unsafe_load)
+    return extract_state_dict(ckpt, path)
 
 
 def is_deploy_state_dict(sd: Dict[str, torch.Tensor]) -> bool:
@@ -306,12 +317,7 @@ def convert_checkpoint(cfg: Config,
                            'config; choose another OUTPUT')
     if not output.endswith('.pth'):
         raise ConvertError(f'{output}: OUTPUT must end with .pth')
-    try:
-        ckpt = load_checkpoint(checkpoint, map_location='cpu',
-                               unsafe=unsafe_load)
-    except CheckpointError as e:
-        raise ConvertError(str(e)) from None
-    sd, meta = extract_state_dict(ckpt, checkpoint)
+    sd, meta = read_state_dict(checkpoint, unsafe_load)
     if is_deploy_state_dict(sd):
         raise ConvertError(f'{checkpoint}: already in deploy form '
                            '(conv_reparam weights, no branches); nothing to '

@@ -51,12 +51,11 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config
 
-from mmrepvgg.deploy import (CheckpointError, atomic_write,
-                             count_reparam_blocks, load_checkpoint,
+from mmrepvgg.deploy import (atomic_write, count_reparam_blocks,
                              make_deploy_config, switch_to_deploy)
 from mmrepvgg.testing import relative_error
-from .convert import (ConvertError, build_model, extract_state_dict,
-                      is_deploy_state_dict, load_weights, test_input_shape)
+from .convert import (ConvertError, build_model, is_deploy_state_dict,
+                      load_weights, read_state_dict, test_input_shape)
 
 #: Default opset: widely consumed (TensorRT >= 8.6, onnxruntime >= 1.14) and
 #: enough for every op these models use.
@@ -84,12 +83,7 @@ def load_deploy_model(cfg: Config, config_path: str, checkpoint: str,
                       unsafe_load: bool = False) -> Tuple[nn.Module, dict]:
     """Build the model of ``cfg`` with the weights of ``checkpoint`` in
     deploy form (CPU, eval mode); returns ``(model, info)``."""
-    try:
-        ckpt = load_checkpoint(checkpoint, map_location='cpu',
-                               unsafe=unsafe_load)
-    except CheckpointError as e:
-        raise ExportError(str(e)) from None
-    sd, _ = extract_state_dict(ckpt, checkpoint)
+    sd, _ = read_state_dict(checkpoint, unsafe_load)
     deploy_ckpt = is_deploy_state_dict(sd)
     if deploy_ckpt:
         from mmdet.registry import MODELS
