@@ -51,29 +51,6 @@ def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
-@torch.no_grad()
-def calibrate_bn_(model: nn.Module, inputs: torch.Tensor) -> nn.Module:
-    """Set every batch norm's running statistics to those of ``inputs``.
-
-    Randomized weights with randomized statistics make very deep networks
-    (47-block D2se) numerically chaotic: float32 and float64 evaluations of
-    the *same* model then disagree completely. Statistics measured on data,
-    as after training, keep activations normalized. One forward pass in
-    training mode with cumulative averaging (``momentum=None``); the model
-    is returned in eval mode.
-    """
-    norms = [m for m in model.modules() if is_fusable_norm(m)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    model(inputs)
-    for m, momentum in zip(norms, saved):
-        m.momentum = momentum
-    return model.eval()
-
-
 def _last_tensor(out) -> torch.Tensor:
     while isinstance(out, (list, tuple)):
         out = out[-1]

@@ -96,15 +96,15 @@ def time_forms(train_cfg: str, train_ckpt: str, deploy_cfg: str,
     import torch
     sys.path.insert(0, ROOT)
     import mmrepvgg  # noqa: F401
-    from mmrepvgg.apis.convert import (build_model, load_config, make_inputs,
-                                       measure_latency, test_input_shape)
-    from mmrepvgg.deploy import load_checkpoint
+    from mmrepvgg.apis.convert import (build_model, load_config, load_weights,
+                                       make_inputs, measure_latency,
+                                       read_state_dict, test_input_shape)
 
     def load(cfg_path, ckpt_path):
         cfg = load_config(cfg_path)
         model = build_model(cfg)
-        sd = load_checkpoint(ckpt_path)['state_dict']
-        model.load_state_dict(sd, strict=True)
+        load_weights(model, read_state_dict(ckpt_path)[0], ckpt_path,
+                     cfg_path)
         return cfg, model.eval()
 
     cfg, train_model = load(train_cfg, train_ckpt)

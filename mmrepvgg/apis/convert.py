@@ -17,10 +17,10 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from mmengine.structures import InstanceData
 
-from mmrepvgg.deploy import (atomic_write,
-                             count_reparam_blocks, load_checkpoint,
-                             make_deploy_config, save_checkpoint,
-                             switch_to_deploy)
+from mmrepvgg.deploy import (atomic_write, count_reparam_blocks,
+                             load_checkpoint, make_deploy_config,
+                             save_checkpoint, switch_to_deploy)
+from mmrepvgg.deploy.config import drop_pretrained, walk_dicts
 from mmrepvgg.utils.cli import ToolError
 from mmrepvgg.version import __version__
 
@@ -94,21 +94,9 @@ def build_model(cfg: Config) -> nn.Module:
     from mmdet.registry import MODELS
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     model_cfg = copy.deepcopy(cfg.model)
-    _drop_pretrained(model_cfg)
-    return MODELS.build(model_cfg)
-
-
-def _drop_pretrained(node) -> None:
     # The checkpoint supplies every weight: never read init_cfg files here.
-    if isinstance(node, dict):
-        init = node.get('init_cfg')
-        if isinstance(init, dict) and init.get('type') == 'Pretrained':
-            node['init_cfg'] = None
-        for v in node.values():
-            _drop_pretrained(v)
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            _drop_pretrained(v)
+    walk_dicts(model_cfg, drop_pretrained)
+    return MODELS.build(model_cfg)
 
 
 def load_weights(model: nn.Module, sd: Dict[str, torch.Tensor],

@@ -15,6 +15,25 @@ def _accepts_deploy(cls: Any) -> bool:
                                                    None))
 
 
+def walk_dicts(node: Any, fn: Callable[[dict], None]) -> None:
+    """Call ``fn`` on every dict inside ``node`` (dicts, lists, tuples),
+    parents before children."""
+    if isinstance(node, dict):
+        fn(node)
+        for value in node.values():
+            walk_dicts(value, fn)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            walk_dicts(value, fn)
+
+
+def drop_pretrained(node: dict) -> None:
+    """Set ``init_cfg=None`` where a module config loads a Pretrained file."""
+    init = node.get('init_cfg')
+    if isinstance(init, dict) and init.get('type') == 'Pretrained':
+        node['init_cfg'] = None
+
+
 def set_deploy(node: Any, lookup: Callable[[str], Any]) -> int:
     """Set ``deploy=True`` in place on every module config of ``node`` whose
     registered class takes a ``deploy`` argument and has ``switch_to_deploy``.
@@ -23,23 +42,18 @@ def set_deploy(node: Any, lookup: Callable[[str], Any]) -> int:
     come from the converted checkpoint). Returns the number of configs set.
     """
     count = 0
-    if isinstance(node, dict):
-        t = node.get('type')
-        if isinstance(t, str):
-            cls = lookup(t)
-        else:
-            cls = t if inspect.isclass(t) else None
+
+    def visit(cfg: dict) -> None:
+        nonlocal count
+        t = cfg.get('type')
+        cls = lookup(t) if isinstance(t, str) else (
+            t if inspect.isclass(t) else None)
         if cls is not None and _accepts_deploy(cls):
-            node['deploy'] = True
-            init = node.get('init_cfg')
-            if isinstance(init, dict) and init.get('type') == 'Pretrained':
-                node['init_cfg'] = None
+            cfg['deploy'] = True
+            drop_pretrained(cfg)
             count += 1
-        for value in node.values():
-            count += set_deploy(value, lookup)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            count += set_deploy(value, lookup)
+
+    walk_dicts(node, visit)
     return count
 
 
