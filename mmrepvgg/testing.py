@@ -7,6 +7,10 @@ import torch
 import torch.nn as nn
 
 from .deploy.fusion import is_fusable_norm
+from .deploy.verify import FP32_EPS, NOISE_FACTOR, relative_error
+
+__all__ = ['randomize_', 'relative_error', 'fusion_errors',
+           'within_fp32_noise', 'float64_outputs']
 
 
 @torch.no_grad()
@@ -43,14 +47,6 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """``max|a - b| / max|a|`` (0 when both are all zero)."""
-    ref = reference.detach().double()
-    diff = (ref - other.detach().double()).abs().max().item()
-    scale = ref.abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
 def _last_tensor(out) -> torch.Tensor:
     while isinstance(out, (list, tuple)):
         out = out[-1]
@@ -58,19 +54,30 @@ def _last_tensor(out) -> torch.Tensor:
 
 
 @torch.no_grad()
+def float64_outputs(model: nn.Module, *inputs: torch.Tensor):
+    """Outputs of a float64 deep copy of ``model`` on ``inputs`` (cast to
+    float64): the truth a float32 evaluation is judged against."""
+    from .deploy.switch import deepcopy_model
+    twin = deepcopy_model(model).double()
+    return twin(*(x.double() for x in inputs))
+
+
+@torch.no_grad()
 def fusion_errors(model: nn.Module, x: torch.Tensor) -> dict:
     """Measure how exactly ``model`` survives the deploy switch.
 
     ``model`` (eval mode, float32) is switched in place. Returns relative
-    errors (``max|a-b| / max|a|``):
+    errors (``max|a-b| / max|a|``) of the last output against the truth,
+    the training form evaluated in float64:
 
     * ``block_fp64``: worst block, each block fed its real input from the
       network and evaluated in float64 before and after fusing: the
       exactness of the fusion maths (about 1e-15);
-    * ``model_fp32``: last output of the whole model, float32, deploy form
-      vs training form;
-    * ``floor_fp32``: the training form in float32 vs in float64: rounding
-      noise that bounds any float32 comparison of this network.
+    * ``model_fp32``: the deploy form in float32 vs the truth;
+    * ``floor_fp32``: the training form in float32 vs the truth: the
+      network's own float32 rounding noise on this CPU and thread count;
+    * ``ratio``: ``model_fp32 / max(floor_fp32, FP32_EPS)``, the
+      machine-independent number (see :mod:`mmrepvgg.deploy.verify`).
     """
     import copy
     blocks = [m for m in model.modules()
@@ -90,10 +97,17 @@ def fusion_errors(model: nn.Module, x: torch.Tensor) -> dict:
         before = b64(inp)
         b64.switch_to_deploy()
         block_fp64 = max(block_fp64, relative_error(before, b64(inp)))
-    floor = relative_error(_last_tensor(model.double()(x.double())), ref)
-    model.float()
+    truth = _last_tensor(float64_outputs(model, x))
+    floor = relative_error(truth, ref)
     for b in blocks:
         b.switch_to_deploy()
-    out = _last_tensor(model(x))
-    return dict(block_fp64=block_fp64, model_fp32=relative_error(ref, out),
-                floor_fp32=floor)
+    err = relative_error(truth, _last_tensor(model(x)))
+    return dict(block_fp64=block_fp64, model_fp32=err, floor_fp32=floor,
+                ratio=err / max(floor, FP32_EPS))
+
+
+def within_fp32_noise(errs: dict, factor: float = NOISE_FACTOR) -> bool:
+    """The suite's float32 criterion on a :func:`fusion_errors` result: the
+    deploy form is no further from the float64 truth than ``factor`` times
+    the training form's own float32 error (at least one ulp)."""
+    return errs['model_fp32'] <= factor * max(errs['floor_fp32'], FP32_EPS)
