@@ -1,27 +1,28 @@
 #!/usr/bin/env python
-"""Benchmark the training, deploy and plain-reference forms of RepVGG.
+"""Benchmark the forms of RepVGG backbones: PyTorch training / deploy /
+plain reference (and bfloat16), onnxruntime FP32 and INT8.
 
     python tools/benchmark.py          # A0 B1g2 B3 x 224 640 x batch 1 8
-    python tools/benchmark.py --archs A0 --sizes 224 --batch-sizes 1 \\
-        --repeats 50 --warmup 5 --threads 2 --out-dir work_dirs/benchmark
-    python tools/benchmark.py --sizes 64 --archs \\
-        '{"name": "tiny", "num_blocks": [1, 1, 1, 1],
-          "width_factor": [0.25, 0.25, 0.25, 0.25]}'
+    python tools/benchmark.py --archs A0 --sizes 224 --batch-sizes 1 8 \\
+        --bf16 --repeats 40 --threads 2 --out-dir work_dirs/benchmark
+    python tools/benchmark.py --sizes 64 --forms training deploy reference \\
+        --archs '{"name": "tiny", "num_blocks": [1, 1, 1, 1],
+                  "width_factor": [0.25, 0.25, 0.25, 0.25]}'
 
-For every arch, input size and batch size, times the multi-branch training
-form (eval mode), the fused deploy form and a hand-built stack of plain
-nn.Conv2d + activation holding the deploy weights (checked equal to the deploy
-form first), interleaved, and reports the median latency, throughput, the
-deploy/reference and training/deploy ratios, parameter counts and peak
-activation memory. Writes OUT_DIR/benchmark.md (table, command line and
+For every arch, input size and batch size, times every form in the same
+rounds (order balanced or random per round, each timed call after an
+untimed call of the same form), drops rounds disturbed by other load, and
+reports the median latency, throughput, medians of per-round ratios
+(deploy/reference, training/deploy, ort-fp32/deploy, ort-int8/ort-fp32,
+deploy-bf16/deploy), parameter counts and peak activation memory. Before
+timing, deploy, reference and ort-fp32 are checked against the training form
+in float64 (float32-noise criterion); the error of the lossy forms (bf16,
+INT8) is reported. Writes OUT_DIR/benchmark.md (tables, command line and
 machine), benchmark.png (grouped bars) and benchmark.json (all samples), and
-prints PASS/MISS for the targets deploy/reference <= 1.02 (every row) and
-training/deploy >= 1.3 (A0 at 224x224 on CPU). Run it on a quiet machine:
-the ratios are medians of per-round ratios, robust to slow drifts of load but
-not to another process competing for the cores. The default run (3 archs x
-2 sizes x 2 batch sizes, 24 + 3 rounds of 3 forms) is dominated by B3 at
-640x640 batch 8 and takes the order of an hour on 2 CPU cores. Exits 1 with
-one line ``error: ...`` on a bad option or a failed equivalence check.
+prints PASS/MISS for the targets deploy/reference <= 1.02 (every row),
+training/deploy >= 1.3 and ort-int8/ort-fp32 <= 0.4 (A0 at 224x224 on CPU).
+Run it on a quiet machine. Exits 1 with one line ``error: ...`` on a bad
+option or a failed equivalence check, writing nothing.
 """
 import argparse
 import os.path as osp
@@ -34,8 +35,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 def parse_args(argv=None):
     from mmrepvgg.utils.cli import add_cli_args
     p = argparse.ArgumentParser(
-        description='Time the training, deploy and plain-conv reference '
-        'forms of RepVGG backbones, interleaved, with warm-up and medians.')
+        description='Time the forms of RepVGG backbones (PyTorch training, '
+        'deploy, plain-conv reference, bfloat16; onnxruntime FP32 and INT8) '
+        'interleaved, with warm-up, disturbed-round detection and medians.')
     p.add_argument('--archs', nargs='+', default=['A0', 'B1g2', 'B3'],
                    help='arch names (A0 ... D2se) or JSON arch dicts (an '
                    'optional "name" key labels them); default A0 B1g2 B3')
@@ -43,25 +45,48 @@ def parse_args(argv=None):
                    help='input sizes, N (square) or HxW; default 224 640')
     p.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 8],
                    help='batch sizes; default 1 8')
+    p.add_argument('--forms', nargs='+',
+                   help='forms to time, from training deploy reference '
+                   'deploy-bf16 deploy-fp16 ort-fp32 ort-int8; default '
+                   'training deploy reference, plus ort-fp32 ort-int8 when '
+                   'onnxruntime is installed')
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument('--bf16', action='store_true',
+                      help='add the deploy form in bfloat16 (form '
+                      'deploy-bf16; CUDA with bf16, or a CPU with native '
+                      'bf16)')
+    prec.add_argument('--half', action='store_true',
+                      help='add the deploy form in float16 (form '
+                      'deploy-fp16; CUDA only)')
     p.add_argument('--repeats', type=int, default=24,
-                   help='timed rounds per row (median reported); a multiple '
-                   'of 6 balances the order of the forms exactly; default 24')
+                   help='timed rounds per row (medians reported); a '
+                   'multiple of the schedule length balances the order '
+                   'exactly (6 for 3 forms, 10 for 5, 6 for 6); default 24')
     p.add_argument('--warmup', type=int, default=3,
                    help='untimed rounds per row first; default 3')
+    p.add_argument('--settle', type=int, default=1,
+                   help='untimed calls of a form right before each of its '
+                   'timed calls (absorbs the effect of the previous form); '
+                   'default 1')
+    p.add_argument('--order', choices=['balanced', 'random'],
+                   default='balanced',
+                   help='order of the forms in the rounds: a Williams design '
+                   '(balanced) or a seeded random order; default balanced')
+    p.add_argument('--tolerance', type=float, default=0.15,
+                   help='a round whose total exceeds the median round by '
+                   'more than this fraction is disturbed; default 0.15')
     p.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
     p.add_argument('--channels-last', action='store_true',
-                   help='models and inputs in channels_last memory format')
-    prec = p.add_mutually_exclusive_group()
-    prec.add_argument('--half', action='store_true',
-                      help='float16 (CUDA only)')
-    prec.add_argument('--bf16', action='store_true',
-                      help='bfloat16 (CUDA with bf16, or a CPU with native '
-                      'bf16)')
+                   help='PyTorch models and inputs in channels_last')
     p.add_argument('--compile', action='store_true',
-                   help='torch.compile every form (dynamic=False); '
+                   help='torch.compile every PyTorch form (dynamic=False); '
                    'compilation happens in the warm-up')
+    p.add_argument('--ort-spinning', action='store_true',
+                   help='let onnxruntime threads busy-wait between runs '
+                   '(faster alone, but steals the cores of the PyTorch '
+                   'forms timed next)')
     p.add_argument('--threads', type=int,
-                   help='torch.set_num_threads for the run (default: '
+                   help='threads of PyTorch and onnxruntime (default: '
                    "torch's default)")
     p.add_argument('--out-dir', default='work_dirs/benchmark',
                    help='where benchmark.md/.png/.json go; default '
@@ -70,47 +95,73 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def default_forms(log=print):
+    from mmrepvgg.benchmark.options import DEFAULT_FORMS, ORT_FORMS
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        log('note: onnxruntime is not installed: timing the PyTorch forms '
+            'only (pip install -e .[onnx] adds ort-fp32 and ort-int8)')
+        return list(DEFAULT_FORMS)
+    return list(DEFAULT_FORMS) + list(ORT_FORMS)
+
+
 def run(args, argv) -> int:
     import torch
 
     import mmrepvgg  # noqa: F401  (registers the modules)
-    from mmrepvgg.apis import benchmark as bm
+    from mmrepvgg import benchmark as bm
 
     if args.threads is not None:
         if args.threads < 1:
             raise bm.BenchmarkError(f'--threads must be >= 1, got '
                                     f'{args.threads}')
         torch.set_num_threads(args.threads)
+    if not args.tolerance > 0:
+        raise bm.BenchmarkError(f'--tolerance must be > 0, got '
+                                f'{args.tolerance}')
     archs = [bm.parse_arch(a, i) for i, a in enumerate(args.archs)]
     labels = [a[0] for a in archs]
     if len(set(labels)) != len(labels):
         raise bm.BenchmarkError(f'--archs: duplicate labels {labels}')
     sizes = [bm.parse_size(s) for s in args.sizes]
-    dtype = bm.dtype_from_flags(args.half, args.bf16)
+    forms = list(args.forms) if args.forms else default_forms()
+    if args.bf16:
+        forms.append('deploy-bf16')
+    if args.half:
+        forms.append('deploy-fp16')
+    forms = bm.parse_forms(forms)
     rows = bm.run_benchmark(
-        archs, sizes, args.batch_sizes, repeats=args.repeats,
-        warmup=args.warmup, device=args.device, dtype=dtype,
-        channels_last=args.channels_last, compile=args.compile)
+        archs, sizes, args.batch_sizes, forms=forms, repeats=args.repeats,
+        warmup=args.warmup, settle=args.settle, order=args.order,
+        device=args.device, channels_last=args.channels_last,
+        compile=args.compile, ort_spinning=args.ort_spinning,
+        tolerance=args.tolerance)
 
     command = 'python tools/benchmark.py ' + ' '.join(
         shlex.quote(a) for a in argv)
     settings = {
-        'device': args.device, 'dtype': str(dtype).replace('torch.', ''),
+        'device': args.device, 'forms': ' '.join(forms),
         'channels_last': str(args.channels_last),
         'torch.compile': str(args.compile),
-        'repeats (median of)': str(args.repeats),
+        'repeats (timed rounds)': str(args.repeats),
         'warmup rounds': str(args.warmup),
+        'settle calls': str(args.settle), 'order': args.order,
+        'disturbed-round tolerance': f'{args.tolerance:g}',
+        'onnxruntime spinning': str(args.ort_spinning),
     }
     if torch.device(args.device).type == 'cuda':
         settings['cudnn.benchmark'] = 'True (restored afterwards)'
     env = bm.environment(args.device)
     targets = bm.check_targets(rows, args.device)
     markdown = bm.format_markdown(rows, command, settings, env, targets)
-    title = bm.summary_title(args.device, dtype, args.channels_last,
-                             args.compile)
+    title = bm.summary_title(args.device, args.channels_last, args.compile)
     paths = bm.write_report(rows, args.out_dir, markdown, title)
     print()
     print(bm.format_table(rows))
+    print()
+    print(bm.format_accuracy(rows))
     print()
     for line in targets:
         print(line)

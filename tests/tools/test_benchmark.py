@@ -1,5 +1,6 @@
-"""tools/benchmark.py: a tiny in-process run, the reference builder, the
-memory method and bad options (no speed assertion)."""
+"""tools/benchmark.py and mmrepvgg.benchmark: tiny in-process runs, the
+reference builder, the equivalence check, the timing method (schedule,
+settle calls, disturbed rounds) and bad options (no speed assertion)."""
 import itertools
 import json
 
@@ -8,13 +9,15 @@ import torch
 import torch.nn as nn
 from _toolkit import load_tool
 
-from mmrepvgg.apis import benchmark as bm
+from mmrepvgg import benchmark as bm
+from mmrepvgg.benchmark import timing
 from mmrepvgg.testing import relative_error
 
 bench_tool = load_tool('benchmark')
 
 TINY = dict(num_blocks=(1, 2, 1, 1), width_factor=(0.25, 0.25, 0.25, 0.25))
 TINY_JSON = json.dumps(dict(TINY, name='tiny'))
+PT_FORMS = ['training', 'deploy', 'reference']
 
 
 def _run(argv, capsys):
@@ -23,9 +26,15 @@ def _run(argv, capsys):
     return code, out, err
 
 
+def _cells(md, label='tiny'):
+    rows = [ln for ln in md.splitlines() if ln.startswith(f'| {label} |')]
+    return [[c.strip() for c in r.strip('|').split('|')] for r in rows]
+
+
 def test_tiny_run_writes_table_and_plot(tmp_path, capsys):
     out_dir = tmp_path / 'bench'
     argv = ['--archs', TINY_JSON, '--sizes', '32', '--batch-sizes', '1',
+            '--forms'] + PT_FORMS + [
             '--repeats', '3', '--warmup', '1', '--threads', '1',
             '--out-dir', out_dir]
     code, out, err = _run(argv, capsys)
@@ -34,37 +43,74 @@ def test_tiny_run_writes_table_and_plot(tmp_path, capsys):
         'benchmark.json', 'benchmark.md', 'benchmark.png']
     assert (out_dir / 'benchmark.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     md = (out_dir / 'benchmark.md').read_text()
-    header = '| ' + ' | '.join(bm.COLUMNS) + ' |'
-    for col in ('training ms', 'deploy ms', 'reference ms', 'deploy img/s',
-                'deploy/reference', 'training/deploy', 'params training',
-                'params deploy', 'peak MiB training', 'peak MiB deploy'):
-        assert col in header
+    rows = json.loads((out_dir / 'benchmark.json').read_text())
+    cols = bm.columns(rows)
+    assert cols == ['arch', 'input', 'batch', 'training ms', 'deploy ms',
+                    'reference ms', 'deploy img/s', 'deploy/reference',
+                    'training/deploy', 'params training', 'params deploy',
+                    'peak MiB training', 'peak MiB deploy', 'rounds used']
+    header = '| ' + ' | '.join(cols) + ' |'
     assert header in md and header in out  # file and stdout
     assert 'python tools/benchmark.py --archs' in md  # the command line
     assert f'torch: {torch.__version__}' in md
-    row = [ln for ln in md.splitlines() if ln.startswith('| tiny |')]
-    assert len(row) == 1
-    cells = [c.strip() for c in row[0].strip('|').split('|')]
-    assert len(cells) == len(bm.COLUMNS)
+    assert 'settle calls: 1' in md and 'order: balanced' in md
+    (cells, ) = [c for c in _cells(md) if len(c) == len(cols)]
     assert cells[1:3] == ['32x32', '1']
-    assert all(float(c.replace(',', '')) > 0 for c in cells[3:13])
+    assert all(float(c.replace(',', '')) > 0 for c in cells[3:11])
     # the training form has the extra branch parameters
-    assert int(cells[11].replace(',', '')) > int(cells[12].replace(',', ''))
+    assert int(cells[9].replace(',', '')) > int(cells[10].replace(',', ''))
+    assert cells[-1].split()[0].endswith('/3')
     # one PASS/MISS line per row for deploy/reference, N/A for the A0 target
     assert sum(ln.startswith(('PASS deploy/reference', 'MISS deploy/'
                               'reference')) for ln in out.splitlines()) == 1
     assert 'N/A  training/deploy >= 1.3' in out
-    rows = json.loads((out_dir / 'benchmark.json').read_text())
     assert len(rows[0]['times_ms']['deploy']) == 3
-    assert rows[0]['rel_err_deploy_reference'] <= 1e-6
+    acc = rows[0]['accuracy']
+    assert set(acc) == {'deploy', 'reference'}
+    for a in acc.values():  # float32-noise verdicts, both numbers kept
+        assert a['passed'] and a['error'] <= 4 * max(a['noise'], 1.2e-7)
+    assert rows[0]['rounds']['total'] == 3
+
+
+def test_onnxruntime_and_bf16_forms(tmp_path, capsys):
+    pytest.importorskip('onnxruntime')
+    out_dir = tmp_path / 'bench'
+    forms = ['deploy', 'ort-fp32', 'ort-int8']
+    if bm.options.cpu_has_bf16():
+        forms.append('deploy-bf16')
+    code, out, err = _run(['--archs', TINY_JSON, '--sizes', '32',
+                           '--batch-sizes', '1', '2', '--forms'] + forms +
+                          ['--repeats', '2', '--warmup', '1', '--threads',
+                           '1', '--out-dir', out_dir], capsys)
+    assert code == 0, err
+    rows = json.loads((out_dir / 'benchmark.json').read_text())
+    assert len(rows) == 2
+    for r in rows:
+        assert set(r['latency_ms']) == set(forms)
+        assert 'ort-int8/ort-fp32' in r['ratios']
+        assert 'ort-fp32/deploy' in r['ratios']
+        assert r['peak_bytes']['ort-int8'] is None  # not measured
+        # ort-fp32 judged by the float32 noise, INT8 reported as SQNR
+        assert r['accuracy']['ort-fp32']['passed']
+        assert 10 < r['accuracy']['ort-int8']['sqnr_db'] < 80
+        if 'deploy-bf16' in forms:
+            assert 'deploy-bf16/deploy' in r['ratios']
+            assert 20 < r['accuracy']['deploy-bf16']['sqnr_db'] < 80
+        # every conv of the INT8 graph runs as an integer conv
+        ops = r['int8_graph']['optimized_ops']
+        n_convs = 1 + sum(TINY['num_blocks'])  # stem + blocks
+        assert ops.get('QLinearConv', 0) == n_convs and 'Conv' not in ops
+    md = (out_dir / 'benchmark.md').read_text()
+    assert 'ort-int8 ms' in md and 'ort-int8/ort-fp32' in md
+    assert '## Accuracy of the forms' in md and 'QLinearConv' in md
 
 
 def test_threads_restored(tmp_path, capsys):
     before = torch.get_num_threads()
     code, _, err = _run(['--archs', TINY_JSON, '--sizes', '16',
-                         '--batch-sizes', '1', '--repeats', '1', '--warmup',
-                         '0', '--threads', '1', '--out-dir', tmp_path],
-                        capsys)
+                         '--batch-sizes', '1', '--forms', 'deploy',
+                         'reference', '--repeats', '1', '--warmup', '0',
+                         '--threads', '1', '--out-dir', tmp_path], capsys)
     assert code == 0, err
     assert torch.get_num_threads() == before
 
@@ -96,6 +142,27 @@ def test_reference_equals_deploy(arch):
         assert relative_error(d, r) <= 1e-6
         assert relative_error(t, d) <= 1e-4
     assert bm.max_relative_error(forms['deploy'], ref, x) <= 1e-6
+    truth, noise_ref = bm.reference.float32_noise(forms['training'], x)
+    for name in ('deploy', 'reference'):
+        with torch.inference_mode():
+            cand = bm.reference.flatten_outputs(forms[name](x))
+        v = bm.reference.judge_form('tiny', name, truth, noise_ref, cand)
+        assert v['passed'] and v['num_outputs'] == 4
+
+
+def test_equivalence_failure_names_both_errors():
+    forms = bm.build_forms(TINY)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():  # a wrong bias in one fused conv
+        forms['deploy'].stage_2[0].conv_reparam.bias.add_(0.05)
+    truth, ref = bm.reference.float32_noise(forms['training'], x)
+    with torch.inference_mode():
+        cand = bm.reference.flatten_outputs(forms['deploy'](x))
+    with pytest.raises(bm.BenchmarkError) as e:
+        bm.reference.judge_form('tiny 32x32', 'deploy', truth, ref, cand)
+    msg = str(e.value)
+    assert 'tiny 32x32' in msg and 'deploy model error vs float64 truth' in msg
+    assert "training model's own float32 error" in msg
 
 
 def test_reference_refuses_training_form():
@@ -114,12 +181,15 @@ def test_peak_memory_counts_the_activations():
     assert peak < 100 * 2**20
 
 
-def test_paired_ratio():
+def test_ratios():
     assert bm.paired_ratio([2, 20, 4], [1, 10, 4]) == 2
+    assert bm.paired_ratio([2, 20, 4, 9], [1, 10, 4, 1], keep=[0, 2]) == 1.5
+    s = bm.ratio_stats([1, 2, 3, 4, 5], [1, 1, 1, 1, 1])
+    assert (s['median'], s['q1'], s['q3'], s['n']) == (3, 2, 4, 5)
 
 
 @pytest.mark.parametrize('argv,expect', [
-    (['--half'], '--half needs --device cuda'),
+    (['--half'], '--half (form deploy-fp16) needs --device cuda'),
     (['--device', 'cuda:0'] if not torch.cuda.is_available() else
      ['--device', 'tpu'], '--device'),
     (['--archs', 'X9'], "unknown arch 'X9'"),
@@ -127,12 +197,16 @@ def test_paired_ratio():
     (['--archs', '{bad json'], 'invalid JSON'),
     (['--sizes', '0'], '--sizes'),
     (['--repeats', '0'], '--repeats must be >= 1'),
+    (['--settle', '-1'], '--settle must be >= 0'),
+    (['--tolerance', '0'], '--tolerance must be > 0'),
     (['--batch-sizes', '0'], '--batch-sizes'),
+    (['--forms', 'deploy', 'tensorrt'], "unknown form(s) ['tensorrt']"),
 ])
 def test_bad_options_exit_1_with_one_line(argv, expect, tmp_path, capsys):
     out_dir = tmp_path / 'out'
     base = ['--archs', TINY_JSON, '--sizes', '16', '--batch-sizes', '1',
-            '--repeats', '1', '--warmup', '0']
+            '--forms', 'deploy', 'reference', '--repeats', '1', '--warmup',
+            '0']
     code, out, err = _run(base + argv + ['--out-dir', out_dir], capsys)
     assert code == 1, (out, err)
     lines = err.strip().splitlines()
@@ -141,20 +215,83 @@ def test_bad_options_exit_1_with_one_line(argv, expect, tmp_path, capsys):
     assert not out_dir.exists()
 
 
-def test_balanced_schedule_and_interleaving():
+@pytest.mark.parametrize('n', [2, 3, 4, 5, 6])
+def test_balanced_schedule_is_a_williams_design(n):
+    names = [f'f{i}' for i in range(n)]
+    schedule = bm.balanced_schedule(names)
+    assert len(schedule) == (n if n % 2 == 0 else 2 * n)
+    assert all(sorted(o) == names for o in schedule)
+    # every form at every position equally often
+    for pos in range(n):
+        counts = {f: sum(o[pos] == f for o in schedule) for f in names}
+        assert len(set(counts.values())) == 1
+    # within rounds, every form right after every other form equally often
+    pairs = [(o[i - 1], o[i]) for o in schedule for i in range(1, n)]
+    counts = {(a, b): pairs.count((a, b)) for a in names for b in names
+              if a != b}
+    assert len(set(counts.values())) == 1 and min(counts.values()) >= 1
+    if n == 3:
+        assert sorted(schedule) == sorted(itertools.permutations(names))
+
+
+def test_interleaving_with_settle_calls():
     forms = ('training', 'deploy', 'reference')
     schedule = bm.balanced_schedule(forms)
-    assert sorted(schedule) == sorted(itertools.permutations(forms))
-    seq = [n for order in schedule for n in order]
-    pairs = [(seq[i - 1], seq[i]) for i in range(len(seq))]  # cyclic
-    assert all(a != b for a, b in pairs)
-    assert {pairs.count((a, b)) for a in forms for b in forms if a != b} \
-        == {3}
     calls = []
-    fns = {k: (lambda x, k=k: calls.append(k)) for k in forms}
-    times = bm.time_interleaved(fns, torch.zeros(1), repeats=7, warmup=2)
-    assert {k: len(v) for k, v in times.items()} == dict.fromkeys(forms, 7)
-    # warm-up rounds, then the timed rounds from the schedule's start
+    fns = {k: (lambda k=k: calls.append(k)) for k in forms}
+    res = bm.time_interleaved(fns, repeats=7, warmup=2, settle=1)
+    assert {k: len(v) for k, v in res['times'].items()} == dict.fromkeys(
+        forms, 7)
+    assert len(res['rounds']) == 7 and res['orders'][:6] == schedule
+    # warm-up rounds, then timed rounds from the schedule's start, every
+    # timed call right after an untimed call of the same form
     expect = [n for i in range(2) for n in schedule[i]]
-    expect += [n for i in range(7) for n in schedule[i % 6]]
+    expect += [n for i in range(7) for n in schedule[i % 6] for _ in (0, 1)]
     assert calls == expect
+    calls.clear()
+    res = bm.time_interleaved(fns, repeats=5, warmup=0, settle=0,
+                              order='random', seed=3)
+    assert calls == [n for o in res['orders'] for n in o]
+    assert res['orders'] == bm.round_orders(forms, 5, 'random', seed=3)
+    assert all(sorted(o) == sorted(forms) for o in res['orders'])
+
+
+def _round(total, others=0.0, wall=None):
+    return dict(total=total, wall=wall or total, own_cpu=2 * total,
+                others_cpu=others)
+
+
+def test_disturbed_rounds_are_detected_and_dropped():
+    rounds = [_round(1.0), _round(1.02), _round(0.99), _round(1.4),
+              _round(1.01, others=0.6), _round(1.0, others=0.01)]
+    reasons = bm.classify_rounds(rounds, threads=2, ncpu=2)
+    assert reasons[0] == reasons[1] == reasons[2] == reasons[5] == ''
+    assert reasons[3].startswith('slow round +')
+    assert reasons[4] == 'other load 0.6 cores'
+    kept, busy = bm.select_rounds(reasons)
+    assert kept == [0, 1, 2, 5] and not busy
+    # a free core absorbs one other process
+    assert bm.classify_rounds([_round(1.0, others=0.6)], threads=1,
+                              ncpu=2) == ['']
+    # more than half disturbed: everything kept, flagged busy
+    kept, busy = bm.select_rounds(['', 'slow', 'slow'])
+    assert kept == [0, 1, 2] and busy
+    # one contended round cannot move the ratio
+    a = [1.0, 1.0, 1.0, 1.0, 5.0]
+    b = [2.0, 2.0, 2.0, 2.0, 2.0]
+    rs = [_round(x + y) for x, y in zip(a, b)]
+    kept, _ = bm.select_rounds(bm.classify_rounds(rs, 2, 2))
+    assert kept == [0, 1, 2, 3]
+    assert bm.paired_ratio(a, b, kept) == 0.5
+
+
+def test_load_probe_measures_this_process():
+    probe = timing.LoadProbe()
+    w0, c0, b0 = probe.sample()
+    x = 0
+    for i in range(200000):
+        x += i * i
+    w1, c1, b1 = probe.sample()
+    assert w1 > w0 and c1 > c0
+    if b0 is not None:
+        assert b1 >= b0

@@ -1,0 +1,122 @@
+"""onnxruntime forms of a backbone for the benchmark: the deploy backbone
+exported to ONNX (``ort-fp32``) and that graph statically quantized to INT8
+(``ort-int8``, :func:`mmrepvgg.export.quantize.quantize_onnx` with its
+default :class:`~mmrepvgg.export.quantize.QuantConfig`).
+
+The benchmark's backbones have random weights, so the INT8 graph is
+calibrated on random normal inputs of the benchmarked sizes (the same
+distribution as the timed input); INT8 kernels cost the same whatever the
+values, and the reported SQNR is that of this synthetic setting, not of a
+trained detector on real images (``tools/quantize.py`` measures that).
+"""
+import os.path as osp
+import tempfile
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .options import BenchmarkError
+
+#: Random calibration inputs per benchmarked size.
+CALIB_PER_SIZE = 4
+
+
+def export_backbone(backbone: nn.Module, x: torch.Tensor, path: str) -> None:
+    """Export a deploy-form backbone (CPU, float32) to ``path`` with dynamic
+    batch, height and width (the export package's exporter)."""
+    from mmrepvgg.export.quantize import export_module
+    export_module(backbone, x, path)
+
+
+class OrtForms:
+    """The ``ort-fp32`` and ``ort-int8`` sessions of one backbone.
+
+    Args:
+        backbone (nn.Module): the deploy-form backbone (float32).
+        sizes (Sequence[tuple]): benchmarked ``(H, W)``; the INT8 graph is
+            calibrated on :data:`CALIB_PER_SIZE` random inputs of each.
+        forms (Sequence[str]): ``ort-fp32`` and/or ``ort-int8``.
+        threads (int): onnxruntime intra-op threads (the PyTorch thread
+            count, so both runtimes get the same cores).
+        spinning (bool): onnxruntime pool threads busy-wait between runs.
+        workdir (str, optional): where the graphs go (a temporary folder
+            by default, removed by :meth:`close`).
+    """
+
+    def __init__(self,
+                 backbone: nn.Module,
+                 sizes: Sequence[Tuple[int, int]],
+                 forms: Sequence[str],
+                 threads: int,
+                 spinning: bool = False,
+                 workdir: Optional[str] = None,
+                 seed: int = 0) -> None:
+        from mmrepvgg.export import quantize as qz
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(
+            prefix='mmrepvgg-bench-')
+        self.dir = workdir or self._tmp.name
+        self.paths = dict(fp32=osp.join(self.dir, 'backbone_fp32.onnx'),
+                          int8=osp.join(self.dir, 'backbone_int8.onnx'))
+        model = backbone.float().cpu().eval()
+        h, w = sizes[0]
+        export_backbone(model, torch.zeros(1, 3, h, w), self.paths['fp32'])
+        self.sessions = {}
+        self.info: Dict[str, dict] = {}
+        if 'ort-fp32' in forms:
+            self.sessions['ort-fp32'] = qz.open_session(
+                self.paths['fp32'], threads, spinning)
+        if 'ort-int8' in forms:
+            g = torch.Generator().manual_seed(seed + 1)
+            calib = [torch.randn(1, 3, hh, ww, generator=g).numpy()
+                     for hh, ww in sizes for _ in range(CALIB_PER_SIZE)]
+            try:
+                info = qz.quantize_onnx(self.paths['fp32'],
+                                        self.paths['int8'], calib)
+            except Exception as e:
+                raise BenchmarkError(f'ort-int8: quantization failed: '
+                                     f'{str(e).splitlines()[0]}') from None
+            info['optimized_ops'] = qz.optimized_op_types(
+                self.paths['int8'], threads)
+            self.info['ort-int8'] = info
+            self.sessions['ort-int8'] = qz.open_session(
+                self.paths['int8'], threads, spinning)
+        self.input_name = next(iter(self.sessions.values())).get_inputs(
+        )[0].name if self.sessions else 'input'
+
+    def callable(self, form: str, x: np.ndarray) -> Callable[[], object]:
+        """Zero-argument call of ``form`` on ``x`` (float32 NCHW)."""
+        sess, feed = self.sessions[form], {self.input_name: x}
+        return lambda: sess.run(None, feed)
+
+    def outputs(self, form: str, x: np.ndarray) -> Dict[str, torch.Tensor]:
+        """Outputs of ``form`` on ``x`` named like
+        :func:`mmrepvgg.deploy.verify.flatten_outputs` (``output.0`` ...)."""
+        outs = self.sessions[form].run(None, {self.input_name: x})
+        return {f'output.{i}': torch.from_numpy(o) for i, o in
+                enumerate(outs)}
+
+    def close(self) -> None:
+        self.sessions.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def ort_threads() -> int:
+    """onnxruntime threads of the benchmark: PyTorch's thread count."""
+    return max(1, torch.get_num_threads())
+
+
+def describe_ops(info: dict) -> List[str]:
+    """Lines about the INT8 graph: its config and the ops onnxruntime runs."""
+    out = []
+    if 'config' in info:
+        out.append(f'INT8 graph: {info["config"]}, calibrated on '
+                   f'{info["calibration"]} random inputs')
+    if 'optimized_ops' in info:
+        ops = ', '.join(f'{k} {v}' for k, v in
+                        info['optimized_ops'].most_common())
+        out.append(f'INT8 graph as onnxruntime runs it: {ops}')
+    return out

@@ -1,0 +1,291 @@
+"""Interleaved timing of several forms of one computation.
+
+Method (:func:`time_interleaved`):
+
+* **rounds**: one timed call of every form per round, the order of the
+  forms changing from round to round: ``balanced`` cycles through a Williams
+  design (:func:`balanced_schedule`: every form in every position equally
+  often and right after every other form equally often within the rounds),
+  ``random`` draws a seeded random order per round.
+* **settle calls**: before each timed call, ``settle`` untimed calls of the
+  *same* form. Measured on this 2-core VM, the call right after another form
+  is not representative: after the training form (larger working set) the
+  next form ran 10-17% slower at batch 8, after an onnxruntime call PyTorch
+  ran ~7% slower (its OpenMP threads had gone to sleep). A balanced order
+  spreads such penalties evenly but leaves the per-round ratios bimodal
+  (each round penalises one form of a pair or the other), so their median
+  is unstable; a settle call absorbs the penalty: every timed call then
+  follows a call of its own form, as in a server that runs one model in a
+  loop.
+* **disturbed rounds** (:func:`classify_rounds`): a round is marked when its
+  timed total exceeds the median round total by more than ``tolerance``, or
+  when other processes used CPU time during it (``/proc/stat`` busy time of
+  the whole machine, steal included, minus this process's own
+  ``getrusage`` time, beyond what the cores left free by our threads
+  absorb). Marked rounds are dropped from every median unless more than half
+  of the rounds are marked: the row is then flagged ``busy`` and uses all
+  rounds.
+* **ratios** (:func:`ratio_stats`): medians of per-round ratios of two forms
+  (both ran in the same round, so slow drifts of load cancel), with
+  quartiles.
+"""
+import math
+import os
+import random
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
+#: A round whose timed total exceeds the median round total by more than
+#: this fraction is marked disturbed.
+ROUND_TOLERANCE = 0.15
+#: CPU cores other processes may use (on top of the cores our threads leave
+#: free) before a round is marked disturbed.
+OTHERS_CORES = 0.1
+
+
+def balanced_schedule(names: Sequence[str]) -> List[Tuple[str, ...]]:
+    """Orders of the rounds: a Williams design over ``names``.
+
+    ``n`` orders for an even number ``n`` of forms, ``2n`` for an odd one
+    (every permutation for three forms); in one cycle of the schedule every
+    form is at every position equally often and, within the rounds, right
+    after every other form equally often (never after itself).
+
+    Args:
+        names (Sequence[str]): the forms.
+
+    Returns:
+        list[tuple]: one order per round of a cycle.
+    """
+    names = tuple(names)
+    n = len(names)
+    if n <= 1:
+        return [names]
+    first = [0]
+    for j in range(1, n):
+        first.append((j + 1) // 2 if j % 2 else n - j // 2)
+    rows = [[(v + r) % n for v in first] for r in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return [tuple(names[v] for v in row) for row in rows]
+
+
+def round_orders(names: Sequence[str], rounds: int, order: str = 'balanced',
+                 seed: int = 0) -> List[Tuple[str, ...]]:
+    """The order of the forms in each of ``rounds`` rounds.
+
+    Args:
+        names (Sequence[str]): the forms.
+        rounds (int): number of rounds.
+        order (str): ``balanced`` (cycle through :func:`balanced_schedule`
+            from its start) or ``random`` (a seeded shuffle per round).
+        seed (int): seed of ``random``.
+    """
+    if order == 'balanced':
+        cycle = balanced_schedule(names)
+        return [cycle[i % len(cycle)] for i in range(rounds)]
+    if order == 'random':
+        rng = random.Random(seed)
+        out = []
+        for _ in range(rounds):
+            o = list(names)
+            rng.shuffle(o)
+            out.append(tuple(o))
+        return out
+    raise ValueError(f'order must be balanced or random, got {order!r}')
+
+
+class LoadProbe:
+    """Wall clock, this process's CPU time (all threads) and the whole
+    machine's busy CPU time (``/proc/stat``, steal included; ``None`` where
+    unavailable), in seconds."""
+
+    def __init__(self) -> None:
+        try:
+            self.tick = 1.0 / os.sysconf('SC_CLK_TCK')
+        except (AttributeError, ValueError, OSError):
+            self.tick = 0.01
+        self.ncpu = os.cpu_count() or 1
+        self.has_stat = os.path.exists('/proc/stat')
+
+    def machine_busy(self) -> Optional[float]:
+        if not self.has_stat:
+            return None
+        try:
+            with open('/proc/stat', encoding='ascii') as f:
+                fields = f.readline().split()
+        except OSError:
+            return None
+        if not fields or fields[0] != 'cpu':
+            return None
+        v = [int(x) for x in fields[1:9]] + [0] * 8
+        user, nice, system, _idle, _iowait, irq, softirq, steal = v[:8]
+        return (user + nice + system + irq + softirq + steal) * self.tick
+
+    @staticmethod
+    def own_cpu() -> float:
+        if resource is None:
+            return time.process_time()
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    def sample(self) -> Tuple[float, float, Optional[float]]:
+        return time.perf_counter(), self.own_cpu(), self.machine_busy()
+
+
+def _no_sync() -> None:
+    pass
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]],
+                     repeats: int,
+                     warmup: int,
+                     settle: int = 1,
+                     order: str = 'balanced',
+                     seed: int = 0,
+                     sync: Callable[[], None] = _no_sync,
+                     probe: Optional[LoadProbe] = None) -> dict:
+    """Time every ``fns[name]()`` interleaved, one timed call of each form
+    per round (see the module docstring).
+
+    Args:
+        fns (dict): form name -> zero-argument callable.
+        repeats (int): timed rounds.
+        warmup (int): untimed rounds first (same orders as the first timed
+            rounds).
+        settle (int): untimed calls of a form right before each of its timed
+            calls. Defaults to 1.
+        order (str): ``balanced`` or ``random`` (:func:`round_orders`).
+        seed (int): seed of the random order.
+        sync (callable): called before starting and stopping each clock
+            (``torch.cuda.synchronize`` on GPU).
+        probe (LoadProbe, optional): load measurement; a new one by default.
+
+    Returns:
+        dict: ``times`` (form -> seconds per timed call, in round order),
+        ``orders`` (form order of each timed round) and ``rounds`` (per
+        round: ``wall``, ``total`` of the timed calls, ``own_cpu``,
+        ``others_cpu`` seconds, ``None`` when unknown).
+    """
+    if repeats < 1:
+        raise ValueError(f'repeats must be >= 1, got {repeats}')
+    probe = probe or LoadProbe()
+    names = list(fns)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for o in round_orders(names, warmup, order, seed + 1):
+        for name in o:
+            fns[name]()
+    sync()
+    orders = round_orders(names, repeats, order, seed)
+    rounds = []
+    for o in orders:
+        w0, c0, b0 = probe.sample()
+        total = 0.0
+        for name in o:
+            fn = fns[name]
+            for _ in range(settle):
+                fn()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            dt = time.perf_counter() - t0
+            times[name].append(dt)
+            total += dt
+        w1, c1, b1 = probe.sample()
+        own = c1 - c0
+        others = None if b0 is None or b1 is None else max(
+            0.0, (b1 - b0) - own)
+        rounds.append(dict(wall=w1 - w0, total=total, own_cpu=own,
+                           others_cpu=others))
+    return dict(times=times, orders=orders, rounds=rounds)
+
+
+def classify_rounds(rounds: Sequence[dict],
+                    threads: int,
+                    ncpu: Optional[int] = None,
+                    tolerance: float = ROUND_TOLERANCE,
+                    others_cores: float = OTHERS_CORES,
+                    tick: float = 0.01) -> List[str]:
+    """Why each round is disturbed (``''`` if it is not).
+
+    Args:
+        rounds (Sequence[dict]): ``rounds`` of :func:`time_interleaved`.
+        threads (int): cores the timed forms use.
+        ncpu (int, optional): cores of the machine (default
+            ``os.cpu_count()``).
+        tolerance (float): allowed excess of a round's timed total over the
+            median round total.
+        others_cores (float): cores other processes may use on top of those
+            our threads leave free.
+        tick (float): resolution of the machine's busy time (one jiffy).
+
+    Returns:
+        list[str]: per round ``''``, or the reasons (``'slow round +23%'``,
+        ``'other load 0.8 cores'``), ``'; '``-separated.
+    """
+    if not rounds:
+        return []
+    ncpu = ncpu or os.cpu_count() or 1
+    med = statistics.median(r['total'] for r in rounds)
+    free = max(0, ncpu - threads)
+    out = []
+    for r in rounds:
+        why = []
+        if med > 0 and r['total'] > (1 + tolerance) * med:
+            why.append(f'slow round +{100 * (r["total"] / med - 1):.0f}%')
+        others = r.get('others_cpu')
+        if others is not None and r['wall'] > 0 and \
+                others > (free + others_cores) * r['wall'] + 2 * tick:
+            why.append(f'other load {others / r["wall"]:.1f} cores')
+        out.append('; '.join(why))
+    return out
+
+
+def select_rounds(reasons: Sequence[str]) -> Tuple[List[int], bool]:
+    """``(kept round indices, busy)``: the undisturbed rounds, or all rounds
+    with ``busy=True`` when more than half are disturbed."""
+    kept = [i for i, r in enumerate(reasons) if not r]
+    if len(kept) < math.ceil(len(reasons) / 2):
+        return list(range(len(reasons))), True
+    return kept, False
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float],
+                 keep: Optional[Sequence[int]] = None) -> float:
+    """Median over rounds of ``a[i] / b[i]``.
+
+    Both forms of a round ran in the same round, so a change of machine load
+    between rounds cancels in each ratio; the median of the ratios is then
+    steadier than the ratio of the medians on a shared machine.
+
+    Args:
+        a, b (Sequence[float]): per-round times of two forms.
+        keep (Sequence[int], optional): rounds to use (default all).
+    """
+    return ratio_stats(a, b, keep)['median']
+
+
+def ratio_stats(a: Sequence[float], b: Sequence[float],
+                keep: Optional[Sequence[int]] = None) -> dict:
+    """Median and quartiles of the per-round ratios ``a[i] / b[i]``.
+
+    Returns:
+        dict: ``median``, ``q1``, ``q3`` and ``n`` (rounds used).
+    """
+    idx = range(len(a)) if keep is None else keep
+    ratios = sorted(a[i] / b[i] for i in idx)
+    if not ratios:
+        raise ValueError('no rounds to compute a ratio from')
+    if len(ratios) >= 2:
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method='inclusive')
+    else:
+        q1 = q3 = ratios[0]
+    return dict(median=statistics.median(ratios), q1=q1, q3=q3,
+                n=len(ratios))
