@@ -6,12 +6,13 @@ into mmdet's ``MODELS`` registry.
 from .deploy import (count_reparam_blocks, register_safe_globals,
                      switch_to_deploy)
 from .engine import SwitchToDeployHook
-from .models import ARCH_SETTINGS, RepVGG, RepVGGBlock, RepVGGFPN
+from .models import (ARCH_SETTINGS, QARepVGGBlock, RepVGG, RepVGGBlock,
+                     RepVGGFPN)
 from .version import __version__
 
 register_safe_globals()
 
 __all__ = [
-    '__version__', 'ARCH_SETTINGS', 'RepVGG', 'RepVGGBlock',
+    '__version__', 'ARCH_SETTINGS', 'QARepVGGBlock', 'RepVGG', 'RepVGGBlock',
     'RepVGGFPN', 'SwitchToDeployHook', 'switch_to_deploy', 'count_reparam_blocks'
 ]

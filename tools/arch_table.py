@@ -2,7 +2,8 @@
 """Print the RepVGG arch table: parameters (both forms) vs the published
 totals, and the fusion error of each whole backbone.
 
-    python tools/arch_table.py [--equivalence] [--size 64]
+    python tools/arch_table.py [--equivalence] [--size 64] [--archs A0 ...]
+                               [--block RepVGGBlock|QARepVGGBlock]
 
 Parameter counts are taken on the meta device (instant). With
 ``--equivalence`` every backbone is built for real, its weights and
@@ -12,10 +13,16 @@ batch-norm statistics randomized, converted, and compared on a random input
 * fusion, fp64: every block fed its real input inside the network, in
   float64, training form vs fused form (worst block): the exactness of the
   fusion maths itself;
-* backbone, fp32: last-stage output of the whole backbone in float32,
-  deploy form vs training form;
+* backbone, fp32: last-stage output of the whole backbone, deploy form in
+  float32 vs the training form in float64 (the truth);
 * fp32 floor: the training form in float32 vs the same model in float64, the
-  rounding noise any float32 comparison of this network carries.
+  rounding noise any float32 comparison of this network carries;
+* ratio: backbone fp32 / max(fp32 floor, 1 ulp), the machine-independent
+  figure the test suite bounds (mmrepvgg.deploy.verify).
+
+``--block QARepVGGBlock`` builds every backbone from quantization-friendly
+QARepVGG blocks (``RepVGG(arch, block_cfg=dict(type='QARepVGGBlock'))``);
+their deploy form, hence the deploy parameter count, is the same as RepVGG's.
 """
 import argparse
 import os.path as osp
@@ -32,14 +39,19 @@ PUBLISHED_TOTAL_M = {
 }
 
 
-def equivalence(arch, size):
+BLOCKS = ('RepVGGBlock', 'QARepVGGBlock')
+
+
+def equivalence(arch, size, block='RepVGGBlock'):
     import torch
 
     from mmrepvgg import RepVGG
     from mmrepvgg.testing import fusion_errors, randomize_
-    model = randomize_(RepVGG(arch), seed=0).eval()
+    model = randomize_(RepVGG(arch, block_cfg=dict(type=block)),
+                       seed=0).eval()
     errs = fusion_errors(model, torch.randn(1, 3, size, size))
-    return errs['block_fp64'], errs['model_fp32'], errs['floor_fp32']
+    return (errs['block_fp64'], errs['model_fp32'], errs['floor_fp32'],
+            errs['ratio'])
 
 
 def main(argv=None) -> int:
@@ -50,7 +62,10 @@ def main(argv=None) -> int:
     p.add_argument('--equivalence', action='store_true')
     p.add_argument('--size', type=int, default=64)
     p.add_argument('--archs', nargs='+', default=list(ARCH_SETTINGS))
+    p.add_argument('--block', choices=BLOCKS, default=BLOCKS[0],
+                   help='block of every backbone (default: %(default)s)')
     args = p.parse_args(argv)
+    block_cfg = dict(type=args.block)
 
     def nparams(m):
         return sum(t.numel() for t in m.parameters())
@@ -58,14 +73,15 @@ def main(argv=None) -> int:
     head = ('| arch | train params (M) | deploy params (M) | + classifier (M) '
             '| published (M) | diff |')
     if args.equivalence:
-        head += ' fusion, fp64 (worst block) | backbone, fp32 | fp32 floor |'
+        head += (' fusion, fp64 (worst block) | backbone, fp32 | fp32 floor '
+                 '| ratio |')
     print(head)
     print('|' + '---|' * (head.count('|') - 1))
     torch.manual_seed(0)
     for arch in args.archs:
         with torch.device('meta'):
-            train = RepVGG(arch)
-            deploy = RepVGG(arch, deploy=True)
+            train = RepVGG(arch, block_cfg=block_cfg)
+            deploy = RepVGG(arch, deploy=True, block_cfg=block_cfg)
         cls = int(512 * ARCH_SETTINGS[arch]['width_factor'][3]) * 1000 + 1000
         total = (nparams(deploy) + cls) / 1e6
         pub = PUBLISHED_TOTAL_M.get(arch)
@@ -74,8 +90,8 @@ def main(argv=None) -> int:
                f'{nparams(deploy) / 1e6:.2f} | {total:.4f} | '
                f'{pub if pub else "not published"} | {diff} |')
         if args.equivalence:
-            row += ' {:.1e} | {:.2e} | {:.2e} |'.format(
-                *equivalence(arch, args.size))
+            row += ' {:.1e} | {:.2e} | {:.2e} | {:.2f} |'.format(
+                *equivalence(arch, args.size, args.block))
 
         print(row, flush=True)
     return 0

@@ -248,8 +248,57 @@ def source_key(fmt: Union[str, SourceFormat], our_key: str,
     return f'{prefix}{unit}.{suffix}'
 
 
+#: Keys only a QARepVGG block has: a 1x1 branch that is a bare conv (no
+#: norm; YOLOv6 ``rbr_1x1``, super-gradients / mmrepvgg ``branch_1x1``) and
+#: a norm after the branch sum (mmrepvgg ``post_norm``, super-gradients
+#: ``post_bn``).
+_QAREPVGG_KEY = re.compile(
+    r'(^|\.)((rbr_1x1|branch_1x1)\.(weight|bias)|(post_norm|post_bn)\.'
+    r'(weight|bias|running_mean|running_var|num_batches_tracked))$')
+#: YOLOv6's post-sum norm: ``bn`` beside the block's ``rbr_dense`` (training
+#: form) or ``rbr_reparam`` (YOLOv6 keeps it in its deploy form).
+_BLOCK_BN_KEY = re.compile(
+    r'^(.*\.)?bn\.(weight|bias|running_mean|running_var|'
+    r'num_batches_tracked)$')
+
+
+def qarepvgg_evidence(keys: Sequence[str]) -> Optional[str]:
+    """The first key showing that ``keys`` are QARepVGG weights (None if
+    none does). A QARepVGG block's 1x1 branch has no norm and its norm comes
+    after the sum: no RepVGG block has these, so such a checkpoint cannot
+    be imported (only its fused form, a plain 3x3 conv, is the same)."""
+    keys = list(keys)
+    for k in keys:
+        if _QAREPVGG_KEY.search(k):
+            return k
+    prefixes = None
+    for k in keys:
+        m = _BLOCK_BN_KEY.match(k)
+        if m is None:
+            continue
+        if prefixes is None:
+            prefixes = {key[:key.index(b)] for key in keys
+                        for b in ('rbr_dense.', 'rbr_reparam.') if b in key}
+        if (m.group(1) or '') in prefixes:
+            return k
+    return None
+
+
 def detect_format(keys: Sequence[str]) -> str:
-    """Name of the format that recognises the most of ``keys``."""
+    """Name of the format that recognises the most of ``keys``.
+
+    Raises:
+        CheckpointImportError: no format recognises any key, or the keys
+            are QARepVGG weights (:func:`qarepvgg_evidence`).
+    """
+    qa = qarepvgg_evidence(keys)
+    if qa is not None:
+        raise CheckpointImportError(
+            f'a QARepVGG checkpoint, not a RepVGG one (key {qa}: a 1x1 '
+            'branch without norm or a norm after the branch sum, which '
+            'RepVGG blocks do not have); nothing imported. An mmrepvgg '
+            'QARepVGG backbone state dict loads as it is into '
+            "RepVGG(arch, block_cfg=dict(type='QARepVGGBlock'))")
     best, best_count = None, 0
     for name, fmt in FORMATS.items():
         count = sum(_parse_key(fmt, k)[0] == 'map' for k in keys)

@@ -1,5 +1,6 @@
 from .backbones import ARCH_SETTINGS, RepVGG
-from .layers import RepVGGBlock, SELayer
+from .layers import QARepVGGBlock, RepBlockBase, RepVGGBlock, SELayer
 from .necks import RepVGGFPN
 
-__all__ = ['ARCH_SETTINGS', 'RepVGG', 'RepVGGBlock', 'RepVGGFPN', 'SELayer']
+__all__ = ['ARCH_SETTINGS', 'QARepVGGBlock', 'RepBlockBase', 'RepVGG',
+           'RepVGGBlock', 'RepVGGFPN', 'SELayer']

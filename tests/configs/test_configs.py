@@ -12,10 +12,12 @@ from mmrepvgg.apis.convert import (collect_outputs, compare_outputs,
 from mmrepvgg.testing import randomize_
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+#: Folders of detection configs; each X.py has its twin in deploy/X.py.
+CONFIG_DIRS = ('repvgg', 'qarepvgg')
 TRAIN_CONFIGS = sorted(
-    glob.glob(osp.join(ROOT, 'configs', 'repvgg', '*.py')) +
+    [p for d in CONFIG_DIRS
+     for p in glob.glob(osp.join(ROOT, 'configs', d, '*.py'))] +
     glob.glob(osp.join(ROOT, 'configs', 'toy', '*.py')))
-DEPLOY_DIR = osp.join(ROOT, 'configs', 'repvgg', 'deploy')
 
 
 def _build(path):
@@ -33,6 +35,9 @@ def test_configs_found():
         assert any(n.startswith(prefix) for n in names), prefix
     assert any('syncbn' in n for n in names)
     assert any('repvgg-fpn' in n for n in names)
+    for prefix in ('retinanet_qarepvgg-a0', 'atss_qarepvgg-a0',
+                   'retinanet_qarepvgg-tiny_qarepvgg-fpn_toy'):
+        assert any(n.startswith(prefix) for n in names), prefix
 
 
 @pytest.mark.parametrize('path', TRAIN_CONFIGS, ids=osp.basename)
@@ -43,6 +48,11 @@ def test_config_builds_runs_and_switches(path, dist_world1):
         assert cfg.model.backbone.norm_cfg.type == 'SyncBN'
         from torch.nn.modules.batchnorm import SyncBatchNorm
         assert any(isinstance(m, SyncBatchNorm) for m in model.modules())
+    blocks = {type(m).__name__ for m in model.modules()
+              if hasattr(m, 'get_equivalent_kernel_bias')}
+    # qarepvgg configs: every block quantization-friendly, and vice versa.
+    qa = 'qarepvgg' in osp.basename(path)
+    assert blocks == {'QARepVGGBlock' if qa else 'RepVGGBlock'}, blocks
     randomize_(model, seed=0).eval()
     x, samples = make_inputs((64, 96))
     ref = collect_outputs(model, x, samples)
@@ -54,7 +64,7 @@ def test_config_builds_runs_and_switches(path, dist_world1):
 
     if 'toy' in path:
         return
-    twin = osp.join(DEPLOY_DIR, osp.basename(path))
+    twin = osp.join(osp.dirname(path), 'deploy', osp.basename(path))
     assert osp.isfile(twin), f'{twin}: deploy twin missing'
     _, deployed = _build(twin)
     assert mmrepvgg.count_reparam_blocks(deployed) == dict(
@@ -67,6 +77,9 @@ def test_config_builds_runs_and_switches(path, dist_world1):
 
 
 def test_deploy_twins_have_a_training_config():
-    for twin in glob.glob(osp.join(DEPLOY_DIR, '*.py')):
-        assert osp.isfile(osp.join(ROOT, 'configs', 'repvgg',
-                                   osp.basename(twin))), twin
+    for d in CONFIG_DIRS:
+        twins = glob.glob(osp.join(ROOT, 'configs', d, 'deploy', '*.py'))
+        assert twins, d
+        for twin in twins:
+            assert osp.isfile(osp.join(ROOT, 'configs', d,
+                                       osp.basename(twin))), twin

@@ -193,3 +193,147 @@ def test_fusion_errors_all_archs(arch):
     errs = fusion_errors(model, torch.randn(1, 3, 64, 64))
     assert errs['block_fp64'] <= 1e-12, errs
     assert errs['model_fp32'] <= max(2e-6, 3 * errs['floor_fp32']), errs
+
+
+# ------------------------------------------------ block choice (QARepVGG)
+QA = dict(type='QARepVGGBlock')
+
+
+def _blocks_of(model):
+    return [model.stem] + [b for n in model.stage_names
+                           for b in getattr(model, n)]
+
+
+@pytest.mark.parametrize('arch', sorted(ARCH_SETTINGS))
+def test_every_arch_builds_with_either_block(arch):
+    from mmrepvgg import QARepVGGBlock
+    with torch.device('meta'):
+        qa = RepVGG(arch, block_cfg=QA)
+        rep = RepVGG(arch)
+        qa_deploy = RepVGG(arch, deploy=True, block_cfg=QA)
+        rep_deploy = RepVGG(arch, deploy=True)
+    blocks = _blocks_of(qa)
+    assert all(type(b) is QARepVGGBlock for b in blocks)
+    assert [(b.in_channels, b.out_channels, b.stride, b.groups)
+            for b in blocks] == [(b.in_channels, b.out_channels, b.stride,
+                                  b.groups) for b in _blocks_of(rep)]
+    # Identity exactly where RepVGG has its identity norm.
+    assert [b.has_identity for b in blocks] == [
+        b.branch_norm is not None for b in _blocks_of(rep)]
+    assert all(b.post_norm is not None for b in blocks)
+    # Same deploy form: same keys and shapes, so the published deploy
+    # parameter counts hold for QARepVGG too.
+    assert {k: v.shape for k, v in qa_deploy.state_dict().items()} == {
+        k: v.shape for k, v in rep_deploy.state_dict().items()}
+    if ARCH_SETTINGS[arch]['se_cfg']:
+        assert all(not isinstance(b.se, nn.Identity) for b in blocks)
+
+
+def test_qarepvgg_backbone_fusion_and_strict_reload():
+    from mmrepvgg.testing import fusion_errors, within_fp32_noise
+    model = randomize_(RepVGG(TINY_ARCH, block_cfg=QA), seed=3).eval()
+    assert any(k.endswith('post_norm.running_var')
+               for k in model.state_dict())
+    x = torch.randn(2, 3, 32, 48)
+    errs = fusion_errors(model, x)  # switches ``model`` in place
+    assert errs['block_fp64'] <= 1e-12, errs
+    assert within_fp32_noise(errs), errs
+    assert all(b.deploy for b in _blocks_of(model))
+    # Strict reload into a deploy build of either block type.
+    for block_cfg in (QA, None):
+        deploy = RepVGG(TINY_ARCH, deploy=True, block_cfg=block_cfg).eval()
+        deploy.load_state_dict(model.state_dict(), strict=True)
+        with torch.no_grad():
+            for a, b in zip(model(x), deploy(x)):
+                assert torch.equal(a, b)
+
+
+def test_qarepvgg_a0_fusion_errors_fast():
+    from mmrepvgg.testing import fusion_errors, within_fp32_noise
+    model = randomize_(RepVGG('A0', block_cfg=QA), seed=2).eval()
+    errs = fusion_errors(model, torch.randn(1, 3, 64, 64))
+    assert errs['block_fp64'] <= 1e-12, errs
+    assert within_fp32_noise(errs), errs
+
+
+def test_broken_qarepvgg_fusion_fails_the_backbone_criterion(monkeypatch):
+    """Folding everything but the post-sum norm is caught by the same
+    float32 criterion and by the float64 per-block check."""
+    from mmrepvgg import QARepVGGBlock
+    from mmrepvgg.testing import fusion_errors, within_fp32_noise
+    original = QARepVGGBlock._kernel_bias_f64
+
+    def without_post_norm(self):
+        post, self.post_norm = self.post_norm, None
+        try:
+            return original(self)
+        finally:
+            self.post_norm = post
+
+    monkeypatch.setattr(QARepVGGBlock, '_kernel_bias_f64', without_post_norm)
+    model = randomize_(RepVGG(TINY_ARCH, block_cfg=QA), seed=3).eval()
+    errs = fusion_errors(model, torch.randn(1, 3, 32, 32))
+    assert errs['block_fp64'] > 1e-3, errs
+    assert not within_fp32_noise(errs), errs
+
+
+def test_qarepvgg_backbone_detection_options():
+    model = RepVGG(TINY_ARCH, block_cfg=QA, frozen_stages=1,
+                   norm_eval=True, out_indices=(1, 3)).train()
+    for name, p in model.named_parameters():
+        assert p.requires_grad != name.startswith(('stem.', 'stage_1.')), name
+    # norm_eval covers the post-sum norms too.
+    norms = [m for n, m in model.named_modules() if n.endswith('post_norm')]
+    assert norms and not any(m.training for m in norms)
+    outs = model(torch.randn(1, 3, 32, 32))
+    assert len(outs) == 2
+    # with_cp: same outputs and gradients.
+    a = RepVGG(TINY_ARCH, block_cfg=QA, with_cp=True).train()
+    b = RepVGG(TINY_ARCH, block_cfg=QA).train()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    oa, ob = a(x), b(x)
+    for u, v in zip(oa, ob):
+        assert torch.equal(u, v)
+    sum(o.sum() for o in oa).backward()
+    sum(o.sum() for o in ob).backward()
+    ga = a.stage_2[0].branch_1x1.conv.weight.grad
+    assert ga is not None and torch.equal(
+        ga, b.stage_2[0].branch_1x1.conv.weight.grad)
+
+
+def test_block_cfg_options_and_deploy_twin_form():
+    model = RepVGG(TINY_ARCH, block_cfg=dict(type='QARepVGGBlock',
+                                             use_alpha=True))
+    assert all(b.alpha is not None for b in _blocks_of(model))
+    # A deploy twin config sets deploy=True everywhere, block_cfg included.
+    model = RepVGG(TINY_ARCH, deploy=True,
+                   block_cfg=dict(type='QARepVGGBlock', deploy=True))
+    assert model.deploy and all(b.deploy for b in _blocks_of(model))
+    # Default and explicit RepVGGBlock: the historical keys.
+    keys = set(RepVGG(TINY_ARCH).state_dict())
+    assert keys == set(RepVGG(TINY_ARCH,
+                              block_cfg=dict(type='RepVGGBlock')).state_dict())
+    assert keys != set(RepVGG(TINY_ARCH, block_cfg=QA).state_dict())
+
+
+@pytest.mark.parametrize('block_cfg,match', [
+    (dict(type='NoSuchBlock'), 'NoSuchBlock'),
+    ('QARepVGGBlock', 'block_cfg'),
+    (dict(type='QARepVGGBlock', stride=2), 'stride'),
+    (dict(type='QARepVGGBlock', se_cfg=dict(ratio=4)), 'se_cfg'),
+    (dict(type='QARepVGGBlock', deploy=True), 'deploy'),
+    (dict(type='QARepVGGBlock', norm_cfg=dict(type='SyncBN')), 'norm_cfg'),
+])
+def test_bad_block_cfg(block_cfg, match):
+    with pytest.raises(ValueError, match=match):
+        RepVGG(TINY_ARCH, block_cfg=block_cfg)
+
+
+def test_qarepvgg_backbone_from_mmdet_registry():
+    from mmdet.registry import MODELS
+
+    from mmrepvgg import QARepVGGBlock
+    model = MODELS.build(dict(type='RepVGG', arch='A0', out_indices=(1, 2, 3),
+                              block_cfg=dict(type='QARepVGGBlock')))
+    assert isinstance(model.stage_4[0], QARepVGGBlock)

@@ -581,3 +581,65 @@ def test_library_error_type(a0):
     sd.pop('stage0.rbr_dense.conv.weight')
     with pytest.raises(CheckpointImportError, match='stem'):
         import_state_dict(sd)
+
+
+# ------------------------------------------------ QARepVGG is not RepVGG
+def _qarepvgg_source(layout, deploy=False):
+    """A randomized QARepVGG backbone under the key names of ``layout``:
+    'yolov6' (meituan/YOLOv6 QARepVGGBlock: ``rbr_dense.{conv,bn}``, a bare
+    ``rbr_1x1`` conv, post-sum ``bn``, kept beside ``rbr_reparam`` in its
+    deploy form), 'super-gradients' (``branch_3x3.{conv,bn}``, bare
+    ``branch_1x1``, ``post_bn``) or 'mmrepvgg' (this package's own
+    ``RepVGG(block_cfg=dict(type='QARepVGGBlock'))`` state dict)."""
+    model = randomize_(RepVGG(SE_ARCH, block_cfg=dict(type='QARepVGGBlock')),
+                       seed=6).eval()
+    if layout == 'mmrepvgg':
+        return model.state_dict()
+    names = dict(yolov6=('rbr_dense', 'bn', 'rbr_1x1', 'bn'),
+                 **{'super-gradients': ('branch_3x3', 'bn', 'branch_1x1',
+                                        'post_bn')})[layout]
+    dense, dense_bn, one, post = names
+    sd = OrderedDict()
+    for n, m, b in _blocks(model):
+        unit = 'stage0' if n is None else f'stage{n}.{m}'
+        if deploy:
+            k, bias = b.get_equivalent_kernel_bias()
+            sd[f'{unit}.rbr_reparam.weight'] = k.detach()
+            sd[f'{unit}.rbr_reparam.bias'] = bias.detach()
+        else:
+            sd[f'{unit}.{dense}.conv.weight'] = b.branch_3x3.conv.weight
+            for f, t in b.branch_3x3.norm.state_dict().items():
+                sd[f'{unit}.{dense}.{dense_bn}.{f}'] = t
+            sd[f'{unit}.{one}.weight'] = b.branch_1x1.conv.weight
+        for f, t in b.post_norm.state_dict().items():
+            sd[f'{unit}.{post}.{f}'] = t
+    return sd
+
+
+@pytest.mark.parametrize('layout,deploy,key', [
+    ('yolov6', False, 'stage0.rbr_1x1.weight'),
+    ('yolov6', True, 'stage0.bn.weight'),
+    ('super-gradients', False, 'stage0.branch_1x1.weight'),
+    ('mmrepvgg', False, 'stem.post_norm.weight'),
+])
+def test_refuses_qarepvgg_checkpoint(tmp_path, capsys, layout, deploy, key):
+    src = tmp_path / 'src.pth'
+    torch.save({'state_dict': _qarepvgg_source(layout, deploy)}, src)
+    rc, _, err = run_tool(capsys, src, tmp_path / 'out.pth')
+    assert_failed(rc, err, tmp_path, str(src), 'QARepVGG checkpoint',
+                  'not a RepVGG one', key, keep=['src.pth'])
+    with pytest.raises(CheckpointImportError, match='QARepVGG'):
+        import_state_dict(_qarepvgg_source(layout, deploy))
+    # Forcing a format does not load half of it either.
+    rc, _, err = run_tool(capsys, src, tmp_path / 'out.pth', '--format',
+                          'official' if layout == 'yolov6' else 'mmrepvgg')
+    assert_failed(rc, err, tmp_path, str(src), 'not recognised',
+                  keep=['src.pth'])
+
+
+def test_repvgg_checkpoints_are_not_taken_for_qarepvgg(a0):
+    from mmrepvgg.apis.import_checkpoint import qarepvgg_evidence
+    for fmt in LAYOUTS:
+        for model in a0:
+            assert qarepvgg_evidence(list(to_source(model, fmt))) is None, fmt
+    assert qarepvgg_evidence(list(a0[0].state_dict())) is None

@@ -1,6 +1,6 @@
 """RepVGG backbone family (A0 ... B3, g2/g4 groupwise, D2se) for mmdet."""
 import copy
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -8,7 +8,7 @@ from mmdet.registry import MODELS
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import RepVGGBlock
+from ..layers import QARepVGGBlock, RepVGGBlock  # noqa: F401 (registered)
 
 _A_BLOCKS = (2, 4, 14, 1)
 _B_BLOCKS = (4, 6, 16, 1)
@@ -74,11 +74,71 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
     return out
 
 
+#: Block arguments the backbone sets itself (per block, from the arch).
+_BLOCK_SET_BY_BACKBONE = ('in_channels', 'out_channels', 'stride', 'padding',
+                          'dilation', 'groups', 'without_branch_norm',
+                          'se_cfg')
+#: Block arguments that mirror a backbone option: accepted in ``block_cfg``
+#: only with the backbone's value (a deploy twin sets ``deploy=True`` in
+#: every module config, ``block_cfg`` included).
+_BLOCK_MIRRORS = ('deploy', 'with_cp', 'norm_cfg', 'act_cfg')
+
+
+def _is_reparam_block(m: nn.Module) -> bool:
+    return (callable(getattr(m, 'switch_to_deploy', None))
+            and callable(getattr(m, 'get_equivalent_kernel_bias', None))
+            and isinstance(getattr(m, 'deploy', None), bool))
+
+
+def resolve_block_cfg(block_cfg: Optional[dict], **backbone: Any) -> dict:
+    """Validate the backbone's ``block_cfg`` and return a copy with a type.
+
+    Args:
+        block_cfg (dict, optional): ``dict(type='RepVGGBlock')`` (None),
+            ``dict(type='QARepVGGBlock')`` or any registered block with the
+            same constructor, plus keyword options for every block (e.g.
+            ``use_alpha=True``).
+        **backbone: the backbone's values of :data:`_BLOCK_MIRRORS`.
+
+    Raises:
+        ValueError: ``block_cfg`` is not a dict with a registered block type,
+            sets an argument the backbone derives from the arch, or
+            contradicts a backbone option.
+    """
+    cfg = dict(type='RepVGGBlock') if block_cfg is None else block_cfg
+    if not isinstance(cfg, dict):
+        raise ValueError(f'block_cfg must be a dict or None, got {cfg!r}')
+    cfg = copy.deepcopy(dict(cfg))
+    cfg.setdefault('type', 'RepVGGBlock')
+    block_type = cfg['type']
+    cls = MODELS.get(block_type) if isinstance(block_type, str) \
+        else block_type
+    if cls is None or not isinstance(cls, type) or not issubclass(
+            cls, nn.Module):
+        raise ValueError(f'block_cfg type {block_type!r} is not a block '
+                         'registered in mmdet\'s MODELS (RepVGGBlock, '
+                         'QARepVGGBlock, ...)')
+    derived = sorted(set(cfg) & set(_BLOCK_SET_BY_BACKBONE))
+    if derived:
+        raise ValueError(f'block_cfg must not set {derived}: the RepVGG '
+                         'backbone sets them for every block from its arch')
+    for key in _BLOCK_MIRRORS:
+        if key in cfg and cfg.pop(key) != backbone[key]:
+            raise ValueError(
+                f'block_cfg {key}={block_cfg[key]!r} contradicts the '
+                f'backbone\'s {key}={backbone[key]!r}; set {key} on the '
+                'backbone')
+    return cfg
+
+
 @MODELS.register_module()
 class RepVGG(BaseModule):
     """RepVGG backbone for detection.
 
-    A stem block (stride 2) followed by four stages of :class:`RepVGGBlock`;
+    A stem block (stride 2) followed by four stages of re-parameterizable
+    3x3 blocks, :class:`RepVGGBlock` by default or
+    :class:`~mmrepvgg.models.layers.QARepVGGBlock` (the quantization-friendly
+    QARepVGG) with ``block_cfg=dict(type='QARepVGGBlock')``, for every arch;
     the first block of every stage has the stage's stride. Widths are
     ``stem = min(64, int(64 a))`` and ``[64 a, 128 a, 256 a, 512 b]``.
 
@@ -110,6 +170,15 @@ class RepVGG(BaseModule):
         deploy (bool): build every block in fused form.
         init_cfg (dict | list[dict], optional): initialization config, e.g.
             ``dict(type='Pretrained', checkpoint='repvgg_a0.pth')``.
+        block_cfg (dict, optional): the block of every stem and stage unit:
+            ``dict(type='RepVGGBlock')`` (None, the default) or
+            ``dict(type='QARepVGGBlock')``, with optional keyword options
+            for every block (``use_alpha``, ``padding_mode``). Shapes, SE,
+            the identity branch, norm, activation, ``with_cp`` and
+            ``deploy`` come from the backbone's own arguments. The state
+            dict keys are those of the chosen block (a QARepVGG backbone has
+            ``post_norm`` and no ``branch_1x1`` norm); the deploy forms of
+            both are identical. Keyword only.
     """
 
     def __init__(self,
@@ -125,9 +194,14 @@ class RepVGG(BaseModule):
                  act_cfg: dict = dict(type='ReLU'),
                  with_cp: bool = False,
                  deploy: bool = False,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+                 init_cfg: Optional[Union[dict, list]] = None,
+                 *,
+                 block_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         self.arch = resolve_arch(arch)
+        self.block_cfg = resolve_block_cfg(
+            block_cfg, deploy=deploy, with_cp=with_cp, norm_cfg=norm_cfg,
+            act_cfg=act_cfg)
         num_stages = len(self.arch['num_blocks'])
         if len(strides) != num_stages or len(dilations) != num_stages:
             raise ValueError(
@@ -157,8 +231,8 @@ class RepVGG(BaseModule):
             se_cfg=self.arch['se_cfg'], deploy=deploy, with_cp=with_cp)
         widths = self.arch['width_factor']
         self.stem_channels = min(base_channels, int(base_channels * widths[0]))
-        self.stem = RepVGGBlock(in_channels, self.stem_channels, stride=2,
-                                **block_kwargs)
+        self.stem = self._make_block(in_channels, self.stem_channels,
+                                     stride=2, **block_kwargs)
         self.stage_names = []
         self.out_channels = []
         channels, layer_idx = self.stem_channels, 1
@@ -168,7 +242,7 @@ class RepVGG(BaseModule):
             blocks = []
             for j in range(n):
                 blocks.append(
-                    RepVGGBlock(
+                    self._make_block(
                         channels, out_ch,
                         stride=self.strides[i] if j == 0 else 1,
                         padding=dil, dilation=dil,
@@ -180,6 +254,12 @@ class RepVGG(BaseModule):
             self.stage_names.append(name)
             self.out_channels.append(out_ch)
         self._freeze_stages()
+
+    def _make_block(self, in_channels: int, out_channels: int,
+                    **kwargs: Any) -> nn.Module:
+        cfg = copy.deepcopy(self.block_cfg)
+        cfg.update(kwargs, in_channels=in_channels, out_channels=out_channels)
+        return MODELS.build(cfg)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         x = self.stem(x)
@@ -214,7 +294,7 @@ class RepVGG(BaseModule):
     def switch_to_deploy(self, test_cfg: Optional[dict] = None) -> None:
         """Fuse every block into a single 3x3 conv (idempotent)."""
         for m in self.modules():
-            if isinstance(m, RepVGGBlock):
+            if m is not self and _is_reparam_block(m):
                 m.switch_to_deploy(test_cfg)
         self.deploy = True
         self._freeze_stages()

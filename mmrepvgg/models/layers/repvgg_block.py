@@ -1,4 +1,10 @@
-"""RepVGGBlock: a trainable multi-branch block that fuses into one 3x3 conv."""
+"""RepVGGBlock: a trainable multi-branch block that fuses into one 3x3 conv.
+
+Also the pieces every re-parameterizable 3x3 block of this package shares
+(argument checks, norm / activation building, the deploy layout and the
+switch): :class:`RepBlockBase`, used by :class:`RepVGGBlock` and
+:class:`~mmrepvgg.models.layers.QARepVGGBlock`.
+"""
 import warnings
 from typing import Optional, Tuple
 
@@ -22,8 +28,249 @@ def _check_int(name: str, value, minimum: int) -> None:
             f'{name} must be an int >= {minimum}, got {value!r}')
 
 
+def check_block_args(in_channels: int, out_channels: int, stride: int,
+                     padding: int, dilation: int, groups: int,
+                     padding_mode: str, se_cfg: Optional[dict]) -> None:
+    """Validate the shape arguments of a re-parameterizable 3x3 block.
+
+    Raises:
+        ValueError: naming the argument and what was expected.
+    """
+    _check_int('in_channels', in_channels, 1)
+    _check_int('out_channels', out_channels, 1)
+    _check_int('stride', stride, 1)
+    _check_int('dilation', dilation, 1)
+    _check_int('padding', padding, 0)
+    _check_int('groups', groups, 1)
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f'groups={groups} must divide in_channels={in_channels} and '
+            f'out_channels={out_channels}')
+    if padding < dilation:
+        raise ValueError(
+            f'padding ({padding}) must be >= dilation ({dilation}): the '
+            f'1x1 branch uses padding - dilation to stay aligned with '
+            f'the centre tap of the 3x3 branch')
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f'padding_mode must be one of {PADDING_MODES}, '
+                         f'got {padding_mode!r}')
+    if se_cfg is not None and not isinstance(se_cfg, dict):
+        raise ValueError(f'se_cfg must be a dict or None, got {se_cfg!r}')
+
+
+def check_norm_cfg(norm_cfg: dict, channels: int) -> None:
+    """Raise ``ValueError`` unless ``norm_cfg`` builds a fusable batch norm
+    (BN, SyncBN, MMSyncBN with running statistics)."""
+    if not isinstance(norm_cfg, dict) or 'type' not in norm_cfg:
+        raise ValueError(
+            f'norm_cfg must be a dict with a "type" key, got {norm_cfg!r}')
+    try:
+        norm = build_norm_layer(norm_cfg, channels)[1]
+    except KeyError as e:
+        raise ValueError(
+            f'norm_cfg type {norm_cfg["type"]!r} is not a registered norm '
+            f'layer: {e}') from None
+    if not is_fusable_norm(norm):
+        raise ValueError(
+            f'norm_cfg type {norm_cfg["type"]!r} ({type(norm).__name__}) '
+            'cannot be fused into a conv: use a batch norm with running '
+            'statistics (BN, SyncBN or MMSyncBN)')
+
+
+def build_act(act_cfg: Optional[dict]) -> nn.Module:
+    """Activation from ``act_cfg`` (``nn.Identity`` for None); unknown or
+    malformed configs raise ``ValueError`` naming ``act_cfg``."""
+    if act_cfg is None:
+        return nn.Identity()
+    if not isinstance(act_cfg, dict) or 'type' not in act_cfg:
+        raise ValueError(
+            f'act_cfg must be a dict with a "type" key or None, '
+            f'got {act_cfg!r}')
+    try:
+        return build_activation_layer(act_cfg)
+    except KeyError as e:
+        raise ValueError(
+            f'act_cfg type {act_cfg["type"]!r} is not a registered '
+            f'activation: {e}') from None
+
+
+class RepBlockBase(BaseModule):
+    """Common part of the re-parameterizable 3x3 blocks.
+
+    Holds the shape arguments, the activation and the optional SE layer,
+    and implements the deploy layout shared by every block of this package:
+    a plain ``nn.Conv2d`` ``conv_reparam`` (3x3, with bias), a boolean
+    ``deploy`` and the forward ``act(se(conv_reparam(x)))`` rebound on the
+    instance, so that every tool (conversion, export, benchmark) treats all
+    blocks alike.
+
+    Subclasses build their training branches and implement
+    :meth:`_branches` (the training form up to, and including, SE) and
+    :meth:`_kernel_bias_f64` (the equivalent kernel and bias in float64,
+    through :mod:`mmrepvgg.deploy.fusion`), and list in
+    ``_TRAINING_ATTRS`` the attributes :meth:`switch_to_deploy` removes.
+    See :class:`RepVGGBlock` for the arguments.
+    """
+
+    # mmengine's BaseModule.is_init property cannot be compiled by
+    # torch.jit.script; it is not needed by the forward.
+    __jit_unused_properties__ = ['is_init']
+
+    #: Attributes removed by :meth:`switch_to_deploy`.
+    _TRAINING_ATTRS: Tuple[str, ...] = ()
+
+    # Kept for code that used the former static methods of RepVGGBlock.
+    _check_norm_cfg = staticmethod(check_norm_cfg)
+    _build_act = staticmethod(build_act)
+
+    def __init__(self,
+                 in_channels: int,
+                 out_channels: int,
+                 stride: int,
+                 padding: int,
+                 dilation: int,
+                 groups: int,
+                 padding_mode: str,
+                 norm_cfg: Optional[dict],
+                 act_cfg: Optional[dict],
+                 init_cfg: Optional[dict],
+                 se_cfg: Optional[dict],
+                 use_alpha: bool,
+                 with_cp: bool) -> None:
+        super().__init__(init_cfg=init_cfg)
+        check_block_args(in_channels, out_channels, stride, padding,
+                         dilation, groups, padding_mode, se_cfg)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.norm_cfg = norm_cfg
+        self.act_cfg = act_cfg
+        self.se_cfg = se_cfg
+        self.use_alpha = use_alpha
+        self.with_cp = with_cp
+        self.deploy = False
+
+    def _identity_allowed(self) -> bool:
+        """Whether an identity branch fits: same shape in and out."""
+        return (self.in_channels == self.out_channels and self.stride == 1
+                and self.padding == self.dilation)
+
+    def _build_act_se(self) -> None:
+        self.act = build_act(self.act_cfg)
+        self.se = SELayer(self.out_channels, **self.se_cfg) \
+            if self.se_cfg is not None else nn.Identity()
+
+    def _conv_cfg(self) -> dict:
+        # The padding mode goes to nn.Conv2d itself (as in conv_reparam):
+        # mmcv's ConvModule silently drops padding_mode='circular'.
+        return dict(type='Conv2d', padding_mode=self.padding_mode)
+
+    def _make_reparam_conv(self) -> nn.Conv2d:
+        return nn.Conv2d(
+            self.in_channels, self.out_channels, 3, stride=self.stride,
+            padding=self.padding, dilation=self.dilation, groups=self.groups,
+            bias=True, padding_mode=self.padding_mode)
+
+    def _bind_deploy_forward(self) -> None:
+        # Instance-level forward: a bound method (picklable, deep-copyable);
+        # the class-level forward below gives the same result for
+        # torch.jit.script, which ignores instance attributes.
+        self.deploy = True
+        if isinstance(self.se, nn.Identity):
+            self.forward = self._forward_deploy_plain
+        else:
+            self.forward = self._forward_deploy
+
+    def _build_deploy(self) -> None:
+        self.conv_reparam = self._make_reparam_conv()
+        self._bind_deploy_forward()
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-branch forward, or the fused conv once switched."""
+        if hasattr(self, 'conv_reparam'):
+            return self._forward_deploy(x)
+        return self._forward_train(x)
+
+    def _forward_deploy(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.se(self.conv_reparam(x)))
+
+    def _forward_deploy_plain(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv_reparam(x))
+
+    def _branches(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.jit.unused
+    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_cp and x.requires_grad and self.training:
+            out = cp.checkpoint(self._branches, x, use_reentrant=False)
+        else:
+            out = self._branches(x)
+        return self.act(out)
+
+    # --------------------------------------------------------------- re-param
+    def _kernel_bias_f64(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _reference_weight(self) -> torch.Tensor:
+        """A weight whose dtype and device the fused conv takes."""
+        return self.branch_3x3.conv.weight
+
+    def get_equivalent_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Kernel and bias of the single 3x3 conv equal to the branches.
+
+        Computed in float64 from the current parameters and running
+        statistics (differentiable), returned in the block's dtype/device.
+        """
+        if self.deploy:
+            return self.conv_reparam.weight, self.conv_reparam.bias
+        ref = self._reference_weight()
+        kernel, bias = self._kernel_bias_f64()
+        return (kernel.to(device=ref.device, dtype=ref.dtype),
+                bias.to(device=ref.device, dtype=ref.dtype))
+
+    def switch_to_deploy(self, test_cfg: Optional[dict] = None) -> None:
+        """Fuse the branches into ``conv_reparam`` (idempotent).
+
+        Args:
+            test_cfg (dict, optional): unused; accepted for compatibility
+                with OpenMMLab's ``switch_to_deploy(test_cfg)`` convention.
+        """
+        if self.deploy:
+            return
+        if self.training:
+            warnings.warn(
+                f'{type(self).__name__}.switch_to_deploy() called in training '
+                'mode: the fusion uses the batch-norm running statistics, as '
+                'eval mode does; call model.eval() first to silence this '
+                'warning.', UserWarning, stacklevel=2)
+        ref = self._reference_weight()
+        with torch.no_grad():
+            kernel, bias = self._kernel_bias_f64()
+            conv = self._make_reparam_conv().to(device=ref.device,
+                                                dtype=ref.dtype)
+            conv.weight.copy_(kernel.to(conv.weight))
+            conv.bias.copy_(bias.to(conv.bias))
+        conv.train(self.training)
+        for name in self._TRAINING_ATTRS:
+            delattr(self, name)
+        self.conv_reparam = conv
+        self._bind_deploy_forward()
+
+    def extra_repr(self) -> str:
+        return (f'{self.in_channels}, {self.out_channels}, '
+                f'stride={self.stride}, padding={self.padding}, '
+                f'dilation={self.dilation}, groups={self.groups}, '
+                f'deploy={self.deploy}')
+
+
 @MODELS.register_module()
-class RepVGGBlock(BaseModule):
+class RepVGGBlock(RepBlockBase):
     """RepVGG block (Ding et al., "RepVGG: Making VGG-style ConvNets Great
     Again", CVPR 2021) built from mmcv ``ConvModule`` branches.
 
@@ -69,9 +316,7 @@ class RepVGGBlock(BaseModule):
             Keyword only. Defaults to False.
     """
 
-    # mmengine's BaseModule.is_init property cannot be compiled by
-    # torch.jit.script; it is not needed by the forward.
-    __jit_unused_properties__ = ['is_init']
+    _TRAINING_ATTRS = ('branch_3x3', 'branch_1x1', 'branch_norm', 'alpha')
 
     def __init__(self,
                  in_channels: int,
@@ -91,63 +336,24 @@ class RepVGGBlock(BaseModule):
                  use_alpha: bool = False,
                  deploy: bool = False,
                  with_cp: bool = False) -> None:
-        super().__init__(init_cfg=init_cfg)
-        _check_int('in_channels', in_channels, 1)
-        _check_int('out_channels', out_channels, 1)
-        _check_int('stride', stride, 1)
-        _check_int('dilation', dilation, 1)
-        _check_int('padding', padding, 0)
-        _check_int('groups', groups, 1)
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f'groups={groups} must divide in_channels={in_channels} and '
-                f'out_channels={out_channels}')
-        if padding < dilation:
-            raise ValueError(
-                f'padding ({padding}) must be >= dilation ({dilation}): the '
-                f'1x1 branch uses padding - dilation to stay aligned with '
-                f'the centre tap of the 3x3 branch')
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f'padding_mode must be one of {PADDING_MODES}, '
-                             f'got {padding_mode!r}')
-        if se_cfg is not None and not isinstance(se_cfg, dict):
-            raise ValueError(f'se_cfg must be a dict or None, got {se_cfg!r}')
-
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.stride = stride
-        self.padding = padding
-        self.dilation = dilation
-        self.groups = groups
-        self.padding_mode = padding_mode
-        self.norm_cfg = norm_cfg
-        self.act_cfg = act_cfg
-        self.se_cfg = se_cfg
-        self.use_alpha = use_alpha
-        self.with_cp = with_cp
-        self.deploy = False
-        self.has_identity = (
-            not without_branch_norm and norm_cfg is not None
-            and in_channels == out_channels and stride == 1
-            and padding == dilation)
+        super().__init__(in_channels, out_channels, stride, padding,
+                         dilation, groups, padding_mode, norm_cfg, act_cfg,
+                         init_cfg, se_cfg, use_alpha, with_cp)
+        self.has_identity = (not without_branch_norm and norm_cfg is not None
+                             and self._identity_allowed())
         if not without_branch_norm and norm_cfg is None:
             raise ValueError('without_branch_norm=False needs a norm_cfg: the '
                              'identity branch is a norm layer')
 
         if norm_cfg is not None:
-            self._check_norm_cfg(norm_cfg, out_channels)
-        self.act = self._build_act(act_cfg)
-        self.se = SELayer(out_channels, **se_cfg) if se_cfg is not None \
-            else nn.Identity()
+            check_norm_cfg(norm_cfg, out_channels)
+        self._build_act_se()
 
         if deploy:
-            self.conv_reparam = self._make_reparam_conv()
-            self._bind_deploy_forward()
+            self._build_deploy()
             return
 
-        # The padding mode goes to nn.Conv2d itself (as in conv_reparam):
-        # mmcv's ConvModule silently drops padding_mode='circular'.
-        conv_cfg = dict(type='Conv2d', padding_mode=padding_mode)
+        conv_cfg = self._conv_cfg()
         self.branch_3x3 = ConvModule(
             in_channels, out_channels, 3, stride=stride, padding=padding,
             dilation=dilation, groups=groups, conv_cfg=conv_cfg,
@@ -160,68 +366,7 @@ class RepVGGBlock(BaseModule):
             if self.has_identity else None
         self.alpha = nn.Parameter(torch.ones(1)) if use_alpha else None
 
-    # ------------------------------------------------------------------ build
-    @staticmethod
-    def _check_norm_cfg(norm_cfg: dict, channels: int) -> None:
-        if not isinstance(norm_cfg, dict) or 'type' not in norm_cfg:
-            raise ValueError(
-                f'norm_cfg must be a dict with a "type" key, got {norm_cfg!r}')
-        try:
-            norm = build_norm_layer(norm_cfg, channels)[1]
-        except KeyError as e:
-            raise ValueError(
-                f'norm_cfg type {norm_cfg["type"]!r} is not a registered norm '
-                f'layer: {e}') from None
-        if not is_fusable_norm(norm):
-            raise ValueError(
-                f'norm_cfg type {norm_cfg["type"]!r} ({type(norm).__name__}) '
-                'cannot be fused into a conv: use a batch norm with running '
-                'statistics (BN, SyncBN or MMSyncBN)')
-
-    @staticmethod
-    def _build_act(act_cfg: Optional[dict]) -> nn.Module:
-        if act_cfg is None:
-            return nn.Identity()
-        if not isinstance(act_cfg, dict) or 'type' not in act_cfg:
-            raise ValueError(
-                f'act_cfg must be a dict with a "type" key or None, '
-                f'got {act_cfg!r}')
-        try:
-            return build_activation_layer(act_cfg)
-        except KeyError as e:
-            raise ValueError(
-                f'act_cfg type {act_cfg["type"]!r} is not a registered '
-                f'activation: {e}') from None
-
-    def _make_reparam_conv(self) -> nn.Conv2d:
-        return nn.Conv2d(
-            self.in_channels, self.out_channels, 3, stride=self.stride,
-            padding=self.padding, dilation=self.dilation, groups=self.groups,
-            bias=True, padding_mode=self.padding_mode)
-
-    def _bind_deploy_forward(self) -> None:
-        # Instance-level forward: a bound method (picklable, deep-copyable);
-        # the class-level forward below gives the same result for
-        # torch.jit.script, which ignores instance attributes.
-        self.deploy = True
-        if isinstance(self.se, nn.Identity):
-            self.forward = self._forward_deploy_plain
-        else:
-            self.forward = self._forward_deploy
-
     # ---------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Multi-branch forward, or the fused conv once switched."""
-        if hasattr(self, 'conv_reparam'):
-            return self._forward_deploy(x)
-        return self._forward_train(x)
-
-    def _forward_deploy(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.se(self.conv_reparam(x)))
-
-    def _forward_deploy_plain(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv_reparam(x))
-
     def _branches(self, x: torch.Tensor) -> torch.Tensor:
         out_1x1 = self.branch_1x1(x)
         if self.alpha is not None:
@@ -230,14 +375,6 @@ class RepVGGBlock(BaseModule):
         if self.branch_norm is not None:
             out = out + self.branch_norm(x)
         return self.se(out)
-
-    @torch.jit.unused
-    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
-        if self.with_cp and x.requires_grad and self.training:
-            out = cp.checkpoint(self._branches, x, use_reentrant=False)
-        else:
-            out = self._branches(x)
-        return self.act(out)
 
     # --------------------------------------------------------------- re-param
     def _kernel_bias_f64(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -253,50 +390,3 @@ class RepVGGBlock(BaseModule):
             kid, bid = fuse_identity_norm(self.branch_norm, self.groups, 3)
             kernel, bias = kernel + kid, bias + bid
         return kernel, bias
-
-    def get_equivalent_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Kernel and bias of the single 3x3 conv equal to the branches.
-
-        Computed in float64 from the current parameters and running
-        statistics (differentiable), returned in the block's dtype/device.
-        """
-        if self.deploy:
-            return self.conv_reparam.weight, self.conv_reparam.bias
-        ref = self.branch_3x3.conv.weight
-        kernel, bias = self._kernel_bias_f64()
-        return (kernel.to(device=ref.device, dtype=ref.dtype),
-                bias.to(device=ref.device, dtype=ref.dtype))
-
-    def switch_to_deploy(self, test_cfg: Optional[dict] = None) -> None:
-        """Fuse the branches into ``conv_reparam`` (idempotent).
-
-        Args:
-            test_cfg (dict, optional): unused; accepted for compatibility
-                with OpenMMLab's ``switch_to_deploy(test_cfg)`` convention.
-        """
-        if self.deploy:
-            return
-        if self.training:
-            warnings.warn(
-                'RepVGGBlock.switch_to_deploy() called in training mode: the '
-                'fusion uses the batch-norm running statistics, as eval mode '
-                'does; call model.eval() first to silence this warning.',
-                UserWarning, stacklevel=2)
-        ref = self.branch_3x3.conv.weight
-        with torch.no_grad():
-            kernel, bias = self._kernel_bias_f64()
-            conv = self._make_reparam_conv().to(device=ref.device,
-                                                dtype=ref.dtype)
-            conv.weight.copy_(kernel.to(conv.weight))
-            conv.bias.copy_(bias.to(conv.bias))
-        conv.train(self.training)
-        for name in ('branch_3x3', 'branch_1x1', 'branch_norm', 'alpha'):
-            delattr(self, name)
-        self.conv_reparam = conv
-        self._bind_deploy_forward()
-
-    def extra_repr(self) -> str:
-        return (f'{self.in_channels}, {self.out_channels}, '
-                f'stride={self.stride}, padding={self.padding}, '
-                f'dilation={self.dilation}, groups={self.groups}, '
-                f'deploy={self.deploy}')
