@@ -79,24 +79,13 @@ def fusion_errors(model: nn.Module, x: torch.Tensor) -> dict:
     * ``ratio``: ``model_fp32 / max(floor_fp32, FP32_EPS)``, the
       machine-independent number (see :mod:`mmrepvgg.deploy.verify`).
     """
-    import copy
+    from .deploy.verify import blockwise_fp64_error
+    outs = {}
+    block_fp64, _ = blockwise_fp64_error(
+        model, lambda: outs.__setitem__('ref', _last_tensor(model(x))))
+    ref = outs['ref']
     blocks = [m for m in model.modules()
               if callable(getattr(m, 'get_equivalent_kernel_bias', None))]
-    inputs = {}
-    hooks = [b.register_forward_pre_hook(
-        lambda m, a: inputs.__setitem__(id(m), a[0].clone())) for b in blocks]
-    try:
-        ref = _last_tensor(model(x))
-    finally:
-        for h in hooks:
-            h.remove()
-    block_fp64 = 0.0
-    for b in blocks:
-        b64 = copy.deepcopy(b).double()
-        inp = inputs[id(b)].double()
-        before = b64(inp)
-        b64.switch_to_deploy()
-        block_fp64 = max(block_fp64, relative_error(before, b64(inp)))
     truth = _last_tensor(float64_outputs(model, x))
     floor = relative_error(truth, ref)
     for b in blocks:
@@ -111,3 +100,27 @@ def within_fp32_noise(errs: dict, factor: float = NOISE_FACTOR) -> bool:
     deploy form is no further from the float64 truth than ``factor`` times
     the training form's own float32 error (at least one ulp)."""
     return errs['model_fp32'] <= factor * max(errs['floor_fp32'], FP32_EPS)
+
+
+@torch.no_grad()
+def fp32_verdict(reference: nn.Module, candidate, *inputs: torch.Tensor,
+                 factor: float = NOISE_FACTOR) -> dict:
+    """Judge ``candidate`` (a module or callable, float32) against
+    ``reference`` (float32 module) on ``inputs`` with the float32-noise
+    criterion of :func:`mmrepvgg.deploy.verify.judge_fp32`: the truth is
+    ``reference`` evaluated in float64."""
+    from .deploy.verify import flatten_outputs, judge_fp32
+    truth = flatten_outputs(float64_outputs(reference, *inputs))
+    ref = flatten_outputs(reference(*inputs))
+    cand = flatten_outputs(candidate(*inputs))
+    return judge_fp32(truth, ref, cand, factor=factor)
+
+
+def assert_fp32_equivalent(reference: nn.Module, candidate,
+                           *inputs: torch.Tensor,
+                           factor: float = NOISE_FACTOR) -> dict:
+    """Assert :func:`fp32_verdict` passes; the message gives both errors."""
+    from .deploy.verify import describe
+    verdict = fp32_verdict(reference, candidate, *inputs, factor=factor)
+    assert verdict['passed'], describe(verdict)
+    return verdict

@@ -4,7 +4,10 @@ import warnings
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# At most 2 threads, unless OMP_NUM_THREADS says otherwise (make
+# test-numerics runs the numerical tests with 1 and 2 threads).
+if not os.environ.get('OMP_NUM_THREADS'):
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 warnings.filterwarnings('ignore', message='.*TypedStorage is deprecated.*')
 
 

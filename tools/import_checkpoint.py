@@ -49,6 +49,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+#: Largest number of blocks per stage accepted in an --arch dict (the
+#: published archs have at most 24; a typo must not build for minutes).
+MAX_STAGE_BLOCKS = 64
+
+
 def parse_arch(value):
     """``--arch``: a published name or a JSON dict (None if not given)."""
     if value is None:
@@ -60,6 +65,15 @@ def parse_arch(value):
             arch = json.loads(text)
         except ValueError as e:
             raise ToolError(f'--arch: invalid JSON arch dict ({e})')
+        if not isinstance(arch, dict):
+            raise ToolError('--arch: expected a JSON object (arch dict), got '
+                            f'{type(arch).__name__}')
+        blocks = arch.get('num_blocks')
+        if not (isinstance(blocks, list) and blocks and all(
+                isinstance(n, int) and not isinstance(n, bool) and
+                1 <= n <= MAX_STAGE_BLOCKS for n in blocks)):
+            raise ToolError('--arch: num_blocks must be a list of integers in '
+                            f'[1, {MAX_STAGE_BLOCKS}], got {blocks!r}')
         gmap = arch.get('group_layer_map')
         if isinstance(gmap, dict):
             try:

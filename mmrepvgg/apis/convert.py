@@ -17,12 +17,21 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from mmengine.structures import InstanceData
 
-from mmrepvgg.deploy import (atomic_write, count_reparam_blocks,
-                             load_checkpoint, make_deploy_config,
-                             save_checkpoint, switch_to_deploy)
+from mmrepvgg.deploy import (count_reparam_blocks, load_checkpoint,
+                             make_deploy_config, switch_to_deploy)
 from mmrepvgg.deploy.config import drop_pretrained, walk_dicts
+from mmrepvgg.deploy.switch import deepcopy_model
+from mmrepvgg.deploy.verify import (BLOCK_FP64_TOL, NOISE_FACTOR,
+                                    NonFiniteError, blockwise_fp64_error,
+                                    check_finite, describe, judge_fp32,
+                                    relative_error)
 from mmrepvgg.utils.cli import ToolError
+from mmrepvgg.utils.fileio import (atomic_write_group, recover_groups,
+                                   remove_stale_temporaries)
 from mmrepvgg.version import __version__
+
+#: Largest verification input side accepted (--shape).
+MAX_SIDE = 4096
 
 
 class ConvertError(ToolError):
@@ -45,10 +54,33 @@ def extract_state_dict(ckpt, path: str) -> Tuple[Dict[str, torch.Tensor],
         sd = ckpt
     if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ConvertError(f'{path}: no state_dict of tensors found (keys: '
-                           f'{_preview(list(ckpt))})')
+                           f'{_preview([str(k) for k in ckpt])})')
+    check_tensors(sd, path)
     if all(k.startswith('module.') for k in sd):
         sd = OrderedDict((k[len('module.'):], v) for k, v in sd.items())
     return sd, meta
+
+
+def check_tensors(sd: Dict[str, torch.Tensor], path: str) -> None:
+    """Refuse state dicts that cannot hold trained weights: non-string keys,
+    sparse/meta/complex tensors, NaN or Inf values, negative variances.
+
+    Raises:
+        ConvertError / NonFiniteError: naming ``path`` and the first key.
+    """
+    for k, v in sd.items():
+        if not isinstance(k, str):
+            raise ConvertError(f'{path}: state_dict key {k!r} is a '
+                               f'{type(k).__name__}, expected str')
+        if v.layout != torch.strided:
+            raise ConvertError(f'{path}: {k} is a {v.layout} tensor; '
+                               'expected a dense tensor')
+        if v.is_meta:
+            raise ConvertError(f'{path}: {k} is a meta tensor (no data)')
+        if v.is_complex():
+            raise ConvertError(f'{path}: {k} is complex ({v.dtype}); '
+                               'expected real weights')
+    check_finite(sd, path)
 
 
 def read_state_dict(path: str, unsafe_load: bool = False
@@ -170,7 +202,8 @@ def _flatten(prefix: str, obj, out: Dict[str, torch.Tensor]) -> None:
             _flatten(f'{prefix}.{k}', v, out)
 
 
-def _random_proposals(shape, batch, n=64, seed=0, device='cpu'):
+def _random_proposals(shape, batch, n=64, seed=0, device='cpu',
+                      dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     h, w = shape
     results = []
@@ -179,7 +212,8 @@ def _random_proposals(shape, batch, n=64, seed=0, device='cpu'):
         wh = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.5, h * 0.5])
         wh = wh + 8
         boxes = torch.cat([xy, (xy + wh).minimum(torch.tensor([w, h]))], 1)
-        results.append(InstanceData(bboxes=boxes.to(device)))
+        results.append(InstanceData(bboxes=boxes.to(device=device,
+                                                    dtype=dtype)))
     return results
 
 
@@ -203,32 +237,87 @@ def collect_outputs(model: nn.Module, x: torch.Tensor,
     roi_head = getattr(model, 'roi_head', None)
     if roi_head is not None:
         proposals = _random_proposals(x.shape[2:], x.shape[0],
-                                      device=x.device)
+                                      device=x.device, dtype=x.dtype)
         _flatten('roi_head', roi_head.forward(feats, proposals, samples), out)
     return out
 
 
 def compare_outputs(ref: Dict[str, torch.Tensor],
                     new: Dict[str, torch.Tensor]) -> dict:
-    """Max absolute and relative (max|a-b| / max|a|, per tensor) errors."""
+    """Largest absolute and relative (``max|a-b| / max|a|``) differences
+    between two sets of outputs, for checks that expect identical results
+    (a fused model vs a deploy-built twin holding its weights). Anything
+    non-finite counts as an infinite difference, never as a match."""
     if list(ref) != list(new):
-        raise ConvertError('converted model produces different outputs: '
+        raise ConvertError('outputs differ: '
                            f'{_preview(list(ref))} vs {_preview(list(new))}')
-    worst = dict(max_abs=0.0, max_rel=0.0, worst='')
+    worst = dict(max_abs=0.0, max_rel=0.0, worst='', num_outputs=len(ref))
     for k, a in ref.items():
         b = new[k]
         if a.shape != b.shape:
             raise ConvertError(f'output {k} changed shape: {tuple(a.shape)} '
                                f'-> {tuple(b.shape)}')
-        a64, b64 = a.double(), b.double()
-        diff = (a64 - b64).abs().max().item() if a.numel() else 0.0
-        scale = a64.abs().max().item() if a.numel() else 0.0
-        rel = diff / scale if scale > 0 else diff
+        rel = relative_error(a, b)
+        diff = (a.double() - b.double()).abs().max().item() \
+            if a.numel() else 0.0
+        if rel == float('inf') or diff != diff:
+            diff = float('inf')
         worst['max_abs'] = max(worst['max_abs'], diff)
         if rel >= worst['max_rel']:
             worst['max_rel'], worst['worst'] = rel, k
-    worst['num_outputs'] = len(ref)
     return worst
+
+
+def verify_models(model: nn.Module, fused: nn.Module, x: torch.Tensor,
+                  samples: list, factor: float = NOISE_FACTOR,
+                  tolerance: Optional[float] = None,
+                  what: str = 'model') -> dict:
+    """Judge ``fused`` against ``model`` on every backbone/neck/head output.
+
+    The truth is ``model`` evaluated in float64; ``fused`` passes when, on
+    every output, its float32 error against the truth is at most ``factor``
+    times ``model``'s own float32 error (or ``tolerance``, a fixed relative
+    bound, when given), and every block of ``model``, fed its real input and
+    fused in float64, is exact to :data:`BLOCK_FP64_TOL` (which no CPU or
+    chaotic network can blur). See :mod:`mmrepvgg.deploy.verify`.
+
+    Returns:
+        dict: :func:`~mmrepvgg.deploy.verify.judge_fp32`'s verdict.
+
+    Raises:
+        ConvertError: the outputs differ in names or shapes, or ``model``'s
+            own outputs are not finite (``what`` names it).
+    """
+    outs = {}
+    block_err, block_name = blockwise_fp64_error(
+        model, lambda: outs.__setitem__(
+            'ref', collect_outputs(model, x, samples)))
+    ref = outs['ref']
+    new = collect_outputs(fused, x, samples)
+    if list(ref) != list(new):
+        raise ConvertError('converted model produces different outputs: '
+                           f'{_preview(list(ref))} vs {_preview(list(new))}')
+    for k, a in ref.items():
+        if a.shape != new[k].shape:
+            raise ConvertError(f'output {k} changed shape: {tuple(a.shape)} '
+                               f'-> {tuple(new[k].shape)}')
+    if x.dtype != torch.float32:
+        raise ConvertError(f'verification runs in float32, got {x.dtype}')
+    truth = collect_outputs(deepcopy_model(model).double(), x.double(),
+                            samples)
+    try:
+        verdict = judge_fp32(truth, ref, new, factor=factor,
+                             tolerance=tolerance)
+    except NonFiniteError as e:
+        raise ConvertError(f'{what}: the unconverted model itself gives '
+                           f'non-finite outputs ({e})') from None
+    verdict['block_fp64'], verdict['block'] = block_err, block_name
+    if not block_err <= BLOCK_FP64_TOL:
+        verdict['passed'] = False
+        verdict['criterion'] += (
+            f'; AND block {block_name} fused in float64 differs by '
+            f'{block_err:.3g} > {BLOCK_FP64_TOL:g}')
+    return verdict
 
 
 # ------------------------------------------------------------------ summary
@@ -271,8 +360,68 @@ def _tensor_forward(model):
 
 
 # ------------------------------------------------------------------ convert
+def _identity(path: str):
+    """``(st_dev, st_ino)`` of an existing file, else its real path (symlinks
+    of every parent resolved)."""
+    try:
+        st = os.stat(path)
+        return ('inode', st.st_dev, st.st_ino)
+    except OSError:
+        return ('path', osp.realpath(path))
+
+
+def check_output_paths(inputs: Sequence[Tuple[str, str]],
+                       outputs: Sequence[str]) -> None:
+    """Refuse any output that is (by file identity, through symlinks and
+    hard links) one of the inputs or another output, and outputs that exist
+    as folders.
+
+    Args:
+        inputs: ``(path, what)`` of every file read.
+        outputs: every file to be written.
+    """
+    seen = {}
+    for path, what in inputs:
+        if osp.exists(path):
+            seen[_identity(path)] = f'the {what} {path}'
+    for out in outputs:
+        if osp.isdir(out):
+            raise ConvertError(f'{out}: is a folder; expected a file path')
+        ident = _identity(out)
+        if ident in seen:
+            raise ConvertError(f'{out}: refusing to overwrite {seen[ident]}; '
+                               'choose another OUTPUT')
+        seen[ident] = f'output {out} (two outputs would share one file)'
+        # A not-yet-existing output may still be reached by another name.
+        real = ('path', osp.realpath(out))
+        if real != ident and real in seen:
+            raise ConvertError(f'{out}: refusing to overwrite {seen[real]}; '
+                               'choose another OUTPUT')
+        seen[real] = seen[ident]
+
+
+def check_options(shape: Optional[Sequence[int]],
+                  tolerance: Optional[float], factor: float) -> None:
+    """Bounds of the numeric options, named as the command line names them.
+    """
+    if shape is not None:
+        if len(shape) != 2 or not all(
+                isinstance(v, int) and 1 <= v <= MAX_SIDE for v in shape):
+            raise ConvertError(f'--shape must be two integers in [1, '
+                               f'{MAX_SIDE}], got {list(shape)}')
+    if tolerance is not None and not (tolerance >= 0 and
+                                      tolerance < float('inf')):
+        raise ConvertError(f'--tolerance must be a finite number >= 0, '
+                           f'got {tolerance}')
+    if not (factor >= 1 and factor < float('inf')):
+        raise ConvertError(f'--noise-factor must be a finite number >= 1, '
+                           f'got {factor}')
+
+
 def deploy_paths(output: str) -> Tuple[str, str]:
-    """``(checkpoint, config)`` paths written for ``output``."""
+    """``(checkpoint, config)`` paths written for ``output`` (a .pth)."""
+    if not output.endswith('.pth'):
+        raise ConvertError(f'{output}: OUTPUT must end with .pth')
     return output, osp.splitext(output)[0] + '.py'
 
 
@@ -282,29 +431,32 @@ def convert_checkpoint(cfg: Config,
                        output: str,
                        shape: Optional[Tuple[int, int]] = None,
                        device: str = 'cpu',
-                       tolerance: float = 1e-5,
+                       tolerance: Optional[float] = None,
+                       factor: float = NOISE_FACTOR,
                        verify: bool = True,
                        unsafe_load: bool = False,
                        latency_repeats: int = 3) -> dict:
     """Convert one checkpoint; returns a report dict.
 
-    Nothing is written unless every check passed; both files are written
-    atomically.
+    Nothing is written unless every check passed; the checkpoint and its
+    config are written as one all-or-nothing group
+    (:func:`mmrepvgg.utils.fileio.atomic_write_group`).
+
+    Args:
+        tolerance (float, optional): fixed bound on the converted model's
+            relative error against the float64 truth, replacing the
+            float32-noise criterion (``factor``).
+        factor (float): allowed ratio of the converted model's float32
+            error to the original model's own float32 error.
 
     Raises:
         ConvertError: with a one-line message naming the file/key at fault.
     """
     out_ckpt, out_cfg = deploy_paths(output)
-    if osp.abspath(out_ckpt) == osp.abspath(checkpoint) or (
-            osp.exists(out_ckpt) and osp.exists(checkpoint)
-            and osp.samefile(out_ckpt, checkpoint)):
-        raise ConvertError(f'{out_ckpt}: refusing to overwrite the input '
-                           'checkpoint; choose another OUTPUT')
-    if osp.abspath(out_cfg) == osp.abspath(config_path):
-        raise ConvertError(f'{out_cfg}: refusing to overwrite the input '
-                           'config; choose another OUTPUT')
-    if not output.endswith('.pth'):
-        raise ConvertError(f'{output}: OUTPUT must end with .pth')
+    check_output_paths([(checkpoint, 'input checkpoint'),
+                        (config_path, 'input config')],
+                       [out_ckpt, out_cfg])
+    check_options(shape, tolerance, factor)
     sd, meta = read_state_dict(checkpoint, unsafe_load)
     if is_deploy_state_dict(sd):
         raise ConvertError(f'{checkpoint}: already in deploy form '
@@ -330,14 +482,13 @@ def convert_checkpoint(cfg: Config,
     x, samples = make_inputs(shape, device=device)
     report['shape'] = shape
     if verify:
-        errs = compare_outputs(collect_outputs(model, x, samples),
-                               collect_outputs(fused, x, samples))
-        report.update(errs)
-        if not errs['max_rel'] <= tolerance:
+        verdict = verify_models(model, fused, x, samples, factor=factor,
+                                tolerance=tolerance, what=checkpoint)
+        report['verify'] = verdict
+        if not verdict['passed']:
             raise ConvertError(
-                f'{checkpoint}: converted outputs differ by relative error '
-                f'{errs["max_rel"]:.3g} (at {errs["worst"]}) > tolerance '
-                f'{tolerance:g}; nothing written')
+                f'{checkpoint}: conversion check failed: '
+                f'{describe(verdict)}; nothing written')
     if latency_repeats > 0:
         report['latency_before'], report['latency_after'] = measure_latency(
             [model, fused], x, samples, latency_repeats)
@@ -360,13 +511,14 @@ def convert_checkpoint(cfg: Config,
                                 source_checkpoint=osp.abspath(checkpoint),
                                 source_config=osp.abspath(config_path),
                                 blocks_converted=blocks)
-    save_checkpoint(dict(meta=new_meta, state_dict=state), out_ckpt)
-    try:
-        text = deploy_cfg.pretty_text
-        atomic_write(out_cfg, lambda tmp: _write_text(tmp, text))
-    except BaseException:
-        os.remove(out_ckpt)  # never leave half of the pair behind
-        raise
+    text = deploy_cfg.pretty_text
+    out_dir = osp.dirname(osp.abspath(out_ckpt))
+    recover_groups(out_dir)  # finish a pair a killed run left half-renamed
+    remove_stale_temporaries(out_dir)
+    atomic_write_group([
+        (out_ckpt, lambda tmp: torch.save(
+            dict(meta=new_meta, state_dict=state), tmp)),
+        (out_cfg, lambda tmp: _write_text(tmp, text))])
     report['size_before'] = osp.getsize(checkpoint)
     report['size_after'] = osp.getsize(out_ckpt)
     return report

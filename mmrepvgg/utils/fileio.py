@@ -1,33 +1,224 @@
 """Atomic file writes: an output is either the complete new file or the
-previous one, never a partial file."""
+previous one, never a partial file.
+
+Temporary files are written beside their destination (same file system, so
+the final rename is atomic) and named ``.<name>.<host>.<pid>.<random>
+.mmrepvgg-tmp``: a later run can tell a temporary left by a killed process
+(same host, process gone) from one being written right now, and remove only
+the former (:func:`remove_stale_temporaries`).
+
+Several files that belong together (a deploy checkpoint and its config) are
+committed with :func:`atomic_write_group`: every file is first written and
+synced in full; a journal naming the renames is then written atomically, the
+renames are done and the journal removed. A process killed during the renames
+leaves the journal behind, and the next :func:`recover_groups` on that folder
+(every conversion runs it first) completes them, so a reader never sees a new
+file of the group beside an old one once a tool has run again there.
+"""
+import json
 import os
 import os.path as osp
+import socket
 import tempfile
-from typing import Callable
+from typing import Callable, List, Sequence, Tuple
+
+TMP_SUFFIX = '.mmrepvgg-tmp'
+JOURNAL_SUFFIX = '.mmrepvgg-journal'
+
+Writer = Callable[[str], None]
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename ``tmp_path`` to ``path``.
+def _host() -> str:
+    return socket.gethostname().replace('.', '_') or 'host'
 
-    The temporary file lives in the destination folder (same file system, so
-    the rename is atomic); on any error it is removed, so ``path`` is either
-    the complete new file or untouched.
-    """
+
+def _tmp_prefix(path: str) -> str:
+    return f'.{osp.basename(path)}.{_host()}.{os.getpid()}.'
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, 'rb') as f:
+        os.fsync(f.fileno())
+
+
+def _default_mode(path: str) -> None:
+    # mkstemp creates 0600; give the file the usual 0666 minus umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _write_temp(path: str, write: Writer) -> str:
+    """Write ``path``'s content to a synced temporary beside it; returns the
+    temporary's path (removed again on any error)."""
     directory = osp.dirname(osp.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.',
-                               suffix='.tmp', dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=TMP_SUFFIX,
+                               dir=directory)
     os.close(fd)
     try:
         write(tmp)
-        with open(tmp, 'rb') as f:
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the usual 0666 minus umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        _fsync_file(tmp)
+        _default_mode(tmp)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return tmp
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def atomic_write(path: str, write: Writer) -> None:
+    """Call ``write(tmp_path)`` then rename ``tmp_path`` to ``path``.
+
+    The temporary file lives in the destination folder (same file system, so
+    the rename is atomic) and is synced before the rename; on any error it is
+    removed, so ``path`` is either the complete new file or untouched.
+    """
+    tmp = _write_temp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
         raise
+    _fsync_dir(osp.dirname(osp.abspath(path)))
+
+
+def atomic_write_group(items: Sequence[Tuple[str, Writer]]) -> None:
+    """Write several files as one all-or-nothing group.
+
+    Every ``write(tmp)`` runs first; if any fails (or is interrupted) all
+    temporaries are removed and no destination is touched. Otherwise the
+    renames are recorded in a journal beside the first file, done, and the
+    journal removed; see the module docstring for the recovery after a kill.
+
+    Args:
+        items: ``(path, write)`` pairs; all paths must be in one folder.
+    """
+    paths = [osp.abspath(p) for p, _ in items]
+    directory = osp.dirname(paths[0])
+    if any(osp.dirname(p) != directory for p in paths):
+        raise ValueError('atomic_write_group: all files must share a folder')
+    temps: List[str] = []
+    try:
+        for path, write in items:
+            temps.append(_write_temp(path, write))
+    except BaseException:
+        for t in temps:
+            _remove_quietly(t)
+        raise
+    renames = [[osp.basename(t), osp.basename(p)]
+               for t, p in zip(temps, paths)]
+    journal = osp.join(directory,
+                       f'.{osp.basename(paths[0])}{JOURNAL_SUFFIX}')
+    try:
+        atomic_write(journal, lambda tmp: _write_json(tmp, renames))
+    except BaseException:
+        for t in temps:
+            _remove_quietly(t)
+        raise
+    _apply_journal(journal)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, 'w', encoding='utf-8') as f:
+        json.dump(obj, f)
+
+
+def _apply_journal(journal: str) -> List[str]:
+    """Complete the renames of ``journal`` (idempotent); returns the
+    destinations it renamed."""
+    directory = osp.dirname(journal)
+    with open(journal, encoding='utf-8') as f:
+        renames = json.load(f)
+    done = []
+    for tmp, dest in renames:
+        src = osp.join(directory, osp.basename(tmp))
+        if osp.exists(src):
+            os.replace(src, osp.join(directory, osp.basename(dest)))
+            done.append(dest)
+    _fsync_dir(directory)
+    os.remove(journal)
+    _fsync_dir(directory)
+    return done
+
+
+def recover_groups(directory: str) -> List[str]:
+    """Complete every group write interrupted in ``directory``.
+
+    Returns:
+        list[str]: destination names completed (empty if nothing was left).
+    """
+    done: List[str] = []
+    if not osp.isdir(directory):
+        return done
+    for name in sorted(os.listdir(directory)):
+        if name.startswith('.') and name.endswith(JOURNAL_SUFFIX):
+            path = osp.join(directory, name)
+            try:
+                done.extend(_apply_journal(path))
+            except (OSError, ValueError, TypeError):
+                # An unreadable journal was never completed by its writer
+                # (it is written atomically): the group was not committed.
+                _remove_quietly(path)
+    return done
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str) -> List[str]:
+    """Remove temporaries left in ``directory`` by killed processes.
+
+    Only files named by this module, written on this host by a process that
+    no longer exists, are removed; temporaries of live processes or other
+    hosts are left alone.
+
+    Returns:
+        list[str]: the names removed.
+    """
+    removed: List[str] = []
+    if not osp.isdir(directory):
+        return removed
+    host = _host()
+    for name in os.listdir(directory):
+        if not (name.startswith('.') and name.endswith(TMP_SUFFIX)):
+            continue
+        parts = name[:-len(TMP_SUFFIX)].split('.')
+        # '' . <basename parts...> . host . pid . random
+        if len(parts) < 5 or parts[-3] != host or not parts[-2].isdigit():
+            continue
+        pid = int(parts[-2])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            os.remove(osp.join(directory, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed

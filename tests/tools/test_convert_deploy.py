@@ -37,7 +37,8 @@ def test_convert_writes_checkpoint_and_deploy_config(ckpt, tmp_path, capsys):
     assert _files(out.parent) == ['model.pth', 'model.py']
     assert ckpt.read_bytes() == before  # input untouched
     for line in ('blocks converted : 10', 'parameters', 'conv layers',
-                 'file size', 'max rel err', 'forward latency'):
+                 'file size', 'vs float64 truth', 'original float32 err',
+                 'ratio', 'forward latency'):
         assert line in stdout, line
     sd = torch.load(out, weights_only=True)['state_dict']
     assert not any('branch_' in k for k in sd)
@@ -76,9 +77,21 @@ def _malicious(path, marker):
     torch.save({'state_dict': {'w': torch.zeros(1)}, 'meta': Evil()}, path)
 
 
+def _tampered(ckpt, path, key_part, fn):
+    obj = torch.load(ckpt, weights_only=False)  # our own test file
+    key = next(k for k in obj['state_dict'] if key_part in k)
+    obj['state_dict'][key] = fn(obj['state_dict'][key])
+    torch.save(obj, path)
+    return key
+
+
 BAD_CASES = ['missing', 'not_a_checkpoint', 'truncated', 'mismatch',
              'no_repvgg', 'already_deployed', 'missing_config', 'same_path',
-             'malicious', 'tolerance', 'not_pth']
+             'malicious', 'tolerance', 'not_pth', 'nan_weight', 'inf_bias',
+             'nan_running_mean', 'negative_var', 'complex_weight',
+             'input_named_like_config', 'output_through_symlink',
+             'out_py_is_folder', 'huge_shape', 'negative_tolerance',
+             'nan_tolerance', 'both_criteria']
 
 
 @pytest.mark.parametrize('case', BAD_CASES)
@@ -125,9 +138,63 @@ def test_bad_inputs_exit_1_with_one_line_and_no_output(case, ckpt, tmp_path,
         expect = 'system'
     elif case == 'tolerance':
         extra = extra + ['--tolerance', '1e-15']
-        expect = '> tolerance'
+        expect = 'criterion: error <= tolerance 1e-15'
     elif case == 'not_pth':
         out, expect = out_dir / 'model.ckpt', 'must end with .pth'
+    elif case in ('nan_weight', 'inf_bias', 'nan_running_mean',
+                  'negative_var', 'complex_weight'):
+        part, fn, expect = {
+            'nan_weight': ('branch_3x3.conv.weight',
+                           lambda t: t.index_fill(0, torch.tensor([0]),
+                                                  float('nan')),
+                           'non-finite'),
+            'inf_bias': ('bbox_head.retina_cls.bias',
+                         lambda t: t.index_fill(0, torch.tensor([1]),
+                                                float('inf')), 'non-finite'),
+            'nan_running_mean': ('running_mean',
+                                 lambda t: t.index_fill(
+                                     0, torch.tensor([0]), float('nan')),
+                                 'non-finite'),
+            'negative_var': ('running_var', lambda t: -t,
+                             'negative variance'),
+            'complex_weight': ('branch_1x1.conv.weight',
+                               lambda t: t.to(torch.complex64), 'complex'),
+        }[case]
+        src = tmp_path / f'{case}.pth'
+        key = _tampered(ckpt, src, part, fn)
+        expect = f'{key} '
+    elif case == 'input_named_like_config':
+        # the checkpoint is model.py: its deploy config would be model.py
+        src = out_dir / 'model.py'
+        out_dir.mkdir()
+        shutil.copy(ckpt, src)
+        expect = 'refusing to overwrite the input checkpoint'
+    elif case == 'output_through_symlink':
+        # OUT.py reached through a symlinked folder is the input config
+        cfg_dir = tmp_path / 'cfgs'
+        cfg_dir.mkdir()
+        config = cfg_dir / 'toy.py'
+        config.write_text(f"_base_ = {TOY_CONFIG!r}\n")
+        os.symlink(cfg_dir, tmp_path / 'link')
+        out_dir = tmp_path / 'link'
+        out = out_dir / 'toy.pth'
+        expect = 'refusing to overwrite the input config'
+    elif case == 'out_py_is_folder':
+        out_dir.mkdir()
+        (out_dir / 'model.py').mkdir()
+        expect = 'is a folder'
+    elif case == 'huge_shape':
+        extra = ['--repeats', '0', '--shape', '8000', '8000']
+        expect = '--shape must be two integers in [1, 4096]'
+    elif case == 'negative_tolerance':
+        extra = extra + ['--tolerance', '-1']
+        expect = '--tolerance must be a finite number >= 0'
+    elif case == 'nan_tolerance':
+        extra = extra + ['--tolerance', 'nan']
+        expect = '--tolerance must be a finite number >= 0'
+    elif case == 'both_criteria':
+        extra = extra + ['--tolerance', '1e-3', '--noise-factor', '3']
+        expect = 'exclude each other'
     before = _files(out_dir)
     code, stdout, err = _run([config, src, out] + extra, capsys)
     assert code == 1, (stdout, err)
@@ -143,3 +210,84 @@ def test_bad_inputs_exit_1_with_one_line_and_no_output(case, ckpt, tmp_path,
         assert str(src) in lines[0]
     if case in ('missing', 'not_a_checkpoint', 'truncated'):
         assert str(src) in lines[0]
+
+
+def test_glob_with_colliding_basenames_writes_nothing(ckpt, tmp_path, capsys):
+    other = tmp_path / 'in2' / 'epoch_1.pth'
+    other.parent.mkdir()
+    shutil.copy(ckpt, other)
+    out = tmp_path / 'out'
+    out.mkdir()
+    code, _, err = _run([TOY_CONFIG, str(tmp_path / 'in*' / 'epoch_1.pth'),
+                         out, '--repeats', '0'], capsys)
+    assert code == 1
+    assert 'two outputs would share one file' in err, err
+    assert _files(out) == []
+
+
+def test_folder_into_itself_refuses_to_overwrite_inputs(ckpt, capsys):
+    # epoch_1_deploy.pth exists as an input: converting the folder into
+    # itself would overwrite it with epoch_1's conversion.
+    shutil.copy(ckpt, ckpt.parent / 'epoch_1_deploy.pth')
+    before = _files(ckpt.parent)
+    code, _, err = _run([TOY_CONFIG, ckpt.parent, ckpt.parent,
+                         '--repeats', '0'], capsys)
+    assert code == 1 and 'refusing to overwrite the input' in err, err
+    assert _files(ckpt.parent) == before
+
+
+def test_folder_converts_good_ones_and_summarizes_bad(ckpt, tmp_path,
+                                                      capsys):
+    (ckpt.parent / 'epoch_0.pth').write_bytes(b'garbage')
+    shutil.copy(ckpt, ckpt.parent / 'epoch_2.pth')
+    out = tmp_path / 'many'
+    out.mkdir()
+    code, stdout, err = _run([TOY_CONFIG, ckpt.parent, out, '--repeats', '0',
+                              '--shape', '64', '64'], capsys)
+    assert code == 1
+    lines = [ln for ln in err.splitlines() if ln.startswith('error: ')]
+    assert len(lines) == 2, err
+    assert 'epoch_0.pth' in lines[0]
+    assert 'converted 2 of 3 checkpoints; failed: ' in lines[1]
+    assert _files(out) == ['epoch_1_deploy.pth', 'epoch_1_deploy.py',
+                           'epoch_2_deploy.pth', 'epoch_2_deploy.py']
+
+
+def test_failed_pair_keeps_previous_good_output(ckpt, tmp_path, capsys,
+                                                monkeypatch):
+    out = tmp_path / 'out' / 'model.pth'
+    args = [TOY_CONFIG, ckpt, out, '--repeats', '0', '--shape', '64', '64']
+    assert _run(args, capsys)[0] == 0
+    old = out.read_bytes(), out.with_suffix('.py').read_bytes()
+    # Writing the config fails after the checkpoint was written: the pair
+    # on disk stays the previous one, with no temporary left.
+    from mmrepvgg.apis import convert as convert_api
+
+    def broken(path, text):
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(convert_api, '_write_text', broken)
+    code, _, err = _run(args, capsys)
+    assert code == 1 and 'No space left' in err, err
+    assert (out.read_bytes(), out.with_suffix('.py').read_bytes()) == old
+    assert _files(out.parent) == ['model.pth', 'model.py']
+
+
+def test_conversion_message_gives_both_numbers(ckpt, tmp_path, capsys,
+                                               monkeypatch):
+    """A wrong fusion is refused with the conversion's error and the
+    network's own float32 error in the message."""
+    from mmrepvgg import RepVGGBlock
+    original = RepVGGBlock._kernel_bias_f64
+
+    def off_by_shift(self):
+        k, b = original(self)
+        return k, b + 0.5
+    monkeypatch.setattr(RepVGGBlock, '_kernel_bias_f64', off_by_shift)
+    out = tmp_path / 'out' / 'model.pth'
+    code, _, err = _run([TOY_CONFIG, ckpt, out, '--repeats', '0', '--shape',
+                         '64', '64'], capsys)
+    assert code == 1
+    assert 'conversion check failed: converted model error vs float64 ' \
+        'truth' in err and "original model's own float32 error" in err, err
+    assert not out.parent.exists() or _files(out.parent) == []
