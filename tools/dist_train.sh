@@ -19,8 +19,12 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 HERE="$(cd "$(dirname "$0")" && pwd)"
 PYTHON=${PYTHON:-python}
 
+# torchrun through mmrepvgg/utils/dist.py:torchrun_main: the same launcher, but
+# a failed worker (which already printed its one "error: ..." line) ends the
+# script with the worker's exit code instead of torchrun's traceback.
 PYTHONPATH="$HERE/..:${PYTHONPATH:-}" \
-exec "$PYTHON" -m torch.distributed.run \
+exec "$PYTHON" -c 'import runpy, sys; runpy.run_path(sys.argv.pop(1))["torchrun_main"]()' \
+  "$HERE/../mmrepvgg/utils/dist.py" \
   --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
   --nproc_per_node="$GPUS" --master_port="$PORT" \
   "$HERE/train.py" "$CONFIG" --launcher pytorch "$@"

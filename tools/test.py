@@ -1,25 +1,30 @@
 #!/usr/bin/env python
 """Test (and evaluate) a detector, mmrepvgg registered.
 
-Same arguments as mmdet's tools/test.py, plus ``--deploy``: switch every
-RepVGG block of the loaded model to its fused form before testing.
+Same arguments as mmdet's tools/test.py, plus:
+
+- ``--deploy``: switch every RepVGG block of the loaded model to its fused
+  form before testing;
+- the checkpoint is read safely and must match the config's model exactly
+  (keys and shapes), else the tool exits 1 with one ``error: ...`` line
+  saying what is wrong (a deploy checkpoint with a training config, a
+  training checkpoint with a deploy config, missing/unexpected keys);
+  ``--non-strict`` restores mmengine's lenient loading.
 """
-import argparse
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-import mmrepvgg  # noqa: E402,F401
-from mmengine.config import ConfigDict  # noqa: E402
-
-from mmrepvgg.apis.runner import (add_runner_args,  # noqa: E402
-                                  load_runner_config, parse_runner_args,
-                                  run_runner)
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
+    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
+                                          'quiet.py'))['enter_tool']()
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Test (and eval) a model')
+    from mmrepvgg.apis.runner import add_runner_args, parse_runner_args
+    from mmrepvgg.utils.cli import ToolArgumentParser
+    parser = ToolArgumentParser(description='Test (and eval) a model')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--out', type=str,
@@ -36,15 +41,21 @@ def parse_args(argv=None):
     parser.add_argument('--deploy', action='store_true',
                         help='switch the model to the fused deploy form '
                         'after loading the checkpoint')
+    parser.add_argument(
+        '--non-strict', action='store_true',
+        help='load a checkpoint that does not match the model (missing or '
+        'unexpected keys only logged, as mmengine does): results are then '
+        'meaningless unless you know why the keys differ')
     add_runner_args(parser)
     return parse_runner_args(parser, argv)
 
 
 def _add_visualization(cfg, args):
+    from mmrepvgg.utils.cli import ToolError
     hooks = cfg.default_hooks
     if 'visualization' not in hooks:
-        raise SystemExit('error: --show/--show-dir need a "visualization" '
-                         'hook in default_hooks')
+        raise ToolError('--show/--show-dir need a "visualization" hook in '
+                        'default_hooks')
     hooks.visualization.draw = True
     if args.show:
         hooks.visualization.show = True
@@ -54,14 +65,26 @@ def _add_visualization(cfg, args):
 
 
 def build_cfg(args):
+    """The runner config for ``args``, after checking the checkpoint against
+    the config's model; raises ToolError on bad input."""
+    import mmrepvgg  # noqa: F401  (registers RepVGG modules and hooks)
+    from mmengine.config import ConfigDict
+
+    from mmrepvgg.apis.runner import check_test_checkpoint, load_runner_config
+    from mmrepvgg.utils.cli import ToolError
+    if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
+        raise ToolError(f'--out {args.out}: must be a .pkl or .pickle file')
     cfg = load_runner_config(args, [(args.checkpoint, 'checkpoint')])
+    check_test_checkpoint(cfg, args.checkpoint, args.config,
+                          unsafe_load=args.unsafe_load,
+                          strict=not args.non_strict)
     cfg.load_from = args.checkpoint
     if args.show or args.show_dir:
         _add_visualization(cfg, args)
     if args.tta:
         if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
-            raise SystemExit('error: --tta needs tta_model and tta_pipeline '
-                             'in the config')
+            raise ToolError('--tta needs tta_model and tta_pipeline in the '
+                            'config')
         cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
         test_data_cfg = cfg.test_dataloader.dataset
         while 'dataset' in test_data_cfg:
@@ -75,8 +98,6 @@ def build_cfg(args):
             hooks.append(dict(type='SwitchToDeployHook'))
         cfg.custom_hooks = hooks
     if args.out is not None:
-        if not args.out.endswith(('.pkl', '.pickle')):
-            raise SystemExit('error: --out must be a .pkl or .pickle file')
         cfg.test_evaluator = _with_dump(cfg.test_evaluator, args.out)
     return cfg
 
@@ -88,10 +109,12 @@ def _with_dump(evaluator, out):
     return [evaluator, dump]
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = parse_args(argv)
-    run_runner(build_cfg(args), args, 'test')
+    from mmrepvgg.apis.runner import run_runner, run_tool
+    return run_tool(lambda: run_runner(build_cfg(args), args, 'test'), args,
+                    interrupted='interrupted')
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -1,22 +1,30 @@
 #!/usr/bin/env python
 """Train a detector with mmdet's runner, mmrepvgg registered.
 
-Same arguments and behaviour as mmdet's tools/train.py.
+Same arguments and behaviour as mmdet's tools/train.py, plus:
+
+- checkpoints are saved atomically: every plain ``CheckpointHook`` of the
+  config runs as ``AtomicCheckpointHook`` (a kill at any moment leaves the
+  previous checkpoints and ``last_checkpoint`` intact);
+- ``--resume`` alone continues from the newest checkpoint of the work dir
+  that is complete and loads, skipping (with a warning) unreadable ones;
+- bad input (config, ``--cfg-options``, ``--resume`` file, ``load_from``)
+  exits 1 with one ``error: ...`` line before anything is written.
 """
-import argparse
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-import mmrepvgg  # noqa: E402,F401  (registers RepVGG modules, safe globals)
-from mmrepvgg.apis.runner import (add_runner_args,  # noqa: E402
-                                  load_runner_config, parse_runner_args,
-                                  run_runner)
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
+    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
+                                          'quiet.py'))['enter_tool']()
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Train a detector')
+    from mmrepvgg.apis.runner import add_runner_args, parse_runner_args
+    from mmrepvgg.utils.cli import ToolArgumentParser
+    parser = ToolArgumentParser(description='Train a detector')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--amp', action='store_true', default=False,
                         help='enable automatic-mixed-precision training')
@@ -24,35 +32,45 @@ def parse_args(argv=None):
                         help='scale the learning rate with the batch size')
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
-        help='resume from this checkpoint, or from the latest checkpoint in '
-        'the work dir when no path is given')
+        help='resume from this checkpoint, or, without a path, from the '
+        'newest complete and readable checkpoint of the work dir '
+        '(last_checkpoint, epoch_*.pth, iter_*.pth; unreadable ones are '
+        'skipped with a warning)')
     add_runner_args(parser)
     return parse_runner_args(parser, argv)
 
 
 def build_cfg(args):
+    """The runner config for ``args``; raises ToolError on bad input."""
+    import mmrepvgg  # noqa: F401  (registers RepVGG modules and hooks)
+    from mmrepvgg.apis.runner import (check_load_from, load_runner_config,
+                                      resolve_resume, use_atomic_checkpoints)
+    from mmrepvgg.utils.cli import ToolError
     cfg = load_runner_config(args)
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
     if args.auto_scale_lr:
         if not cfg.get('auto_scale_lr', {}).get('base_batch_size'):
-            raise SystemExit('error: --auto-scale-lr needs auto_scale_lr.'
-                             'base_batch_size in the config')
+            raise ToolError('--auto-scale-lr needs auto_scale_lr.'
+                            'base_batch_size in the config')
         cfg.auto_scale_lr.enable = True
-    if args.resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
-    elif args.resume is not None:
-        cfg.resume = True
-        cfg.load_from = args.resume
+    use_atomic_checkpoints(cfg)
+    if args.resume is None:
+        check_load_from(cfg)
+    else:
+        resolve_resume(cfg, args.resume, unsafe_load=args.unsafe_load)
     return cfg
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = parse_args(argv)
-    run_runner(build_cfg(args), args, 'train')
+    from mmrepvgg.apis.runner import run_runner, run_tool
+    return run_tool(
+        lambda: run_runner(build_cfg(args), args, 'train'), args,
+        interrupted='interrupted; the checkpoints saved so far are complete '
+        '(continue with --resume)')
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

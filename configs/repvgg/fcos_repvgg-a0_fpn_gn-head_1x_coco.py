@@ -20,3 +20,7 @@ model = dict(
         init_cfg=dict(
             type='Pretrained', checkpoint='checkpoints/repvgg-a0_in1k.pth')),
     neck=dict(in_channels=[96, 192, 1280], start_level=0))
+
+# Checkpoints are written atomically (temporary file, fsync, rename; old ones
+# removed only after the new one is complete): see mmrepvgg.engine.
+default_hooks = dict(checkpoint=dict(type='AtomicCheckpointHook'))

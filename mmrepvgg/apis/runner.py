@@ -1,22 +1,34 @@
 """What tools/train.py and tools/test.py share: runner arguments, config
-loading and launching mmengine's runner."""
+loading, the checks done before mmengine's runner starts, and launching it.
+
+Everything that can be refused is checked before the runner is built (so a
+refused run leaves no work dir behind) and raised as a
+:class:`~mmrepvgg.utils.cli.ToolError`, printed by
+:func:`~mmrepvgg.utils.cli.run_cli` as one ``error: ...`` line (by rank 0
+only under ``torchrun``).
+"""
 import argparse
+import contextlib
 import os
 import os.path as osp
+import sys
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 
 from mmrepvgg.utils import allow_cpu_distributed, cpu_model_wrapper_cfg
-from mmrepvgg.utils.cli import add_cli_args
+from mmrepvgg.utils.cli import (CfgOptionsAction, ToolError, add_cli_args,
+                                error_message, merge_cfg_options, run_cli)
 
 
 def add_runner_args(parser: argparse.ArgumentParser) -> None:
-    """Arguments common to mmdet's train and test tools."""
+    """Arguments common to mmdet's train and test tools (plus
+    ``--unsafe-load`` and ``--debug``)."""
     parser.add_argument('--work-dir',
                         help='the dir to save logs, models and metrics')
-    add_cli_args(parser, debug=False)
+    add_cli_args(parser)
     parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
+        '--cfg-options', nargs='+', action=CfgOptionsAction,
         help='override settings in the config, key=value (see mmdet)')
     parser.add_argument('--launcher',
                         choices=['none', 'pytorch', 'slurm', 'mpi'],
@@ -24,25 +36,53 @@ def add_runner_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
-def parse_runner_args(parser: argparse.ArgumentParser, argv=None):
+def parse_runner_args(parser: argparse.ArgumentParser,
+                      argv: Optional[Sequence[str]] = None
+                      ) -> argparse.Namespace:
+    """Parse ``argv``; sets ``LOCAL_RANK`` for mmengine if unset."""
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
 
 
-def load_runner_config(args, files=()) -> Config:
+def is_rank_zero() -> bool:
+    """Rank 0 of a distributed launch, or a single process."""
+    return os.environ.get('RANK', '0') in ('0', '')
+
+
+def warn(message: str) -> None:
+    """Print ``warning: <message>`` on stderr, from rank 0 only."""
+    if is_rank_zero():
+        print(f'warning: {message}', file=sys.stderr, flush=True)
+
+
+def load_runner_config(args: argparse.Namespace,
+                       files: Iterable[Tuple[str, str]] = ()) -> Config:
     """Load ``args.config`` with launcher, ``--cfg-options`` and work dir.
 
-    ``files``: extra ``(path, what)`` pairs that must exist.
+    Args:
+        args: parsed arguments (``config``, ``cfg_options``, ``launcher``,
+            ``work_dir``).
+        files: extra ``(path, what)`` pairs that must exist.
+
+    Raises:
+        ToolError: a missing file, a config that cannot be loaded (syntax
+            error, missing ``_base_``, failing ``custom_imports``), or a
+            ``--cfg-options`` key that cannot be set.
     """
     for path, what in ((args.config, 'config'), ) + tuple(files):
         if not osp.isfile(path):
-            raise SystemExit(f'error: {what} file {path} does not exist')
-    cfg = Config.fromfile(args.config)
+            raise ToolError(f'{what} file {path} does not exist')
+    try:
+        cfg = Config.fromfile(args.config)
+    except Exception as e:  # syntax errors, missing _base_, bad imports
+        raise ToolError(f'{args.config}: cannot load config '
+                        f'({error_message(e)})') from None
+    if 'model' not in cfg:
+        raise ToolError(f'{args.config}: config has no "model"')
     cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+    merge_cfg_options(cfg, args.cfg_options)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:
@@ -51,12 +91,177 @@ def load_runner_config(args, files=()) -> Config:
     return cfg
 
 
-def run_runner(cfg: Config, args, method: str):
+# ------------------------------------------------------------------ training
+def use_atomic_checkpoints(cfg: Config) -> int:
+    """Replace every plain ``CheckpointHook`` of ``cfg`` (default hook or
+    custom hook) by :class:`~mmrepvgg.engine.AtomicCheckpointHook`, with the
+    same arguments. Subclasses and other hooks are left alone.
+
+    Returns:
+        int: how many hooks were replaced.
+    """
+    from mmengine.hooks import CheckpointHook
+    hooks = [cfg.get('default_hooks', {}).get('checkpoint')]
+    hooks += list(cfg.get('custom_hooks', None) or [])
+    n = 0
+    for hook in hooks:
+        if isinstance(hook, dict) and hook.get('type') in (
+                'CheckpointHook', 'mmengine.CheckpointHook', CheckpointHook):
+            hook['type'] = 'AtomicCheckpointHook'
+            n += 1
+    return n
+
+
+def resolve_resume(cfg: Config, resume: Optional[str],
+                   unsafe_load: bool = False) -> Optional[str]:
+    """Set ``cfg.resume``/``cfg.load_from`` for ``--resume [CKPT]``.
+
+    ``resume='auto'`` (``--resume`` alone) picks the newest checkpoint of
+    the work dir that is complete and loads
+    (:func:`~mmrepvgg.engine.find_resume_checkpoint`), warning about every
+    one skipped; without any, training starts from scratch, with a warning.
+    An explicit ``CKPT`` must exist and load, or :class:`ToolError`.
+
+    Returns:
+        str | None: the checkpoint training resumes from.
+    """
+    from mmrepvgg.deploy.checkpoint import CheckpointError
+    from mmrepvgg.engine import check_checkpoint, find_resume_checkpoint
+    if resume is None:
+        return None
+    if resume == 'auto':
+        ckpt = find_resume_checkpoint(cfg.work_dir, unsafe_load=unsafe_load,
+                                      warn=warn)
+        if ckpt is None:
+            warn(f'--resume: no readable checkpoint in {cfg.work_dir}; '
+                 'training starts from scratch')
+            cfg.resume = False
+            cfg.load_from = None
+            return None
+    else:
+        ckpt = resume
+        try:
+            check_checkpoint(ckpt, unsafe_load=unsafe_load)
+        except CheckpointError as e:
+            raise ToolError(f'--resume: {e}') from None
+    cfg.resume = True
+    cfg.load_from = ckpt
+    if is_rank_zero():
+        print(f'resuming from {ckpt}', flush=True)
+    return ckpt
+
+
+def check_load_from(cfg: Config) -> None:
+    """A local ``load_from`` (fine-tuning) must exist: refuse it up front
+    rather than with the runner's traceback."""
+    path = cfg.get('load_from', None)
+    if path and '://' not in str(path) and not osp.isfile(path):
+        raise ToolError(f'load_from: {path}: no such checkpoint file')
+
+
+# ------------------------------------------------------------------- testing
+def _preview(keys: Sequence[str], n: int = 5) -> str:
+    keys = list(keys)
+    more = f' ... (+{len(keys) - n} more)' if len(keys) > n else ''
+    return ', '.join(keys[:n]) + more
+
+
+def _has(keys: Iterable[str], part: str) -> bool:
+    return any(part in k for k in keys)
+
+
+def check_test_checkpoint(cfg: Config,
+                          checkpoint: str,
+                          config: str,
+                          unsafe_load: bool = False,
+                          strict: bool = True) -> Dict[str, object]:
+    """Refuse a checkpoint that does not fit the config's model.
+
+    The file is read safely (:func:`mmrepvgg.apis.convert.read_state_dict`:
+    missing, empty, truncated, random or malicious files are refused); with
+    ``strict``, its keys and shapes must equal those of the model built from
+    ``cfg``, else :class:`ToolError` explains the mismatch: a deploy
+    checkpoint (``conv_reparam``) given with a training config, a training
+    checkpoint given with a deploy config, or the missing/unexpected keys.
+
+    Args:
+        cfg (Config): the test config (before any TTA wrapping).
+        checkpoint (str): checkpoint file.
+        config (str): the config's path, for messages.
+        unsafe_load (bool): unpickle with ``weights_only=False``.
+        strict (bool): compare keys and shapes with the model.
+
+    Returns:
+        dict: ``{'keys': number of tensors, 'deploy': bool}``.
+    """
+    from mmrepvgg.apis.convert import build_model, read_state_dict
+    sd, _ = read_state_dict(checkpoint, unsafe_load=unsafe_load)
+    info = dict(keys=len(sd), deploy=_has(sd, '.conv_reparam.'))
+    if not strict:
+        return info
+    try:
+        own = build_model(cfg).state_dict()
+    except Exception as e:
+        raise ToolError(f'{config}: cannot build the model '
+                        f'({error_message(e)})') from None
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [k for k in own if k in sd and tuple(own[k].shape) != tuple(
+        getattr(sd[k], 'shape', ()))]
+    if not (missing or unexpected or shape):
+        return info
+
+    ckpt_deploy = _has(unexpected, '.conv_reparam.')
+    ckpt_training = _has(unexpected, '.branch_3x3.')
+    model_training = _has(missing, '.branch_3x3.')
+    model_deploy = _has(missing, '.conv_reparam.')
+    if ckpt_deploy and model_training:
+        twin = osp.splitext(checkpoint)[0] + '.py'
+        where = (f'{twin}, written next to it by convert_deploy.py'
+                 if osp.isfile(twin) else
+                 'the .py convert_deploy.py wrote next to it, or the '
+                 "config's deploy twin (configs/repvgg/deploy/)")
+        raise ToolError(
+            f'{checkpoint}: this is a deploy checkpoint (fused conv_reparam '
+            f'weights) but {config} builds the multi-branch training model: '
+            f'use its deploy config ({where}); --deploy cannot help, it '
+            'fuses after loading')
+    if ckpt_training and model_deploy:
+        raise ToolError(
+            f'{checkpoint}: this is a training checkpoint (multi-branch '
+            f'weights) but {config} builds the fused deploy model: use the '
+            'training config (add --deploy to fuse after loading), or '
+            'convert it with tools/convert_deploy.py')
+    parts = []
+    if missing:
+        parts.append(f'missing keys: {_preview(missing)}')
+    if unexpected:
+        parts.append(f'unexpected keys: {_preview(unexpected)}')
+    if shape:
+        parts.append('shape mismatch: ' + _preview(
+            [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}'
+             for k in shape]))
+    raise ToolError(f'{checkpoint} does not match config {config}: ' +
+                    '; '.join(parts) + ' (--non-strict loads it anyway)')
+
+
+# ------------------------------------------------------------------- running
+def safe_loading():
+    """The scope in which the runner may load mmengine checkpoints with
+    ``weights_only=True``: :func:`mmrepvgg.deploy.checkpoint.safe_loading`
+    where it exists (the allowlist is then only active inside), else
+    nothing (``import mmrepvgg`` registered it process-wide)."""
+    from mmrepvgg.deploy import checkpoint
+    scope = getattr(checkpoint, 'safe_loading', None)
+    return scope() if scope is not None else contextlib.nullcontext()
+
+
+def run_runner(cfg: Config, args: argparse.Namespace, method: str):
     """Build mmengine's runner from ``cfg`` and call ``runner.<method>()``.
 
     ``--unsafe-load`` lifts ``weights_only`` for every load of this process;
     distributed runs on a CPU-only torch get the shims of
-    :mod:`mmrepvgg.utils.dist`.
+    :mod:`mmrepvgg.utils.dist`. The run is wrapped in :func:`safe_loading`.
     """
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -67,4 +272,18 @@ def run_runner(cfg: Config, args, method: str):
         cpu_model_wrapper_cfg(cfg)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg \
         else RUNNERS.build(cfg)
-    return getattr(runner, method)()
+    with safe_loading():
+        return getattr(runner, method)()
+
+
+def run_tool(body, args: argparse.Namespace, interrupted: str) -> int:
+    """:func:`~mmrepvgg.utils.cli.run_cli` for train.py/test.py: ``body()``
+    returns nothing; exit 0, or one ``error:`` line and 1 (130 on Ctrl-C).
+    """
+
+    def wrapped() -> int:
+        body()
+        return 0
+
+    return run_cli(wrapped, debug=getattr(args, 'debug', False),
+                   interrupted=interrupted)

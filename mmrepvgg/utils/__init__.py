@@ -1,6 +1,9 @@
-from .cli import ToolError, run_cli
+from .cli import (CfgOptionsAction, ToolArgumentParser, ToolError,
+                  merge_cfg_options, run_cli)
 from .dist import allow_cpu_distributed, cpu_model_wrapper_cfg
 
 __all__ = [
-    'ToolError', 'run_cli', 'allow_cpu_distributed', 'cpu_model_wrapper_cfg'
+    'CfgOptionsAction', 'ToolArgumentParser', 'ToolError',
+    'merge_cfg_options', 'run_cli', 'allow_cpu_distributed',
+    'cpu_model_wrapper_cfg'
 ]

@@ -1,5 +1,8 @@
 """Distributed training on CPU-only machines with mmengine 0.10."""
 import functools
+import logging
+import sys
+from typing import NoReturn, Optional, Sequence
 
 import torch
 
@@ -46,3 +49,42 @@ def cpu_model_wrapper_cfg(cfg) -> None:
         device_ids=None,
         broadcast_buffers=False,
         find_unused_parameters=cfg.get('find_unused_parameters', False))
+
+
+def torchrun_main(argv: Optional[Sequence[str]] = None) -> NoReturn:
+    """``torchrun`` (``python -m torch.distributed.run``), quiet on failure.
+
+    torchrun reports a failed worker with log lines, a ``ChildFailedError``
+    traceback and a table, after the worker itself has printed its one
+    ``error: ...`` line. This runs the same launcher with the elastic
+    agent's log quiet below CRITICAL and exits with the first failed
+    worker's exit code instead (130 when the launcher itself is
+    interrupted); a worker killed by signal N (which could print nothing)
+    is reported as one ``error:`` line, exit 128 + N.
+    ``tools/dist_train.sh`` and ``tools/dist_test.sh`` start it with
+    ``runpy`` (this file imports only torch, not the package).
+
+    Args:
+        argv: torchrun's arguments (default ``sys.argv[1:]``).
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import \
+        ChildFailedError
+    from torch.distributed.run import parse_args, run
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.getLogger('torch.distributed.elastic').setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        if code < 0:
+            print(f'error: worker rank {rank} (pid {failure.pid}) was killed '
+                  f'by {failure.signal_name()}', file=sys.stderr)
+            sys.exit(128 - code)
+        sys.exit(code or 1)
+    except SignalException as e:
+        sys.exit(128 + int(e.sigval))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0)

@@ -93,10 +93,12 @@ def test_dist_train_two_processes_gloo(toy_trained):
 
 def test_real_runner_checkpoint_loads_only_with_the_allowlist(toy_trained):
     """A checkpoint written by mmengine's runner needs exactly our
-    allowlist: plain torch.load(weights_only=True) refuses it, and works once
-    mmrepvgg is imported, with weights_only still on."""
+    allowlist: plain torch.load(weights_only=True) refuses it, also after
+    ``import mmrepvgg`` (the allowlist is scoped), and it loads inside
+    ``safe_loading()``, with weights_only still on."""
     ckpt = str(toy_trained['ckpt'])
     code = ('import torch, pickle, sys\n'
+            'import mmrepvgg\n'
             'try:\n'
             f'    torch.load({ckpt!r}, weights_only=True)\n'
             'except pickle.UnpicklingError as e:\n'
@@ -105,10 +107,31 @@ def test_real_runner_checkpoint_loads_only_with_the_allowlist(toy_trained):
     proc = run_tool([sys.executable, '-c', code], cwd=toy_trained['ws'])
     assert 'REFUSED' in proc.stdout, proc.stdout + proc.stderr
 
-    import mmrepvgg  # noqa: F401
     from mmengine.logging import HistoryBuffer
-    obj = torch.load(ckpt, weights_only=True)
+
+    from mmrepvgg.deploy import safe_loading
+    with safe_loading():
+        obj = torch.load(ckpt, weights_only=True)
     scalars = obj['message_hub']['log_scalars']
     assert scalars and all(
         isinstance(v, HistoryBuffer) for v in scalars.values())
     assert isinstance(obj['meta'], dict) and 'state_dict' in obj
+
+
+def test_dist_train_refused_input_is_one_line(toy_trained, tmp_path):
+    """Under torchrun, a missing --resume file is reported once (rank 0),
+    without torchrun's ChildFailedError traceback; nothing is written."""
+    ws = toy_trained['ws']
+    port = str(29500 + (hash(str(tmp_path)) % 1000))
+    missing = tmp_path / 'absent.pth'
+    proc = run_tool(['bash', osp.join(TOOLS, 'dist_train.sh'), TOY_CONFIG,
+                     '2', '--work-dir', str(tmp_path / 'w'), '--resume',
+                     str(missing), '--cfg-options',
+                     'env_cfg.dist_cfg.backend=gloo'], cwd=ws,
+                    env_extra=dict(PYTHON=sys.executable, PORT=port))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if 'error' in ln.lower()]
+    assert errors == [f'error: --resume: {missing}: no such checkpoint file'],\
+        proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'w').exists()

@@ -1,0 +1,94 @@
+"""Entry-point hygiene for the command-line tools (standard library only).
+
+This file must stay importable without torch, mmengine or mmcv, and without
+the rest of the package: a tool runs it *before* importing anything heavy, so
+that
+
+- the ``pkg_resources is deprecated`` warnings that mmengine and mmcv
+  trigger when they import ``pkg_resources`` are not printed (an error is
+  then really one line on stderr);
+- Ctrl-C while the tool imports torch/mmdet, or while the interpreter shuts
+  down, prints one ``error: interrupted`` line and exits 130 instead of a
+  traceback.
+
+Because ``import mmrepvgg.utils.quiet`` would first run the package's
+``__init__`` (which imports torch and mmdet), a tool runs this file by path,
+as its first statements after putting the repository on ``sys.path``, and
+only when it runs as a program (not when tests import it)::
+
+    if __name__ == '__main__':  # stdlib only, before torch/mmengine
+        __import__('runpy').run_path(osp.join(
+            ROOT, 'mmrepvgg', 'utils', 'quiet.py'))['enter_tool']()
+
+(``ROOT`` = the repository; keep torch/mmengine/mmrepvgg imports after it,
+or inside functions.)
+
+While the tool's body runs, :func:`mmrepvgg.utils.cli.run_cli` switches
+Ctrl-C back to Python's ``KeyboardInterrupt`` (so partial outputs are cleaned
+up) and restores the handler installed here afterwards, for the exit phase.
+"""
+import os
+import signal
+import sys
+import threading
+import warnings
+
+#: Warnings silenced at the entry points: setuptools' deprecation of the
+#: ``pkg_resources`` API, triggered when mmengine/mmcv import it.
+QUIET_WARNINGS = (
+    (r'pkg_resources is deprecated', UserWarning),
+    (r'Deprecated call to `pkg_resources', DeprecationWarning),
+)
+
+#: Exit status of a tool stopped by Ctrl-C (128 + SIGINT), as shells report.
+INTERRUPT_EXIT_CODE = 130
+
+
+def silence_warnings() -> None:
+    """Ignore :data:`QUIET_WARNINGS` (only those: other warnings still show).
+
+    Must run before the first ``import pkg_resources``; idempotent.
+    """
+    for message, category in QUIET_WARNINGS:
+        warnings.filterwarnings('ignore', message=message, category=category)
+
+
+def _exit_interrupted(signum=None, frame=None) -> None:
+    """SIGINT handler outside a tool's body: one line, exit 130 at once."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is sys.stderr and os.environ.get('RANK', '0') in ('0',
+                                                                       ''):
+                stream.write('error: interrupted\n')
+            stream.flush()  # os._exit does not flush what was printed
+        except Exception:  # a closed stream: still exit with the right code
+            pass
+    os._exit(INTERRUPT_EXIT_CODE)
+
+
+def is_exit_on_interrupt(handler) -> bool:
+    """Whether ``handler`` is the handler :func:`exit_on_interrupt` installs
+    (also when this file was loaded twice, by path and as a module)."""
+    return getattr(handler, '__name__', None) == '_exit_interrupted' and \
+        getattr(handler, '__module__', '') in (__name__, '<run_path>',
+                                               'mmrepvgg.utils.quiet')
+
+
+def exit_on_interrupt() -> bool:
+    """Make Ctrl-C print ``error: interrupted`` and exit 130, no traceback.
+
+    Only from the main thread of the main interpreter (where signal handlers
+    can be installed); returns whether the handler was installed. Meant for
+    the import and exit phases of a tool, where there is nothing to clean up.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGINT, _exit_interrupted)
+    return True
+
+
+def enter_tool() -> None:
+    """Call first in a command-line tool: :func:`silence_warnings` and
+    :func:`exit_on_interrupt`."""
+    silence_warnings()
+    exit_on_interrupt()

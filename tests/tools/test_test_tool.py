@@ -1,0 +1,236 @@
+"""tools/test.py: strict checkpoint loading and one-line errors (issue 9,
+items 7, 9, 10, 13)."""
+import os
+import os.path as osp
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from _toolkit import ROOT, TOOLS, TOY_CONFIG, load_tool, run_tool
+
+
+@pytest.fixture(scope='module')
+def deployed(toy_trained, tmp_path_factory):
+    """The toy checkpoint converted by convert_deploy.py: OUT.pth + OUT.py."""
+    out = tmp_path_factory.mktemp('deployed') / 'toy_deploy.pth'
+    code = load_tool('convert_deploy').main(
+        [TOY_CONFIG, str(toy_trained['ckpt']), str(out), '--repeats', '0'])
+    assert code == 0 and out.is_file() and out.with_suffix('.py').is_file()
+    return out
+
+
+def _test_main(argv, capsys):
+    """Run tools/test.py's main in-process; ``(code, stderr lines)``."""
+    try:
+        code = load_tool('test').main([str(a) for a in argv])
+    except SystemExit as e:  # argument errors
+        code = e.code
+    err = capsys.readouterr().err
+    return code, [ln for ln in err.splitlines() if ln.strip()]
+
+
+def _assert_one_error(code, lines, *parts, exit_code=1):
+    assert code == exit_code, lines
+    assert len(lines) == 1 and lines[0].startswith('error: '), lines
+    for part in parts:
+        assert str(part) in lines[0], lines
+
+
+def test_deploy_checkpoint_with_training_config_is_refused(
+        deployed, tmp_path, capsys):
+    code, lines = _test_main([TOY_CONFIG, deployed, '--work-dir',
+                              tmp_path / 'w'], capsys)
+    _assert_one_error(code, lines, 'this is a deploy checkpoint', deployed,
+                      deployed.with_suffix('.py'))
+    assert not (tmp_path / 'w').exists()  # refused before the runner
+
+
+def test_training_checkpoint_with_deploy_config_is_refused(
+        toy_trained, deployed, capsys):
+    code, lines = _test_main(
+        [deployed.with_suffix('.py'), toy_trained['ckpt']], capsys)
+    _assert_one_error(code, lines, 'this is a training checkpoint',
+                      toy_trained['ckpt'], 'tools/convert_deploy.py')
+
+
+def _wrong_model(src, dst):
+    from mmrepvgg.deploy import load_checkpoint
+    sd = dict(load_checkpoint(str(src))['state_dict'])
+    sd.pop('bbox_head.retina_cls.weight')
+    sd['bbox_head.extra.weight'] = torch.zeros(3)
+    sd['backbone.stem.branch_3x3.conv.weight'] = torch.zeros(1, 1, 3, 3)
+    torch.save({'state_dict': sd}, dst)
+
+
+def test_checkpoint_of_another_model_is_refused(toy_trained, tmp_path,
+                                                capsys):
+    wrong = tmp_path / 'wrong.pth'
+    _wrong_model(toy_trained['ckpt'], wrong)
+    code, lines = _test_main([TOY_CONFIG, wrong], capsys)
+    _assert_one_error(code, lines, wrong, 'does not match config',
+                      'missing keys: bbox_head.retina_cls.weight',
+                      'unexpected keys: bbox_head.extra.weight',
+                      'shape mismatch: backbone.stem.branch_3x3.conv.weight',
+                      '--non-strict')
+
+
+class _System:
+    def __reduce__(self):
+        return (os.system, ('echo pwned',))
+
+
+@pytest.mark.parametrize('kind', ['truncated', 'random', 'empty', 'missing',
+                                  'malicious', 'directory'])
+def test_unreadable_checkpoints_are_one_line(kind, toy_trained, tmp_path,
+                                             capsys):
+    path = tmp_path / f'{kind}.pth'
+    data = toy_trained['ckpt'].read_bytes()
+    if kind == 'truncated':
+        path.write_bytes(data[:len(data) // 3])
+    elif kind == 'random':
+        path.write_bytes(os.urandom(4096))
+    elif kind == 'empty':
+        path.write_bytes(b'')
+    elif kind == 'malicious':
+        torch.save({'state_dict': {}, 'meta': _System()}, path)
+    elif kind == 'directory':
+        path.mkdir()
+    code, lines = _test_main([TOY_CONFIG, path], capsys)
+    _assert_one_error(code, lines, path)
+    assert 'pwned' not in capsys.readouterr().out
+
+
+def test_config_errors_are_one_line(toy_trained, tmp_path, capsys):
+    bad = tmp_path / 'syntax.py'
+    bad.write_text('model = dict(\n')
+    code, lines = _test_main([bad, toy_trained['ckpt']], capsys)
+    _assert_one_error(code, lines, bad, 'cannot load config')
+    code, lines = _test_main([tmp_path / 'absent.py', toy_trained['ckpt']],
+                             capsys)
+    _assert_one_error(code, lines, 'absent.py', 'does not exist')
+
+
+@pytest.mark.parametrize('option, expect', [
+    ('foo', "'foo' is not key=value"),
+    ('=3', 'is not key=value'),
+    ('a..b=1', 'empty key component'),
+    ('model.x=[1,2', 'unbalanced brackets'),
+])
+def test_malformed_cfg_options_exit_2_with_one_line(option, expect,
+                                                    toy_trained, capsys):
+    code, lines = _test_main([TOY_CONFIG, toy_trained['ckpt'],
+                              '--cfg-options', option], capsys)
+    _assert_one_error(code, lines, 'error: --cfg-options: ', expect,
+                      exit_code=2)
+
+
+def test_cfg_options_that_cannot_be_merged_are_one_line(toy_trained, capsys):
+    code, lines = _test_main([TOY_CONFIG, toy_trained['ckpt'],
+                              '--cfg-options', 'train_cfg.max_epochs.x=1'],
+                             capsys)
+    _assert_one_error(code, lines, 'error: --cfg-options: cannot set '
+                      'train_cfg.max_epochs.x=1')
+
+
+def test_cfg_options_action_parses_like_dict_action():
+    import argparse
+
+    from mmrepvgg.utils.cli import CfgOptionsAction
+    p = argparse.ArgumentParser()
+    p.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction)
+    args = p.parse_args(['--cfg-options', 'a=1', 'b.c=[1,(2,3)]', 'd=x,y',
+                         'e=None', 'f=True', 'g=0.5'])
+    assert args.cfg_options == {'a': 1, 'b.c': [1, (2, 3)], 'd': ['x', 'y'],
+                                'e': None, 'f': True, 'g': 0.5}
+
+
+def test_bad_arguments_are_one_line(capsys):
+    code, lines = _test_main([TOY_CONFIG], capsys)
+    _assert_one_error(code, lines, 'checkpoint', exit_code=2)
+
+
+def _env_without_warning_filters():
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env.pop('PYTHONWARNINGS', None)
+    return env
+
+
+def test_no_pkg_resources_warnings_and_one_line(deployed, toy_trained):
+    """Run as a user would (no PYTHONWARNINGS): the refusal is the only
+    stderr line, although loading the config imports pkg_resources."""
+    proc = subprocess.run(
+        [sys.executable, osp.join(TOOLS, 'test.py'), TOY_CONFIG,
+         str(deployed)], cwd=toy_trained['ws'], capture_output=True,
+        text=True, timeout=300, env=_env_without_warning_filters())
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert 'this is a deploy checkpoint' in lines[0]
+
+
+def test_sigint_while_importing_exits_130_with_one_line(toy_trained):
+    proc = subprocess.Popen(
+        [sys.executable, osp.join(TOOLS, 'test.py'), TOY_CONFIG,
+         str(toy_trained['ckpt'])], cwd=toy_trained['ws'],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=_env_without_warning_filters())
+    time.sleep(1.0)  # python is up, torch/mmdet are being imported
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip() == 'error: interrupted', err
+
+
+@pytest.mark.parametrize('phase', ['before', 'during', 'after'])
+def test_quiet_entry_sigint(phase, tmp_path):
+    """quiet.enter_tool(): Ctrl-C outside the body exits 130 at once with one
+    line; inside run_cli it is a KeyboardInterrupt (cleanup runs), 130."""
+    script = tmp_path / 'tool.py'
+    script.write_text(f'''
+import os, signal, sys, time
+sys.path.insert(0, {ROOT!r})
+import runpy
+quiet = os.path.join({ROOT!r}, 'mmrepvgg', 'utils', 'quiet.py')
+runpy.run_path(quiet)['enter_tool']()
+phase = {phase!r}
+if phase == 'before':
+    os.kill(os.getpid(), signal.SIGINT); time.sleep(5)
+from mmrepvgg.utils.cli import run_cli
+def body():
+    try:
+        if phase == 'during':
+            os.kill(os.getpid(), signal.SIGINT); time.sleep(5)
+        return 0
+    finally:
+        print('cleanup ran')
+code = run_cli(body)
+if phase == 'after':
+    os.kill(os.getpid(), signal.SIGINT); time.sleep(5)
+sys.exit(code)
+''')
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True,
+                          text=True, timeout=120,
+                          env=_env_without_warning_filters())
+    assert proc.returncode == 130, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: interrupted'), \
+        proc.stderr
+    assert ('cleanup ran' in proc.stdout) == (phase != 'before')
+
+
+def test_non_strict_loads_anyway(deployed, toy_trained, tmp_path):
+    """--non-strict is mmengine's lenient load: a deploy checkpoint with the
+    training config runs (to a meaningless mAP), as before."""
+    out = tmp_path / 'res.pkl'
+    proc = run_tool([sys.executable, osp.join(TOOLS, 'test.py'), TOY_CONFIG,
+                     str(deployed), '--non-strict', '--out', str(out),
+                     '--work-dir', str(tmp_path / 'w')],
+                    cwd=toy_trained['ws'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out, 'rb') as f:
+        assert len(pickle.load(f)) == 8
