@@ -1,14 +1,18 @@
 import os
 import os.path as osp
 import pickle
+import subprocess
+import sys
+import textwrap
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-import mmrepvgg  # noqa: F401  (registers the safe globals)
+import mmrepvgg  # noqa: F401  (allowlists nothing by itself)
 from mmrepvgg.deploy import (CheckpointError, atomic_write, load_checkpoint,
-                             save_checkpoint)
+                             safe_loading, save_checkpoint)
 
 
 class _Evil:
@@ -61,8 +65,13 @@ def test_numpy_and_history_buffer_load_with_weights_only(tmp_path):
     assert isinstance(buf, HistoryBuffer) and buf.mean() == pytest.approx(
         6.5 / 3)
     assert buf.min() == 1.0 and buf.max() == 3.0 and buf.current() == 3.0
-    # plain torch.load (as mmengine calls it) works too, weights_only kept.
-    torch.load(path, weights_only=True)
+    # plain torch.load (as mmengine calls it) needs the allowlist's scope,
+    # weights_only kept on.
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    with safe_loading():
+        again = torch.load(path, weights_only=True)
+    assert np.array_equal(again['meta']['arr'], np.arange(4.0))
 
 
 def test_getattr_stand_in_only_allows_history_buffer_statistics(tmp_path):
@@ -76,18 +85,62 @@ def test_getattr_stand_in_only_allows_history_buffer_statistics(tmp_path):
         load_checkpoint(path)
 
 
+def _npz(path):
+    np.savez(path, a=np.arange(3))
+
+
+def _torchscript(path):
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+
+
+def _safetensors_like(path):
+    header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    path.write_bytes(len(header).to_bytes(8, 'little') + header + b'\0' * 4)
+
+
 @pytest.mark.parametrize('content,match', [
-    (None, 'no such checkpoint'),
-    (b'', 'empty file'),
-    (b'this is not a checkpoint\n', 'not a valid checkpoint'),
+    (None, 'no such checkpoint file'),
+    (b'', 'empty file, not a checkpoint'),
+    (b'this is not a checkpoint\n', 'not a valid checkpoint: unknown content'
+     r'.*not a PyTorch checkpoint \(expected a file written by torch.save\)'),
+    (bytes(range(256)) * 16, 'unknown content.*not a PyTorch checkpoint'),
+    (np.save, 'a NumPy .npy file, not a PyTorch checkpoint'),
+    (_npz, 'a NumPy .npz archive, not a PyTorch checkpoint'),
+    (b'PK\x05\x06' + bytes(18), 'an empty zip archive, not a PyTorch'),
+    (_safetensors_like, 'a safetensors file, not a PyTorch checkpoint'),
+    (_torchscript, r'a TorchScript archive \(torch.jit.save\)'),
+    ('dir', 'not a file'),
 ])
-def test_bad_files_name_the_file(tmp_path, content, match):
+def test_bad_files_name_the_file_and_what_was_expected(tmp_path, content,
+                                                      match):
+    """Random bytes, NumPy files... are "not a PyTorch checkpoint", never a
+    refused global with an --unsafe-load hint (issue 9, item 11)."""
     path = tmp_path / 'bad.pth'
-    if content is not None:
+    if content == 'dir':
+        path.mkdir()
+    elif content is np.save:
+        with open(path, 'wb') as f:
+            np.save(f, np.arange(3))
+    elif callable(content):
+        content(path)
+        if not path.exists():  # np.savez appends .npz
+            os.rename(str(path) + '.npz', path)
+    elif content is not None:
         path.write_bytes(content)
     with pytest.raises(CheckpointError, match=match) as e:
         load_checkpoint(str(path))
-    assert str(path) in str(e.value)
+    msg = str(e.value)
+    assert msg.startswith(f'{path}: ') and '\n' not in msg
+    assert 'unsafe-load' not in msg and 'allowlist' not in msg
+
+
+def test_zip_without_data_pkl_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / 'other.zip'
+    with zipfile.ZipFile(path, 'w') as z:
+        z.writestr('readme.txt', 'hello')
+    with pytest.raises(CheckpointError,
+                       match='a zip archive without data.pkl, not a PyTorch'):
+        load_checkpoint(str(path))
 
 
 def test_truncated_checkpoint(tmp_path):
@@ -97,6 +150,88 @@ def test_truncated_checkpoint(tmp_path):
     path.write_bytes(data[:len(data) // 2])
     with pytest.raises(CheckpointError, match='truncated or corrupt'):
         load_checkpoint(str(path))
+
+
+def _member_data_offset(path, member):
+    """Offset in the file of ``member``'s data (after its local header)."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(member)
+    with open(path, 'rb') as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = np.frombuffer(f.read(4), '<u2')
+    return info.header_offset + 30 + int(name_len) + int(extra_len), info
+
+
+def test_crc_mismatch_is_refused(tmp_path):
+    """torch does not check the zip CRCs: 64 flipped bytes in a tensor's
+    data record load silently with a changed weight. load_checkpoint
+    refuses the file, naming the member (issue 9, item 6)."""
+    path = tmp_path / 'flipped.pth'
+    weight = torch.arange(64, dtype=torch.float32)
+    torch.save({'state_dict': {'w': weight}}, path)
+    with zipfile.ZipFile(path) as z:
+        member = next(n for n in z.namelist() if n.endswith('/data/0'))
+    offset, info = _member_data_offset(path, member)
+    assert info.file_size == weight.numel() * 4
+    data = bytearray(path.read_bytes())
+    data[offset + 64:offset + 128] = bytes(b ^ 0xFF
+                                           for b in data[offset + 64:
+                                                         offset + 128])
+    path.write_bytes(bytes(data))
+    # torch alone loads the corrupt weight without a word
+    changed = torch.load(path, weights_only=True)['state_dict']['w']
+    assert not torch.equal(changed, weight)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(str(path))
+    assert str(e.value) == f'{path}: corrupt archive: CRC mismatch in {member}'
+    with pytest.raises(CheckpointError, match='CRC mismatch'):
+        load_checkpoint(str(path), unsafe=True)  # no way around the check
+
+
+def test_crc_mismatch_in_data_pkl_is_refused(tmp_path):
+    path = tmp_path / 'flipped.pth'
+    torch.save({'state_dict': {'w': torch.ones(3)}, 'name': 'abcdefgh'}, path)
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'abcdefgh', b'abcdefgX', 1))
+    with pytest.raises(CheckpointError,
+                       match=r'corrupt archive: CRC mismatch in .*/data.pkl$'):
+        load_checkpoint(str(path))
+
+
+def test_legacy_format_loads_without_crc(tmp_path):
+    """torch's legacy (non-zip) format has no checksums: it loads (safely
+    unpickled); corruption of its tensor bytes cannot be detected."""
+    path = tmp_path / 'legacy.pth'
+    torch.save({'state_dict': {'w': torch.arange(4.0)}, 'np': np.arange(2)},
+               path, _use_new_zipfile_serialization=False)
+    obj = load_checkpoint(str(path))
+    assert torch.equal(obj['state_dict']['w'], torch.arange(4.0))
+    assert np.array_equal(obj['np'], np.arange(2))
+
+
+def test_pickle_protocol_unsupported_by_the_safe_unpickler(tmp_path):
+    path = tmp_path / 'proto4.pth'
+    torch.save({'w': torch.ones(1)}, path, pickle_protocol=4)
+    with pytest.raises(CheckpointError,
+                       match='pickle opcode 149 is not supported'):
+        load_checkpoint(str(path))
+    assert load_checkpoint(str(path), unsafe=True)['w'].item() == 1
+
+
+def test_sparse_tensors_are_validated(tmp_path):
+    """torch skips checking loaded sparse tensors by default; an index out
+    of range would write outside the tensor when densified."""
+    good = tmp_path / 'sparse.pth'
+    torch.save({'w': torch.eye(3).to_sparse()}, good)
+    assert torch.equal(load_checkpoint(str(good))['w'].to_dense(),
+                       torch.eye(3))
+    bad = tmp_path / 'bad_sparse.pth'
+    t = torch.sparse_coo_tensor(torch.tensor([[0, 5]]), torch.ones(2), (3, ),
+                                check_invariants=False)
+    torch.save({'w': t}, bad)
+    with pytest.raises(CheckpointError, match='found index 5') as e:
+        load_checkpoint(str(bad))
+    assert str(e.value).startswith(f'{bad}: not a valid checkpoint')
 
 
 def test_unsafe_load_is_explicit(tmp_path):
@@ -137,3 +272,102 @@ def test_atomic_write_gives_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (out.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+def test_size_limited_write_is_one_clear_error(tmp_path):
+    """A write cut by a file size limit (or a full disk) is reported as
+    such, not as torch's "unexpected pos"; the old file is left intact."""
+    out = tmp_path / 'out.pth'
+    save_checkpoint({'w': torch.ones(1)}, str(out))
+    code = textwrap.dedent(f'''
+        import resource, torch
+        from mmrepvgg.deploy import CheckpointError, save_checkpoint
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+        try:
+            save_checkpoint({{'w': torch.zeros(1 << 16)}}, {str(out)!r})
+        except CheckpointError as e:
+            print(e)
+    ''')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == (
+        f'{out}: cannot write checkpoint: the write failed part-way (disk '
+        'full, quota or file size limit?)')
+    assert [p.name for p in tmp_path.iterdir()] == ['out.pth']
+    assert load_checkpoint(str(out))['w'].item() == 1
+
+
+# ------------------------------------------------- mmengine's own checkpoints
+class _ToyDataset(torch.utils.data.Dataset):
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return dict(inputs=torch.full((2, ), float(i)),
+                    labels=torch.tensor(float(i)))
+
+
+def _toy_runner(work_dir, max_epochs, name, **kwargs):
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+
+    class Toy(BaseModel):
+
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 1)
+
+        def forward(self, inputs, labels=None, mode='tensor'):
+            out = self.fc(inputs).squeeze(-1)
+            if mode == 'loss':
+                return dict(loss=((out - labels)**2).mean())
+            return out
+
+    return Runner(
+        model=Toy(), work_dir=str(work_dir),
+        train_dataloader=dict(
+            dataset=_ToyDataset(), batch_size=4,
+            sampler=dict(type='DefaultSampler', shuffle=False),
+            collate_fn=dict(type='default_collate')),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+        train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook',
+                                           interval=1)),
+        randomness=dict(seed=0), experiment_name=name,
+        **kwargs)
+
+
+def test_runner_checkpoint_loads_and_resumes_in_safe_loading(tmp_path):
+    """A checkpoint written by mmengine's Runner (HistoryBuffers, numpy
+    arrays and scalars, getattr(HistoryBuffer, ...)) loads with
+    load_checkpoint, and mmengine's own loads (resume) work inside
+    safe_loading() with weights_only=True kept, and not outside it."""
+    from mmengine.logging import HistoryBuffer
+    from mmengine.runner import CheckpointLoader
+    _toy_runner(tmp_path, 1, 'toy_train').train()
+    path = str(tmp_path / 'epoch_1.pth')
+    ckpt = load_checkpoint(path)
+    scalars = ckpt['message_hub']['log_scalars']
+    assert scalars and all(
+        isinstance(v, HistoryBuffer) and type(v._log_history) is np.ndarray
+        for v in scalars.values())
+    loss = scalars['train/loss']
+    assert loss.current() == loss._log_history[-1]
+    assert isinstance(ckpt['meta'], dict) and 'state_dict' in ckpt
+
+    with pytest.raises(pickle.UnpicklingError):
+        CheckpointLoader.load_checkpoint(path, map_location='cpu')
+    runner = _toy_runner(tmp_path, 2, 'toy_refused', resume=True,
+                         load_from=path)
+    with pytest.raises(pickle.UnpicklingError):
+        runner.train()
+    runner = _toy_runner(tmp_path, 2, 'toy_resumed', resume=True,
+                         load_from=path)
+    with safe_loading():
+        runner.train()
+    assert runner.epoch == 2
+    resumed = load_checkpoint(str(tmp_path / 'epoch_2.pth'))
+    assert len(resumed['message_hub']['log_scalars']['train/loss']
+               ._log_history) == 4
