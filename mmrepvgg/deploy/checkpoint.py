@@ -15,7 +15,11 @@ exactly those, without trusting numpy's own unpickling code:
   place on the unpickler's stack and memo. No numpy type is ever a ``BUILD``
   target, so ``ndarray.__setstate__`` / ``dtype.__setstate__`` never run on
   an object a pickle can reach: no array can alias another's memory or the
-  pickle's bytes, no shared dtype can be mutated.
+  pickle's bytes, no shared dtype can be mutated. (This relies on torch's
+  weights-only unpickler running BUILD from ``Unpickler.load`` on its
+  ``stack``/``memo``; should a torch version change that, numpy objects
+  are refused - fail closed - and tests/deploy/test_safe_unpickle.py says
+  so.)
 - ``numpy.ndarray`` is an inert token: it can only be the first argument of
   the ``_reconstruct`` wrapper (calling or instantiating it is refused).
 - ``mmengine.logging.HistoryBuffer``, and ``builtins.getattr`` replaced by a
@@ -431,7 +435,9 @@ def safe_loading() -> Iterator[None]:
     :func:`load_checkpoint` inside one keep the allowlist until the
     outermost block ends) and thread-safe, but, like torch's allowlist
     itself, process-wide while active. Entries registered for good by
-    :func:`register_safe_globals` stay.
+    :func:`register_safe_globals` stay (use it rather than passing
+    :func:`safe_globals` to torch yourself: the block's end would remove
+    those equal entries).
 
     Example::
 
