@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from _toolkit import TOOLS, TOY_CONFIG, run_tool
+from _toolkit import TOOLS, TOY_CONFIG, load_tool, run_tool
 
 # Imported by the killed run through custom_imports: during the save of
 # checkpoint ``epoch``, write half of the bytes, sync them, and SIGKILL the
@@ -210,16 +210,17 @@ def test_resume_skips_a_truncated_latest_checkpoint(toy_trained,
     assert 'Traceback' not in out
 
 
-def test_explicit_resume_of_a_bad_file_is_one_line(toy_trained, tmp_path):
+def test_explicit_resume_of_a_bad_file_is_one_line(toy_trained, tmp_path,
+                                                   capsys):
     bad = tmp_path / 'epoch_9.pth'
     bad.write_bytes(toy_trained['ckpt'].read_bytes()[:5000])
+    train = load_tool('train')
     for path, expect in ((bad, 'corrupt checkpoint'),
                          (tmp_path / 'absent.pth', 'no such checkpoint')):
-        proc = run_tool([sys.executable, osp.join(TOOLS, 'train.py'),
-                         TOY_CONFIG, '--work-dir', str(tmp_path / 'w'),
-                         '--resume', str(path)], cwd=toy_trained['ws'])
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 1, proc.stderr
+        code = train.main([TOY_CONFIG, '--work-dir', str(tmp_path / 'w'),
+                           '--resume', str(path)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 1, lines
         assert len(lines) == 1 and lines[0].startswith('error: --resume: ')
         assert str(path) in lines[0] and expect in lines[0], lines
     assert not (tmp_path / 'w').exists()  # refused before the runner
