@@ -54,6 +54,7 @@ class OrtForms:
                  workdir: Optional[str] = None,
                  seed: int = 0) -> None:
         from mmrepvgg.export import quantize as qz
+        from mmrepvgg.export.runtime import make_session
         self._tmp = None if workdir else tempfile.TemporaryDirectory(
             prefix='mmrepvgg-bench-')
         self.dir = workdir or self._tmp.name
@@ -65,8 +66,8 @@ class OrtForms:
         self.sessions = {}
         self.info: Dict[str, dict] = {}
         if 'ort-fp32' in forms:
-            self.sessions['ort-fp32'] = qz.open_session(
-                self.paths['fp32'], threads, spinning)
+            self.sessions['ort-fp32'] = make_session(
+                self.paths['fp32'], threads, spinning=spinning)
         if 'ort-int8' in forms:
             g = torch.Generator().manual_seed(seed + 1)
             calib = [torch.randn(1, 3, hh, ww, generator=g).numpy()
@@ -80,8 +81,8 @@ class OrtForms:
             info['optimized_ops'] = qz.optimized_op_types(
                 self.paths['int8'], threads)
             self.info['ort-int8'] = info
-            self.sessions['ort-int8'] = qz.open_session(
-                self.paths['int8'], threads, spinning)
+            self.sessions['ort-int8'] = make_session(
+                self.paths['int8'], threads, spinning=spinning)
         self.input_name = next(iter(self.sessions.values())).get_inputs(
         )[0].name if self.sessions else 'input'
 

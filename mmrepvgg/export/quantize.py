@@ -41,7 +41,9 @@ Error measurement:
 Nothing here imports mmdet at module level; the functions that read a
 config's dataset (:func:`calibration_inputs`) import it when called.
 """
+import contextlib
 import copy
+import io
 import math
 import os
 import os.path as osp
@@ -53,6 +55,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from mmrepvgg.utils.cli import ToolError
+from .onnx_export import op_histogram
 
 #: Calibration images used when ``--calib-images`` is not given (all the
 #: split's images when it has fewer).
@@ -217,77 +220,23 @@ class _ErrorAccumulator:
 
 
 # ---------------------------------------------------------- onnxruntime
-def session_options(threads: Optional[int] = None,
-                    spinning: bool = False,
-                    level: str = 'all',
-                    optimized_path: Optional[str] = None):
-    """onnxruntime ``SessionOptions`` for timing and verification.
-
-    Args:
-        threads (int, optional): intra-op threads (default: onnxruntime's,
-            one per physical core).
-        spinning (bool): let idle pool threads busy-wait after a run. Off by
-            default: interleaved with PyTorch, spinning threads steal the
-            cores PyTorch's threads need.
-        level (str): graph optimization level, ``disable``, ``basic``,
-            ``extended`` (QDQ fusion into ``QLinearConv``) or ``all`` (plus
-            layout transformations such as NCHWc).
-        optimized_path (str, optional): write the optimized graph there.
-    """
-    import onnxruntime as ort
-    levels = dict(disable=ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                  basic=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  extended=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  all=ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    if level not in levels:
-        raise QuantizeError(f'graph optimization level {level!r}: choose '
-                            f'from {", ".join(levels)}')
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = levels[level]
-    opts.log_severity_level = 3  # errors only
-    opts.add_session_config_entry('session.intra_op.allow_spinning',
-                                  '1' if spinning else '0')
-    if optimized_path:
-        opts.optimized_model_filepath = optimized_path
-    return opts
-
-
-def open_session(path: str, threads: Optional[int] = None,
-                 spinning: bool = False, level: str = 'all'):
-    """An onnxruntime ``InferenceSession`` on the CPU provider (see
-    :func:`session_options`)."""
-    import onnxruntime as ort
-    try:
-        return ort.InferenceSession(
-            path, sess_options=session_options(threads, spinning, level),
-            providers=['CPUExecutionProvider'])
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise QuantizeError(f'{path}: onnxruntime cannot load the graph: '
-                            f'{str(e).splitlines()[0]}') from None
-
-
-def optimized_op_types(path: str, threads: Optional[int] = 1,
-                       level: str = 'all') -> Counter:
+def optimized_op_types(path: str, threads: Optional[int] = 1) -> Counter:
     """Op types onnxruntime's CPU provider runs after its graph optimizer
-    (e.g. ``QLinearConv`` where the QDQ pairs were fused)."""
+    (``ORT_ENABLE_ALL``; e.g. ``QLinearConv`` where a QDQ pair around a
+    ``Conv`` was fused)."""
     import onnx
+    import onnxruntime as ort
     with tempfile.TemporaryDirectory() as tmp:
-        opt = osp.join(tmp, 'optimized.onnx')
-        import onnxruntime as ort
-        ort.InferenceSession(
-            path, sess_options=session_options(threads, False, level, opt),
-            providers=['CPUExecutionProvider'])
-        model = onnx.load(opt, load_external_data=False)
-    return Counter(n.op_type for n in model.graph.node)
-
-
-def op_types(path_or_model) -> Counter:
-    """``Counter`` of the op types of an ONNX file or ``ModelProto``."""
-    model = _load(path_or_model)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = \
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or 0
+        opts.log_severity_level = 3
+        opts.optimized_model_filepath = osp.join(tmp, 'optimized.onnx')
+        ort.InferenceSession(str(path), sess_options=opts,
+                             providers=['CPUExecutionProvider'])
+        model = onnx.load(opts.optimized_model_filepath,
+                          load_external_data=False)
     return Counter(n.op_type for n in model.graph.node)
 
 
@@ -298,16 +247,13 @@ def _load(path_or_model):
     return path_or_model
 
 
-def input_names(session) -> List[str]:
-    return [i.name for i in session.get_inputs()]
-
-
 # --------------------------------------------------------------- export
 def export_module(module, x, path: str, opset: Optional[int] = None) -> None:
     """Export ``module`` (a tensor -> tensor(s) module, e.g. a deploy-form
-    backbone) traced on ``x`` to ``path``, input ``input``, dynamic batch,
-    height and width, with the export package's exporter."""
-    from mmrepvgg.apis.export import DEFAULT_OPSET, TensorForward, export_to
+    backbone) traced on ``x`` to ``path`` with the export package's
+    exporter: input ``input``, dynamic batch, height and width, outputs
+    ``feat0 ...``."""
+    from .onnx_export import DEFAULT_OPSET, TensorForward, export_to
     export_to(TensorForward(module, 'module').eval(), x, path,
               opset or DEFAULT_OPSET)
 
@@ -408,15 +354,27 @@ class _ListReader:
         return len(self.feeds)
 
 
-def _as_feeds(inputs, input_name: str) -> List[Dict[str, np.ndarray]]:
+def _as_feeds(inputs, names: Sequence[str]) -> List[Dict[str, np.ndarray]]:
+    """Feed dicts for a graph with inputs ``names``: an array feeds the
+    first input; a dict keeps the graph's inputs (e.g. drops ``img_shape``
+    for a graph without it)."""
     feeds = []
     for x in inputs:
         if isinstance(x, Mapping):
-            feeds.append({k: np.ascontiguousarray(v) for k, v in x.items()})
+            missing = [n for n in names if n not in x]
+            if missing:
+                raise QuantizeError(f'inputs lack {missing} of the graph')
+            feeds.append({k: np.ascontiguousarray(x[k]) for k in names})
         else:
-            feeds.append({input_name: np.ascontiguousarray(
+            feeds.append({names[0]: np.ascontiguousarray(
                 np.asarray(x, dtype=np.float32))})
     return feeds
+
+
+def _graph_inputs(model) -> List[str]:
+    graph = _load(model).graph
+    inits = {t.name for t in graph.initializer}
+    return [i.name for i in graph.input if i.name not in inits]
 
 
 def quantize_onnx(fp32_path: str,
@@ -444,10 +402,7 @@ def quantize_onnx(fp32_path: str,
     config = (config or QuantConfig()).validate()
     if not calibration:
         raise QuantizeError('no calibration inputs')
-    model = onnx.load(fp32_path)
-    names = [i.name for i in model.graph.input
-             if i.name not in {t.name for t in model.graph.initializer}]
-    feeds = _as_feeds(calibration, names[0] if names else 'input')
+    feeds = _as_feeds(calibration, _graph_inputs(fp32_path))
     qtype = dict(int8=q.QuantType.QInt8, uint8=q.QuantType.QUInt8)
     methods = dict(MinMax=q.CalibrationMethod.MinMax,
                    Entropy=q.CalibrationMethod.Entropy,
@@ -494,7 +449,7 @@ def quantize_onnx(fp32_path: str,
                            if n.name in set(excluded))
     return dict(config=config.describe(), quantized=len(region),
                 excluded=len(excluded), excluded_ops=excluded_ops,
-                boundary=boundary, ops=op_types(out_path),
+                boundary=boundary, ops=op_histogram(out_path),
                 calibration=len(feeds))
 
 
@@ -513,12 +468,9 @@ def add_outputs(model, tensors: Sequence[str]):
     return model
 
 
-def _session_from_model(model, threads: Optional[int], level: str = 'all'):
-    import onnxruntime as ort
-    return ort.InferenceSession(
-        model.SerializeToString(),
-        sess_options=session_options(threads, False, level),
-        providers=['CPUExecutionProvider'])
+def _session_from_model(model, threads: Optional[int]):
+    from .runtime import make_session
+    return make_session(model.SerializeToString(), threads)
 
 
 def dequantized_name(int8_model, tensor: str) -> Optional[str]:
@@ -541,7 +493,8 @@ def compare_sessions(fp32_model,
                      int8_model,
                      inputs: Sequence,
                      extra_tensors: Sequence[str] = (),
-                     threads: Optional[int] = None) -> 'OrderedDict':
+                     threads: Optional[int] = None,
+                     outputs: bool = True) -> 'OrderedDict':
     """Per-output SQNR and relative error of an INT8 graph against its FP32
     graph on the same inputs.
 
@@ -553,6 +506,9 @@ def compare_sessions(fp32_model,
             compare too (e.g. :func:`boundary_tensors`); in the INT8 graph
             their dequantized copy (:func:`dequantized_name`) is read.
         threads (int, optional): onnxruntime threads.
+        outputs (bool): compare the graph outputs too (``False``: only
+            ``extra_tensors``, e.g. for detections, see
+            :func:`detection_agreement`).
 
     Returns:
         OrderedDict: name -> ``sqnr_db``, ``rel_err``, ``samples``; an
@@ -561,7 +517,7 @@ def compare_sessions(fp32_model,
         ``shape_mismatch`` (count) and is measured on the other samples.
     """
     fp32_model, int8_model = _load(fp32_model), _load(int8_model)
-    outs = [o.name for o in fp32_model.graph.output]
+    outs = [o.name for o in fp32_model.graph.output] if outputs else []
     extra = [t for t in extra_tensors if t not in outs]
     q_extra = []
     for t in extra:
@@ -569,11 +525,14 @@ def compare_sessions(fp32_model,
         if name is None:
             raise QuantizeError(f'tensor {t} is not in the INT8 graph')
         q_extra.append(name)
+    from .runtime import input_names
+    if not outs + extra:
+        raise QuantizeError('nothing to compare')
     fsess = _session_from_model(add_outputs(fp32_model, extra), threads)
     qsess = _session_from_model(add_outputs(int8_model, q_extra), threads)
     fnames = outs + extra
     qnames = outs + q_extra
-    feeds = _as_feeds(inputs, input_names(fsess)[0])
+    feeds = _as_feeds(inputs, input_names(fsess))
     acc = OrderedDict((n, _ErrorAccumulator()) for n in fnames)
     mismatch = Counter()
     for feed in feeds:
@@ -594,13 +553,56 @@ def compare_sessions(fp32_model,
     return result
 
 
+#: Detections of the INT8 graph match FP32 ones within this fraction of the
+#: input's larger side (box coordinates) ...
+DET_BOX_TOL_REL = 0.01
+#: ... and this score difference.
+DET_SCORE_TOL = 0.05
+
+
+def detection_agreement(fp32_path: str, int8_path: str, inputs: Sequence,
+                        threads: Optional[int] = None) -> dict:
+    """How many detections of an end-to-end INT8 graph (``dets``,
+    ``labels`` outputs) match the FP32 graph's on the same inputs: same
+    label, boxes within :data:`DET_BOX_TOL_REL` of the input size, scores
+    within :data:`DET_SCORE_TOL` (the export package's matching).
+
+    Returns:
+        dict: :func:`.verify.compare_detections` summed over the inputs
+        (``matched``, ``detections``, ``reference_detections``,
+        ``unmatched``, ``max_box``, ``max_score``, ...), plus ``box_tol``
+        and ``score_tol``.
+    """
+    from .runtime import input_names, make_session
+    from .verify import compare_detections, merge_comparisons, split_dets
+    fsess, qsess = make_session(fp32_path, threads), make_session(
+        int8_path, threads)
+    results, first = [], 0
+    box_tol = 0.0
+    for feed in _as_feeds(inputs, input_names(fsess)):
+        a = fsess.run(['dets', 'labels'], feed)
+        b = qsess.run(['dets', 'labels'], feed)
+        x = next(iter(feed.values()))
+        tol = DET_BOX_TOL_REL * max(x.shape[-2:])
+        box_tol = max(box_tol, tol)
+        results.append(compare_detections(split_dets(*b), split_dets(*a),
+                                          tol, DET_SCORE_TOL, first))
+        first += x.shape[0]
+    out = merge_comparisons(results)
+    out.update(box_tol=box_tol, score_tol=DET_SCORE_TOL)
+    return out
+
+
 # ------------------------------------------------------------ per layer
 def layer_name(node_name: str) -> str:
-    """Readable module path of an exported node: ``/stage_1/stage_1.0/
-    conv_reparam/Conv`` -> ``stage_1.0.conv_reparam``."""
+    """Readable module path of an exported node: ``/model/stage_1/
+    stage_1.0/conv_reparam/Conv`` -> ``stage_1.0.conv_reparam`` (the
+    export wrappers' ``model`` / ``detector`` scopes dropped)."""
     parts = [p for p in node_name.strip('/').split('/') if p]
     if len(parts) > 1:
         parts = parts[:-1]  # the op itself
+    while len(parts) > 1 and parts[0] in ('model', 'detector'):
+        parts = parts[1:]  # the export wrappers' scopes
     name = ''
     for p in parts:
         if name and p.startswith(name.rsplit('.', 1)[-1] + '.'):
@@ -661,6 +663,25 @@ def _dequant_weight(graph, conv) -> Optional[np.ndarray]:
     return (w.astype(np.float64) - zero) * scale
 
 
+def _quantized_output(graph, consumers, conv):
+    """``(QuantizeLinear, dequantized tensor name)`` of a QDQ graph's conv
+    output, after its activation when the quantizer kept one; ``(None,
+    None)`` when the output is not quantized. Follows the graph from the
+    conv node, so the quantizer's renaming of graph outputs does not
+    matter."""
+    tensor = conv.output[0]
+    nxt = consumers.get(tensor, [])
+    if len(nxt) == 1 and nxt[0].op_type in FOLDED_ACTIVATIONS:
+        tensor = nxt[0].output[0]
+    for qn in consumers.get(tensor, []):
+        if qn.op_type != 'QuantizeLinear':
+            continue
+        for dq in consumers.get(qn.output[0], []):
+            if dq.op_type == 'DequantizeLinear':
+                return qn, dq.output[0]
+    return None, None
+
+
 def layer_errors(fp32_model,
                  int8_model,
                  inputs: Sequence,
@@ -676,8 +697,9 @@ def layer_errors(fp32_model,
     * ``act_sqnr_db``: the FP32 activation quantized alone with the INT8
       graph's scale and zero point: this layer's own rounding and clipping;
     * ``weight_sqnr_db``: the dequantized INT8 weights vs the FP32 weights;
-    * ``w_absmax_over_std``: ``max|w| / std(w)`` of the FP32 weights, worst
-      output channel (outliers that a per-channel scale must cover).
+    * ``w_peak_over_mean``: ``max|w| / mean|w|`` of the FP32 weights, worst
+      output channel: outliers a per-channel scale must cover (the rest of
+      the channel then gets few quantization levels).
 
     Args:
         fp32_model: FP32 ``ModelProto`` or path.
@@ -688,7 +710,7 @@ def layer_errors(fp32_model,
     Returns:
         list[dict]: one row per conv: ``layer`` (module path), ``node``,
         ``out_channels``, ``sqnr_db``, ``act_sqnr_db``, ``weight_sqnr_db``,
-        ``w_absmax_over_std``.
+        ``w_peak_over_mean``.
     """
     fp, qm = _load(fp32_model), _load(int8_model)
     fg, qg = fp.graph, qm.graph
@@ -696,31 +718,18 @@ def layer_errors(fp32_model,
     qconv = {n.name: n for n in qg.node if n.op_type == 'Conv'}
     rows, ftensors, qtensors, qparams = [], [], [], []
     for conv in fg.node:
-        if conv.op_type != 'Conv':
+        if conv.op_type != 'Conv' or conv.name not in qconv:
             continue
         out = conv.output[0]
         act = [c for c in fcons.get(out, [])
                if c.op_type in FOLDED_ACTIVATIONS]
         tensor = act[0].output[0] if len(act) == 1 and len(
             fcons.get(out, [])) == 1 else out
-        # the INT8 graph quantizes the activation's output, or the conv's
-        # output when the quantizer folded the activation into the range
-        qname, qnode = None, None
-        for cand in (tensor, out):
-            for qn in qcons.get(cand, []):
-                if qn.op_type == 'QuantizeLinear':
-                    dq = [d for d in qcons.get(qn.output[0], [])
-                          if d.op_type == 'DequantizeLinear']
-                    if dq:
-                        qname, qnode = dq[0].output[0], qn
-                        break
-            if qname:
-                break
-        if qname is None:
+        qnode, qname = _quantized_output(qg, qcons, qconv[conv.name])
+        if qnode is None:
             continue
         w = _initializer(fg, conv.input[1])
-        wq = _dequant_weight(qg, qconv[conv.name]) if conv.name in qconv \
-            else None
+        wq = _dequant_weight(qg, qconv[conv.name])
         scale = _initializer(qg, qnode.input[1])
         zero = _initializer(qg, qnode.input[2]) if len(qnode.input) > 2 \
             else np.zeros((), np.uint8)
@@ -729,10 +738,10 @@ def layer_errors(fp32_model,
                    weight_sqnr_db=sqnr_db(w, wq) if w is not None and
                    wq is not None else None)
         if w is not None:
-            flat = w.reshape(w.shape[0], -1).astype(np.float64)
-            std = flat.std(axis=1)
-            ratio = np.abs(flat).max(axis=1) / np.where(std > 0, std, 1)
-            row['w_absmax_over_std'] = float(ratio.max())
+            flat = np.abs(w.reshape(w.shape[0], -1).astype(np.float64))
+            mean = flat.mean(axis=1)
+            ratio = flat.max(axis=1) / np.where(mean > 0, mean, 1)
+            row['w_peak_over_mean'] = float(ratio.max())
         rows.append(row)
         ftensors.append(tensor)
         qtensors.append(qname)
@@ -740,9 +749,10 @@ def layer_errors(fp32_model,
     if not rows:
         raise QuantizeError('no quantized Conv layer found (is the INT8 graph '
                             'a QDQ graph of the FP32 graph?)')
+    from .runtime import input_names
     fsess = _session_from_model(add_outputs(fp, ftensors), threads)
     qsess = _session_from_model(add_outputs(qm, qtensors), threads)
-    feeds = _as_feeds(inputs, input_names(fsess)[0])
+    feeds = _as_feeds(inputs, input_names(fsess))
     acc = [_ErrorAccumulator() for _ in rows]
     own = [_ErrorAccumulator() for _ in rows]
     for feed in feeds:
@@ -772,7 +782,7 @@ def format_layer_table(reports: Mapping[str, Sequence[dict]]) -> str:
     head = ['layer']
     for lab in labels:
         head += [f'{lab} SQNR dB', f'{lab} act dB', f'{lab} weight dB',
-                 f'{lab} max|w|/std']
+                 f'{lab} max/mean |w|']
     lines = ['| ' + ' | '.join(head) + ' |',
              '|---|' + '---:|' * (len(head) - 1)]
 
@@ -786,6 +796,353 @@ def format_layer_table(reports: Mapping[str, Sequence[dict]]) -> str:
             r = reports[lab][i] if i < len(reports[lab]) else {}
             cells += [f(r.get('sqnr_db')), f(r.get('act_sqnr_db')),
                       f(r.get('weight_sqnr_db')),
-                      f(r.get('w_absmax_over_std'))]
+                      f(r.get('w_peak_over_mean'))]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
+
+
+# ---------------------------------------------------------- real images
+SPLITS = dict(train='train_dataloader', val='val_dataloader',
+              test='test_dataloader')
+
+
+def _inner_dataset(ds_cfg):
+    while 'dataset' in ds_cfg and isinstance(ds_cfg['dataset'], dict):
+        ds_cfg = ds_cfg['dataset']  # RepeatDataset, ClassBalanced... wrappers
+    return ds_cfg
+
+
+def split_dataset_cfg(cfg, split: str):
+    """The dataset config of ``split`` (``train``/``val``/``test``) with the
+    config's *test* pipeline and ``test_mode=True`` (no filtering, no
+    augmentation).
+
+    Raises:
+        QuantizeError: the config has no such split or no test pipeline.
+    """
+    if split not in SPLITS:
+        raise QuantizeError(f'split {split!r}: choose from '
+                            f'{", ".join(SPLITS)}')
+    loader = cfg.get(SPLITS[split])
+    if not loader or 'dataset' not in loader:
+        raise QuantizeError(f'the config has no {SPLITS[split]}.dataset')
+    test_loader = cfg.get('test_dataloader') or cfg.get('val_dataloader')
+    if not test_loader or 'dataset' not in test_loader:
+        raise QuantizeError('the config has no test_dataloader.dataset '
+                            '(its pipeline preprocesses the images)')
+    ds_cfg = copy.deepcopy(_inner_dataset(loader['dataset']))
+    pipeline = _inner_dataset(test_loader['dataset']).get('pipeline')
+    if not pipeline:
+        raise QuantizeError('the config\'s test dataset has no pipeline')
+    ds_cfg['pipeline'] = copy.deepcopy(pipeline)
+    ds_cfg['test_mode'] = True
+    return ds_cfg
+
+
+def build_split(cfg, split: str):
+    """The dataset of ``split`` (:func:`split_dataset_cfg`), built.
+
+    Raises:
+        QuantizeError: naming the annotation file or folder that is missing
+            or unreadable.
+    """
+    from mmdet.registry import DATASETS
+    from mmengine.registry import init_default_scope
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    ds_cfg = split_dataset_cfg(cfg, split)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' chat
+            ds = DATASETS.build(ds_cfg)
+    except Exception as e:  # mmengine wraps errors of the dataset class
+        root = ds_cfg.get('data_root', '')
+        ann = osp.join(root, ds_cfg.get('ann_file', '')) if root else \
+            ds_cfg.get('ann_file', '')
+        first = str(e).strip().splitlines()[0] if str(e).strip() else \
+            type(e).__name__
+        raise QuantizeError(f'cannot read the {split} images of the config '
+                            f'(annotations {ann!r}): {first}') from None
+    if len(ds) == 0:
+        raise QuantizeError(f'the {split} dataset of the config is empty')
+    return ds
+
+
+def pick_indices(total: int, num: Optional[int]) -> List[int]:
+    """``num`` indices spread evenly over ``range(total)`` (all of them
+    when ``num`` is ``None`` or at least ``total``)."""
+    if num is None or num >= total:
+        return list(range(total))
+    if num < 1:
+        raise QuantizeError(f'number of images must be >= 1, got {num}')
+    return sorted({int(round(v)) for v in np.linspace(0, total - 1, num)})
+
+
+def build_preprocessor(cfg):
+    """The detector's data preprocessor (normalization, BGR->RGB, padding)
+    built from ``cfg.model.data_preprocessor``: it holds no weights."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    dp = cfg.model.get('data_preprocessor')
+    if not dp:
+        raise QuantizeError('the config\'s model has no data_preprocessor '
+                            '(needed to feed real images to the graph)')
+    return MODELS.build(copy.deepcopy(dp)).eval()
+
+
+def preprocessed_images(cfg,
+                        split: str,
+                        num: Optional[int],
+                        preprocessor=None) -> Tuple[List[dict], dict]:
+    """Real images of the config's ``split`` through the test pipeline and
+    the data preprocessor, one image each: what an exported graph takes.
+
+    Args:
+        cfg (Config): the model config.
+        split (str): ``train``, ``val`` or ``test``.
+        num (int, optional): how many (evenly spread over the split); all
+            when ``None`` or more than the split holds.
+        preprocessor (nn.Module, optional): default
+            :func:`build_preprocessor` of ``cfg``.
+
+    Returns:
+        tuple: feeds ``{'input': 1x3xHxW float32, 'img_shape': 1x2 int64
+        (valid h, w inside the padded input)}``, and ``dict(split, images,
+        of, shapes)``.
+    """
+    import torch
+    from mmengine.dataset import pseudo_collate
+    preprocessor = preprocessor or build_preprocessor(cfg)
+    ds = build_split(cfg, split)
+    idx = pick_indices(len(ds), num)
+    feeds, shapes = [], Counter()
+    with torch.no_grad():
+        for i in idx:
+            batch = preprocessor(pseudo_collate([ds[i]]), False)
+            x = batch['inputs'].float().cpu().contiguous().numpy()
+            h, w = batch['data_samples'][0].metainfo['img_shape'][:2]
+            feeds.append(dict(input=x, img_shape=np.asarray(
+                [[h, w]], dtype=np.int64)))
+            shapes[tuple(x.shape)] += 1
+    return feeds, dict(split=split, images=len(feeds), of=len(ds),
+                       shapes=dict(shapes))
+
+
+# ------------------------------------------------------------- workflow
+#: Default number of real images the INT8 graph is verified on.
+DEFAULT_VERIFY_IMAGES = 8
+#: A quantized tensor below this SQNR against FP32 fails the verification.
+DEFAULT_MIN_SQNR = 10.0
+
+
+def _check_workflow_args(config_path: str, checkpoint: str, output: str,
+                         calib_images: Optional[int], verify_images: int,
+                         min_sqnr: float, bench: int) -> None:
+    if not str(output).endswith('.onnx'):
+        raise QuantizeError(f'OUTPUT {output}: must be a .onnx file')
+    out = osp.realpath(output)
+    for what, path in (('CHECKPOINT', checkpoint), ('CONFIG', config_path)):
+        if osp.realpath(path) == out:
+            raise QuantizeError(f'OUTPUT {output} is the {what} itself')
+    if osp.isdir(output):
+        raise QuantizeError(f'OUTPUT {output} is a folder')
+    if calib_images is not None and calib_images < 1:
+        raise QuantizeError(f'--calib-images must be >= 1, got '
+                            f'{calib_images}')
+    if verify_images < 1:
+        raise QuantizeError(f'--verify-images must be >= 1, got '
+                            f'{verify_images}')
+    if not min_sqnr == min_sqnr:  # NaN
+        raise QuantizeError('--min-sqnr must be a number')
+    if bench < 0:
+        raise QuantizeError(f'--bench must be >= 0, got {bench}')
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise QuantizeError(f'needs onnx and onnxruntime ({e}); pip install '
+                            '-e .[onnx]') from None
+
+
+def time_sessions(paths: Mapping[str, str],
+                  feed,
+                  repeats: int,
+                  warmup: int = 2,
+                  threads: Optional[int] = None) -> dict:
+    """Median latency of onnxruntime graphs on one input, interleaved (the
+    benchmark's method: balanced order, one settle call, disturbed rounds
+    dropped), and the median per-round ratio of each to the first.
+
+    Args:
+        paths (Mapping[str, str]): name -> ``.onnx`` file.
+        feed (np.ndarray | dict): the input (array or feed dict).
+        repeats (int): timed rounds.
+        warmup (int): untimed rounds.
+        threads (int, optional): onnxruntime intra-op threads.
+
+    Returns:
+        dict: ``latency_ms`` (name -> ms), ``ratio`` (name -> median of
+        per-round ratios to the first graph), ``rounds``, ``dropped``,
+        ``busy`` and ``shape``.
+    """
+    import statistics
+
+    from mmrepvgg.benchmark.timing import (LoadProbe, classify_rounds,
+                                           ratio_stats, select_rounds,
+                                           time_interleaved)
+    from .runtime import input_names, make_session
+    fns = {}
+    shape = None
+    for name, path in paths.items():
+        sess = make_session(path, threads)
+        (f, ) = _as_feeds([feed], input_names(sess))
+        shape = tuple(next(iter(f.values())).shape)
+        fns[name] = (lambda s=sess, f=f: s.run(None, f))
+    probe = LoadProbe()
+    res = time_interleaved(fns, repeats, warmup, settle=1, probe=probe)
+    reasons = classify_rounds(res['rounds'], threads or probe.ncpu,
+                              probe.ncpu, tick=probe.tick)
+    kept, busy = select_rounds(reasons)
+    first = next(iter(paths))
+    times = res['times']
+    return dict(
+        latency_ms={k: 1e3 * statistics.median(v[i] for i in kept)
+                    for k, v in times.items()},
+        ratio={k: ratio_stats(times[k], times[first], kept)['median']
+               for k in times},
+        rounds=len(reasons), dropped=sum(bool(r) for r in reasons),
+        busy=busy, shape=shape)
+
+
+def quantize_checkpoint(cfg,
+                        config_path: str,
+                        checkpoint: str,
+                        output: str,
+                        backbone_only: bool = False,
+                        img_shape_input: bool = False,
+                        calib_images: Optional[int] = DEFAULT_CALIB_IMAGES,
+                        calib_split: str = 'train',
+                        verify_images: int = DEFAULT_VERIFY_IMAGES,
+                        verify_split: str = 'val',
+                        config: Optional[QuantConfig] = None,
+                        min_sqnr: float = DEFAULT_MIN_SQNR,
+                        threads: Optional[int] = None,
+                        unsafe_load: bool = False,
+                        layers: bool = False,
+                        bench: int = 0,
+                        fp32_output: Optional[str] = None) -> dict:
+    """Export the fused model of a config + checkpoint, quantize it to INT8
+    on real images, verify it against the FP32 graph and write it.
+
+    The FP32 graph comes from :func:`.onnx_export.export_onnx` (mode
+    ``backbone`` or ``end2end``, verified against PyTorch there); the INT8
+    graph has the same inputs and outputs, so whatever evaluates the FP32
+    file evaluates the INT8 one.
+
+    Args:
+        cfg (Config): the model config (training or deploy twin).
+        config_path (str): its path, for messages.
+        checkpoint (str): training-form or deploy checkpoint.
+        output (str): the INT8 ``.onnx`` file, written atomically after the
+            verification passed.
+        backbone_only (bool): the backbone alone; otherwise the end-to-end
+            detector graph (preprocessed image in, ``dets``/``labels`` out),
+            its post-processing left in float.
+        img_shape_input (bool): end-to-end graph with the ``img_shape``
+            input (see :mod:`.onnx_export`).
+        calib_images (int, optional): calibration images of
+            ``calib_split`` (evenly spread; all when ``None`` or more than
+            the split holds).
+        calib_split (str): ``train`` (default: not the images the model is
+            evaluated on), ``val`` or ``test``.
+        verify_images (int): images of ``verify_split`` the INT8 graph is
+            compared with the FP32 graph on.
+        verify_split (str): ``val`` by default.
+        config (QuantConfig, optional): quantization settings.
+        min_sqnr (float): every quantized output (backbone features, or the
+            head's raw outputs of a detector graph) must reach this SQNR
+            (dB) against FP32, or nothing is written.
+        threads (int, optional): onnxruntime threads.
+        unsafe_load (bool): unpickle the checkpoint freely (trusted files
+            only).
+        layers (bool): also measure :func:`layer_errors`.
+        bench (int): time FP32 vs INT8 onnxruntime with this many rounds
+            (0: no timing).
+        fp32_output (str, optional): also write the FP32 graph there.
+
+    Returns:
+        dict: what was done and measured (printed by ``tools/quantize.py``).
+
+    Raises:
+        QuantizeError / ExportError: bad arguments, unreadable data, a
+            failed verification; nothing is written then.
+    """
+    import shutil
+
+    from mmrepvgg.deploy import atomic_write
+    from .onnx_export import export_onnx
+    config = (config or QuantConfig()).validate()
+    _check_workflow_args(config_path, checkpoint, output, calib_images,
+                         verify_images, min_sqnr, bench)
+    if fp32_output is not None and osp.realpath(fp32_output) == \
+            osp.realpath(output):
+        raise QuantizeError('--save-fp32 and OUTPUT are the same file')
+    if fp32_output is not None and not str(fp32_output).endswith('.onnx'):
+        raise QuantizeError(f'--save-fp32 {fp32_output}: must be a .onnx '
+                            'file')
+    preprocessor = build_preprocessor(cfg)
+    calib, calib_info = preprocessed_images(cfg, calib_split, calib_images,
+                                            preprocessor)
+    verify, verify_info = preprocessed_images(cfg, verify_split,
+                                              verify_images, preprocessor)
+    with tempfile.TemporaryDirectory(prefix='mmrepvgg-quantize-') as tmp:
+        fp32 = osp.join(tmp, 'fp32.onnx')
+        int8 = osp.join(tmp, 'int8.onnx')
+        shape = tuple(int(v) for v in calib[0]['input'].shape[2:])
+        exp = export_onnx(cfg, config_path, checkpoint, fp32,
+                          mode='backbone' if backbone_only else 'end2end',
+                          img_shape_input=img_shape_input, shape=shape,
+                          threads=threads, unsafe_load=unsafe_load)
+        report = dict(checkpoint_form=exp['checkpoint_form'],
+                      blocks=exp['blocks'], exported=exp['exported'],
+                      output=output, config=config.describe(),
+                      calibration=calib_info, verification=verify_info,
+                      inputs=_graph_inputs(fp32))
+        if 'postprocess' in exp:
+            report['postprocess'] = exp['postprocess']
+        qinfo = quantize_onnx(fp32, int8, calib, config)
+        report.update(quantized=qinfo['quantized'],
+                      excluded=qinfo['excluded'],
+                      excluded_ops=dict(qinfo['excluded_ops']),
+                      boundary=qinfo['boundary'])
+        detector = {'dets', 'labels'} <= {
+            o.name for o in _load(fp32).graph.output}
+        errors = compare_sessions(fp32, int8, verify,
+                                  extra_tensors=qinfo['boundary'],
+                                  threads=threads, outputs=not detector)
+        report['errors'] = errors
+        if detector:
+            report['detections'] = detection_agreement(fp32, int8, verify,
+                                                       threads)
+        for name in qinfo['boundary']:
+            e = errors[name]
+            if not e['sqnr_db'] >= min_sqnr:  # NaN fails too
+                raise QuantizeError(
+                    f'{checkpoint}: INT8 tensor {name} is too far from FP32 '
+                    f'(SQNR {e["sqnr_db"]:.1f} dB < --min-sqnr '
+                    f'{min_sqnr:g}, relative error {e["rel_err"]:.3g}); '
+                    f'{output} not written')
+        report['ops_fp32'] = dict(op_histogram(fp32))
+        report['ops_int8'] = dict(op_histogram(int8))
+        report['runtime_ops'] = dict(optimized_op_types(int8, threads))
+        report['size_fp32'] = osp.getsize(fp32)
+        if layers:
+            report['layers'] = layer_errors(fp32, int8, verify, threads)
+        if bench:
+            report['bench'] = time_sessions(dict(fp32=fp32, int8=int8),
+                                            verify[0], bench,
+                                            threads=threads)
+        if fp32_output:
+            atomic_write(fp32_output, lambda t: shutil.copyfile(fp32, t))
+        atomic_write(output, lambda t: shutil.copyfile(int8, t))
+    report['size'] = osp.getsize(output)
+    return report

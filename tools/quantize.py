@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Quantize a fused RepVGG model to INT8 for onnxruntime on CPUs.
+
+    python tools/quantize.py CONFIG CHECKPOINT OUT.onnx              # detector
+    python tools/quantize.py CONFIG CHECKPOINT OUT.onnx --backbone-only \\
+        --layers --bench 30
+
+Exports the deploy-form model (a training checkpoint is fused first) to ONNX
+and quantizes it statically with onnxruntime.quantization: QDQ format,
+per-channel symmetric INT8 weights, 8-bit activations calibrated on
+--calib-images real images of the config's train split through its test
+pipeline and data preprocessor. The end-to-end detector graph keeps its
+post-processing (score activation, decoding, TopK, NMS) in float; only the
+convs and what feeds them are quantized. The INT8 graph is run on
+--verify-images val images next to the FP32 graph: per-output SQNR and
+relative error are printed, and every quantized output must reach
+--min-sqnr dB. --layers adds the per-conv-layer SQNR (accumulated,
+activation alone, weights), --bench times FP32 vs INT8 onnxruntime.
+OUT.onnx is written atomically after the checks; any bad input exits 1 with
+one ``error: ...`` line and writes nothing.
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+
+    from mmrepvgg.export.quantize import (CALIBRATION_METHODS,
+                                          DEFAULT_CALIB_IMAGES,
+                                          DEFAULT_MIN_SQNR,
+                                          DEFAULT_VERIFY_IMAGES,
+                                          QUANT_FORMATS, QUANT_TYPES)
+    from mmrepvgg.utils.cli import add_cli_args
+    p = argparse.ArgumentParser(
+        description='Post-training static INT8 quantization of a fused '
+        'RepVGG detector or backbone (onnxruntime), calibrated on real '
+        'images and verified against FP32.')
+    p.add_argument('config', help='model config (training or deploy twin)')
+    p.add_argument('checkpoint', help='training-form or deploy checkpoint')
+    p.add_argument('output', help='the INT8 .onnx file')
+    p.add_argument('--backbone-only', action='store_true',
+                   help='quantize the backbone alone (default: the '
+                   'end-to-end detector graph)')
+    p.add_argument('--img-shape-input', action='store_true',
+                   help='detector graph with the img_shape input (boxes '
+                   'clipped to each image inside the padded batch, as '
+                   'tools/export_onnx.py --img-shape-input)')
+    p.add_argument('--calib-images', type=int, default=DEFAULT_CALIB_IMAGES,
+                   help='calibration images, spread evenly over the split '
+                   f'(all if fewer); default {DEFAULT_CALIB_IMAGES}')
+    p.add_argument('--calib-split', choices=['train', 'val', 'test'],
+                   default='train',
+                   help='split the calibration images come from; default '
+                   'train (not the evaluation images)')
+    p.add_argument('--verify-images', type=int,
+                   default=DEFAULT_VERIFY_IMAGES,
+                   help='images of --verify-split on which INT8 is compared '
+                   f'with FP32; default {DEFAULT_VERIFY_IMAGES}')
+    p.add_argument('--verify-split', choices=['train', 'val', 'test'],
+                   default='val', help='default val')
+    p.add_argument('--min-sqnr', type=float, default=DEFAULT_MIN_SQNR,
+                   help='smallest SQNR (dB) of a quantized output against '
+                   f'FP32 before refusing to write; default '
+                   f'{DEFAULT_MIN_SQNR:g}')
+    q = p.add_argument_group('quantization (defaults: the measured best)')
+    q.add_argument('--format', choices=QUANT_FORMATS, default='QDQ',
+                   help='QDQ (fused into QLinearConv by onnxruntime) or '
+                   'QOperator; default QDQ')
+    q.add_argument('--activation-type', choices=QUANT_TYPES,
+                   default='uint8', help='default uint8 (asymmetric)')
+    q.add_argument('--weight-type', choices=QUANT_TYPES, default='int8',
+                   help='default int8 (symmetric)')
+    q.add_argument('--per-tensor', action='store_true',
+                   help='one weight scale per tensor instead of per output '
+                   'channel')
+    q.add_argument('--reduce-range', action='store_true',
+                   help='7-bit weights (CPUs without VNNI)')
+    q.add_argument('--symmetric-activations', action='store_true',
+                   help='zero point 0 for activations')
+    q.add_argument('--calibration', choices=CALIBRATION_METHODS,
+                   default='MinMax', help='default MinMax')
+    q.add_argument('--percentile', type=float, default=99.999,
+                   help='percentile of --calibration Percentile; default '
+                   '99.999')
+    p.add_argument('--layers', action='store_true',
+                   help='print the per-conv-layer SQNR table')
+    p.add_argument('--layers-json', metavar='PATH',
+                   help='write the per-layer rows as JSON (implies '
+                   '--layers)')
+    p.add_argument('--bench', type=int, default=0, metavar='ROUNDS',
+                   help='time FP32 vs INT8 onnxruntime on one verification '
+                   'image with this many interleaved rounds')
+    p.add_argument('--save-fp32', metavar='PATH',
+                   help='also write the FP32 graph the INT8 one comes from')
+    p.add_argument('--threads', type=int,
+                   help='onnxruntime (and PyTorch) threads')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction,
+                   help='override settings in the config, key=value')
+    add_cli_args(p)
+    return p.parse_args(argv)
+
+
+def _db(v: float) -> str:
+    return f'{v:.1f} dB' if v == v and abs(v) != float('inf') else str(v)
+
+
+def _ops(hist: dict, n: int) -> str:
+    items = sorted(hist.items(), key=lambda kv: -kv[1])
+    text = ', '.join(f'{k} {v}' for k, v in items[:n])
+    return text + (f', ... ({len(items) - n} more op types)'
+                   if len(items) > n else '')
+
+
+def print_report(r: dict) -> None:
+    mib = 2**20
+    print(f'quantized {r["exported"]} -> {r["output"]} '
+          f'({r["size"] / mib:.2f} MiB; FP32 {r["size_fp32"] / mib:.2f} '
+          'MiB)')
+    print(f'  checkpoint     : {r["checkpoint_form"]} form, {r["blocks"]} '
+          'RepVGG block(s)')
+    if 'postprocess' in r:
+        print(f'  post-processing: {r["postprocess"]} (float)')
+    print(f'  quantization   : {r["config"]}')
+    c = r['calibration']
+    shapes = ', '.join('x'.join(map(str, s)) for s in c['shapes'])
+    print(f'  calibration    : {c["images"]} of {c["of"]} {c["split"]} '
+          f'images through the test pipeline ({shapes})')
+    kept = _ops(r['excluded_ops'], 8)
+    print(f'  quantized nodes: {r["quantized"]}; left in float: '
+          f'{r["excluded"]}' + (f' ({kept})' if kept else ''))
+    ops = r['runtime_ops']
+    convs = r['ops_fp32'].get('Conv', 0)
+    print(f'  onnxruntime ops: {ops.get("QLinearConv", 0)} of {convs} convs '
+          f'run as QLinearConv; {_ops(ops, 10)}')
+    v = r['verification']
+    print(f'  verification   : INT8 vs FP32 on {v["images"]} {v["split"]} '
+          'images')
+    for name, e in r['errors'].items():
+        extra = f', shapes differ on {e["shape_mismatch"]}' if \
+            e.get('shape_mismatch') else ''
+        print(f'    {e["kind"]:8s} {name}: SQNR {_db(e["sqnr_db"])}, max '
+              f'rel err {e["rel_err"]:.3g}{extra}')
+    if 'detections' in r:
+        d = r['detections']
+        print(f'    detections: {d["matched"]} of {d["reference_detections"]}'
+              f' FP32 detections matched by INT8 ones (same label, box '
+              f'within {d["box_tol"]:.2g} px, score within '
+              f'{d["score_tol"]:g}); INT8 has {d["detections"]}, '
+              f'{len(d["differing"])} image(s) differ')
+    if 'bench' in r:
+        b = r['bench']
+        lat = b['latency_ms']
+        busy = ' (busy machine)' if b['busy'] else ''
+        print(f'  onnxruntime    : {"x".join(map(str, b["shape"]))}: FP32 '
+              f'{lat["fp32"]:.2f} ms, INT8 {lat["int8"]:.2f} ms, INT8/FP32 '
+              f'{b["ratio"]["int8"]:.3f} (median of {b["rounds"]} rounds, '
+              f'{b["dropped"]} disturbed){busy}')
+    if 'layers' in r:
+        from mmrepvgg.export.quantize import format_layer_table
+        print()
+        print(format_layer_table({'INT8': r['layers']}))
+
+
+def run(args) -> int:
+    import torch
+
+    import mmrepvgg  # noqa: F401  (registers modules and safe globals)
+    from mmrepvgg.apis.convert import load_config
+    from mmrepvgg.deploy import atomic_write
+    from mmrepvgg.export.quantize import (QuantConfig, QuantizeError,
+                                          quantize_checkpoint)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise QuantizeError(f'--threads must be >= 1, got '
+                                f'{args.threads}')
+        torch.set_num_threads(args.threads)
+    qcfg = QuantConfig(
+        quant_format=args.format, activation_type=args.activation_type,
+        weight_type=args.weight_type, per_channel=not args.per_tensor,
+        reduce_range=args.reduce_range, calibrate_method=args.calibration,
+        percentile=args.percentile,
+        symmetric_activations=args.symmetric_activations)
+    layers = args.layers or bool(args.layers_json)
+    if layers and args.format != 'QDQ':
+        raise QuantizeError('--layers needs --format QDQ (it reads the '
+                            'quantization parameters of the QDQ pairs)')
+    cfg = load_config(args.config, args.cfg_options)
+    report = quantize_checkpoint(
+        cfg, args.config, args.checkpoint, args.output,
+        backbone_only=args.backbone_only,
+        img_shape_input=args.img_shape_input, calib_images=args.calib_images,
+        calib_split=args.calib_split, verify_images=args.verify_images,
+        verify_split=args.verify_split, config=qcfg,
+        min_sqnr=args.min_sqnr, threads=args.threads,
+        unsafe_load=args.unsafe_load, layers=layers, bench=args.bench,
+        fp32_output=args.save_fp32)
+    print_report(report)
+    if args.layers_json:
+        data = json.dumps(report['layers'], indent=1).encode()
+
+        def write(tmp):
+            with open(tmp, 'wb') as f:
+                f.write(data)
+        atomic_write(args.layers_json, write)
+        print(f'wrote {args.layers_json}')
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mmrepvgg.utils.cli import run_cli
+    return run_cli(lambda: run(args), debug=args.debug)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
