@@ -8,7 +8,6 @@ refused run leaves no work dir behind) and raised as a
 only under ``torchrun``).
 """
 import argparse
-import contextlib
 import os
 import os.path as osp
 import sys
@@ -246,33 +245,28 @@ def check_test_checkpoint(cfg: Config,
 
 
 # ------------------------------------------------------------------- running
-def safe_loading():
-    """The scope in which the runner may load mmengine checkpoints with
-    ``weights_only=True``: :func:`mmrepvgg.deploy.checkpoint.safe_loading`
-    where it exists (the allowlist is then only active inside), else
-    nothing (``import mmrepvgg`` registered it process-wide)."""
-    from mmrepvgg.deploy import checkpoint
-    scope = getattr(checkpoint, 'safe_loading', None)
-    return scope() if scope is not None else contextlib.nullcontext()
-
-
 def run_runner(cfg: Config, args: argparse.Namespace, method: str):
     """Build mmengine's runner from ``cfg`` and call ``runner.<method>()``.
 
     ``--unsafe-load`` lifts ``weights_only`` for every load of this process;
     distributed runs on a CPU-only torch get the shims of
-    :mod:`mmrepvgg.utils.dist`. The run is wrapped in :func:`safe_loading`.
+    :mod:`mmrepvgg.utils.dist`. The run is wrapped in
+    :func:`mmrepvgg.deploy.safe_loading`: mmengine's ``load_from`` and
+    ``resume`` load runner checkpoints with ``weights_only=True`` and the
+    allowlist, which is active only for the run.
     """
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
+
+    from mmrepvgg.deploy import safe_loading
     if args.unsafe_load:
         os.environ['TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'] = '1'
     if args.launcher != 'none':
         allow_cpu_distributed()  # gloo on CPU-only torch (no-op with CUDA)
         cpu_model_wrapper_cfg(cfg)
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg \
-        else RUNNERS.build(cfg)
     with safe_loading():
+        runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg \
+            else RUNNERS.build(cfg)
         return getattr(runner, method)()
 
 
