@@ -55,23 +55,15 @@ def silence_warnings() -> None:
 
 def _exit_interrupted(signum=None, frame=None) -> None:
     """SIGINT handler outside a tool's body: one line, exit 130 at once."""
+    rank_zero = os.environ.get('RANK', '0') in ('0', '')
     for stream in (sys.stdout, sys.stderr):
         try:
-            if stream is sys.stderr and os.environ.get('RANK', '0') in ('0',
-                                                                       ''):
+            if stream is sys.stderr and rank_zero:
                 stream.write('error: interrupted\n')
             stream.flush()  # os._exit does not flush what was printed
         except Exception:  # a closed stream: still exit with the right code
             pass
     os._exit(INTERRUPT_EXIT_CODE)
-
-
-def is_exit_on_interrupt(handler) -> bool:
-    """Whether ``handler`` is the handler :func:`exit_on_interrupt` installs
-    (also when this file was loaded twice, by path and as a module)."""
-    return getattr(handler, '__name__', None) == '_exit_interrupted' and \
-        getattr(handler, '__module__', '') in (__name__, '<run_path>',
-                                               'mmrepvgg.utils.quiet')
 
 
 def exit_on_interrupt() -> bool:
