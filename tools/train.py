@@ -57,7 +57,7 @@ def build_cfg(args):
         cfg.auto_scale_lr.enable = True
     use_atomic_checkpoints(cfg)
     if args.resume is None:
-        check_load_from(cfg)
+        check_load_from(cfg, unsafe_load=args.unsafe_load)
     else:
         resolve_resume(cfg, args.resume, unsafe_load=args.unsafe_load)
     return cfg

@@ -150,12 +150,18 @@ def resolve_resume(cfg: Config, resume: Optional[str],
     return ckpt
 
 
-def check_load_from(cfg: Config) -> None:
-    """A local ``load_from`` (fine-tuning) must exist: refuse it up front
-    rather than with the runner's traceback."""
+def check_load_from(cfg: Config, unsafe_load: bool = False) -> None:
+    """A local ``load_from`` (fine-tuning) must exist and load safely:
+    refuse it up front (:class:`ToolError` naming it) rather than with the
+    runner's traceback. URLs are left to mmengine."""
+    from mmrepvgg.deploy.checkpoint import CheckpointError, load_checkpoint
     path = cfg.get('load_from', None)
-    if path and '://' not in str(path) and not osp.isfile(path):
-        raise ToolError(f'load_from: {path}: no such checkpoint file')
+    if not path or '://' in str(path):
+        return
+    try:
+        load_checkpoint(str(path), map_location='cpu', unsafe=unsafe_load)
+    except CheckpointError as e:
+        raise ToolError(f'load_from: {e}') from None
 
 
 # ------------------------------------------------------------------- testing

@@ -22,7 +22,8 @@ def _train_main(argv, capsys):
     ('cfg-option-brackets', 2, '--cfg-options: '),
     ('cfg-option-merge', 1, '--cfg-options: cannot set '
      'train_cfg.max_epochs.x=1'),
-    ('load-from', 1, 'load_from: '),
+    ('load-from', 1, 'no such checkpoint file'),
+    ('load-from-truncated', 1, 'corrupt checkpoint'),
     ('auto-scale-lr', 1, '--auto-scale-lr needs'),
     ('unknown-flag', 2, 'unrecognized arguments: --bogus'),
 ])
@@ -46,6 +47,9 @@ def test_bad_input_is_one_line_and_writes_nothing(case, code, expect,
         extra = ['--cfg-options', 'train_cfg.max_epochs.x=1']
     elif case == 'load-from':
         extra = ['--cfg-options', f'load_from={tmp_path / "none.pth"}']
+    elif case == 'load-from-truncated':
+        (tmp_path / 'cut.pth').write_bytes(b'PK\x03\x04' + b'\0' * 64)
+        extra = ['--cfg-options', f'load_from={tmp_path / "cut.pth"}']
     elif case == 'auto-scale-lr':
         extra = ['--auto-scale-lr', '--cfg-options',
                  'auto_scale_lr.base_batch_size=0']
@@ -56,4 +60,6 @@ def test_bad_input_is_one_line_and_writes_nothing(case, code, expect,
     assert got == code, lines
     assert len(lines) == 1 and lines[0].startswith('error: '), lines
     assert expect in lines[0], lines
+    if case.startswith('load-from'):
+        assert lines[0].startswith('error: load_from: '), lines
     assert not wd.exists()
