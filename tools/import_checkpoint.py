@@ -88,24 +88,18 @@ def parse_arch(value):
     return text
 
 
-def _same_file(a: str, b: str) -> bool:
-    if osp.abspath(a) == osp.abspath(b):
-        return True
-    return osp.exists(a) and osp.exists(b) and osp.samefile(a, b)
-
-
 def run(args) -> int:
     import mmrepvgg  # noqa: F401  (registers modules and safe globals)
     from mmrepvgg.apis.import_checkpoint import (CheckpointImportError,
                                                  import_state_dict,
                                                  make_checkpoint)
+    from mmrepvgg.apis.convert import check_output_paths
     from mmrepvgg.deploy import load_checkpoint, save_checkpoint
 
-    if _same_file(args.src, args.out):
-        raise ToolError(f'{args.out}: refusing to overwrite the source '
-                        'checkpoint; choose another OUT')
-    if osp.isdir(args.out):
-        raise ToolError(f'{args.out}: is a folder; OUT must be a file path')
+    if not args.out.endswith('.pth'):
+        raise ToolError(f'{args.out}: OUT must end with .pth')
+    # by file identity: symlinks and hard links to the source are refused
+    check_output_paths([(args.src, 'source checkpoint')], [args.out])
     arch = parse_arch(args.arch)
     obj = load_checkpoint(args.src, map_location='cpu',
                           unsafe=args.unsafe_load)

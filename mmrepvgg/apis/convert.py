@@ -26,8 +26,7 @@ from mmrepvgg.deploy.verify import (BLOCK_FP64_TOL, NOISE_FACTOR,
                                     check_finite, describe, judge_fp32,
                                     relative_error)
 from mmrepvgg.utils.cli import ToolError
-from mmrepvgg.utils.fileio import (atomic_write_group, recover_groups,
-                                   remove_stale_temporaries)
+from mmrepvgg.utils.fileio import atomic_write_group
 from mmrepvgg.version import __version__
 
 #: Largest verification input side accepted (--shape).
@@ -512,9 +511,8 @@ def convert_checkpoint(cfg: Config,
                                 source_config=osp.abspath(config_path),
                                 blocks_converted=blocks)
     text = deploy_cfg.pretty_text
-    out_dir = osp.dirname(osp.abspath(out_ckpt))
-    recover_groups(out_dir)  # finish a pair a killed run left half-renamed
-    remove_stale_temporaries(out_dir)
+    # (atomic_write_group first completes a pair that a killed run left
+    # half-renamed in that folder and removes its stale temporaries.)
     atomic_write_group([
         (out_ckpt, lambda tmp: torch.save(
             dict(meta=new_meta, state_dict=state), tmp)),

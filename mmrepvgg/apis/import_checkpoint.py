@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from mmrepvgg.deploy.verify import first_non_finite
 from mmrepvgg.utils.cli import ToolError
 from mmrepvgg.version import __version__
 
@@ -703,6 +704,13 @@ def import_state_dict(obj: Any,
         raise CheckpointImportError(
             'non floating-point weights: ' + _preview(
                 [f'{origin[k]} ({mapped[k].dtype})' for k in bad]))
+    broken = first_non_finite(mapped)
+    if broken is not None:
+        detail = 'a negative variance' if bool(
+            torch.isfinite(mapped[broken]).all()) else 'NaN or Inf values'
+        raise CheckpointImportError(
+            f'{origin[broken]} holds {detail}: the source weights are '
+            'broken; nothing imported')
 
     deploy = detect_deploy(mapped)
     hint = None

@@ -63,9 +63,12 @@ def _default_mode(path: str) -> None:
 
 def _write_temp(path: str, write: Writer) -> str:
     """Write ``path``'s content to a synced temporary beside it; returns the
-    temporary's path (removed again on any error)."""
+    temporary's path (removed again on any error). Interrupted groups of
+    dead processes in that folder are completed and their stale temporaries
+    removed first."""
     directory = osp.dirname(osp.abspath(path))
     os.makedirs(directory, exist_ok=True)
+    tidy(directory)
     fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=TMP_SUFFIX,
                                dir=directory)
     os.close(fd)
@@ -125,8 +128,9 @@ def atomic_write_group(items: Sequence[Tuple[str, Writer]]) -> None:
         for t in temps:
             _remove_quietly(t)
         raise
-    renames = [[osp.basename(t), osp.basename(p)]
-               for t, p in zip(temps, paths)]
+    renames = dict(host=_host(), pid=os.getpid(),
+                   renames=[[osp.basename(t), osp.basename(p)]
+                            for t, p in zip(temps, paths)])
     journal = osp.join(directory,
                        f'.{osp.basename(paths[0])}{JOURNAL_SUFFIX}')
     try:
@@ -148,21 +152,31 @@ def _apply_journal(journal: str) -> List[str]:
     destinations it renamed."""
     directory = osp.dirname(journal)
     with open(journal, encoding='utf-8') as f:
-        renames = json.load(f)
+        renames = json.load(f)['renames']
     done = []
     for tmp, dest in renames:
         src = osp.join(directory, osp.basename(tmp))
-        if osp.exists(src):
+        try:
             os.replace(src, osp.join(directory, osp.basename(dest)))
             done.append(dest)
+        except FileNotFoundError:  # renamed already
+            pass
     _fsync_dir(directory)
-    os.remove(journal)
+    _remove_quietly(journal)
     _fsync_dir(directory)
     return done
 
 
+def _journal_owner_alive(journal: str) -> bool:
+    with open(journal, encoding='utf-8') as f:
+        owner = json.load(f)
+    return owner.get('host') == _host() and _pid_alive(
+        int(owner.get('pid', -1))) and int(owner['pid']) != os.getpid()
+
+
 def recover_groups(directory: str) -> List[str]:
-    """Complete every group write interrupted in ``directory``.
+    """Complete every group write interrupted in ``directory`` (journals of
+    processes that no longer run; a live writer's journal is left to it).
 
     Returns:
         list[str]: destination names completed (empty if nothing was left).
@@ -174,12 +188,23 @@ def recover_groups(directory: str) -> List[str]:
         if name.startswith('.') and name.endswith(JOURNAL_SUFFIX):
             path = osp.join(directory, name)
             try:
+                if _journal_owner_alive(path):
+                    continue  # its writer is renaming right now
                 done.extend(_apply_journal(path))
-            except (OSError, ValueError, TypeError):
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, TypeError, KeyError):
                 # An unreadable journal was never completed by its writer
                 # (it is written atomically): the group was not committed.
                 _remove_quietly(path)
     return done
+
+
+def tidy(directory: str) -> None:
+    """:func:`recover_groups` then :func:`remove_stale_temporaries` (in this
+    order: a pending group's temporaries are its data)."""
+    recover_groups(directory)
+    remove_stale_temporaries(directory)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -8,7 +8,8 @@ from mmengine.registry import init_default_scope
 
 import mmrepvgg
 from mmrepvgg.apis.convert import (collect_outputs, compare_outputs,
-                                   make_inputs)
+                                   make_inputs, verify_models)
+from mmrepvgg.deploy.verify import describe
 from mmrepvgg.testing import randomize_
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -55,12 +56,13 @@ def test_config_builds_runs_and_switches(path, dist_world1):
     assert blocks == {'QARepVGGBlock' if qa else 'RepVGGBlock'}, blocks
     randomize_(model, seed=0).eval()
     x, samples = make_inputs((64, 96))
-    ref = collect_outputs(model, x, samples)
     fused = mmrepvgg.switch_to_deploy(model, verbose=False)
     counts = mmrepvgg.count_reparam_blocks(fused)
     assert counts['total'] > 0 and counts['deployed'] == counts['total']
-    errs = compare_outputs(ref, collect_outputs(fused, x, samples))
-    assert errs['max_rel'] <= 1e-5, errs
+    # Every backbone/neck/head output within the detector's own float32
+    # noise against its float64 evaluation (never a fixed float32 number).
+    verdict = verify_models(model, fused, x, samples)
+    assert verdict['passed'], describe(verdict)
 
     if 'toy' in path:
         return

@@ -30,11 +30,10 @@ from mmrepvgg import ARCH_SETTINGS, RepVGG, switch_to_deploy
 from mmrepvgg.apis.import_checkpoint import (CheckpointImportError,
                                              import_state_dict)
 from mmrepvgg.deploy import load_checkpoint
-from mmrepvgg.testing import randomize_, relative_error
+from mmrepvgg.testing import assert_fp32_equivalent, randomize_
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOL = osp.join(ROOT, 'tools', 'import_checkpoint.py')
-TOL = 1e-6
 #: Tiny arch with groups and SE (hidden = channels // 16 >= 1 everywhere).
 SE_ARCH = dict(num_blocks=(1, 2, 2, 1), width_factor=(0.25, 0.25, 0.25, 0.5),
                group_layer_map={2: 2, 4: 4}, se_cfg=dict(ratio=16))
@@ -153,8 +152,9 @@ def assert_same_features(ref, model, x=X):
     assert len(a) == len(b) == 4
     for u, v in zip(a, b):
         assert u.shape == v.shape
-        err = relative_error(u, v)
-        assert err <= TOL, err
+    # Two float32 implementations of one function: judged against the
+    # source model in float64, by its own float32 noise (any CPU).
+    assert_fp32_equivalent(ref, model, x)
 
 
 def assert_failed(rc, err, tmp_path, *needles, keep=()):
@@ -643,3 +643,50 @@ def test_repvgg_checkpoints_are_not_taken_for_qarepvgg(a0):
         for model in a0:
             assert qarepvgg_evidence(list(to_source(model, fmt))) is None, fmt
     assert qarepvgg_evidence(list(a0[0].state_dict())) is None
+
+
+def _poison(key, fn):
+    def edit(sd):  # a modified copy: the fixture's model stays intact
+        sd[key] = fn(sd[key].clone())
+    return edit
+
+
+@pytest.mark.parametrize('edit,needle', [
+    (_poison('stage0.rbr_dense.conv.weight',
+             lambda t: t.index_fill_(0, torch.tensor([0]), float('nan'))),
+     'stage0.rbr_dense.conv.weight holds NaN or Inf'),
+    (_poison('stage1.0.rbr_1x1.bn.running_mean',
+             lambda t: t.fill_(float('inf'))),
+     'stage1.0.rbr_1x1.bn.running_mean holds NaN or Inf'),
+    (_poison('stage1.1.rbr_identity.running_var', lambda t: t.neg_()),
+     'stage1.1.rbr_identity.running_var holds a negative variance'),
+])
+def test_refuses_non_finite_weights(a0_src, tmp_path, capsys, edit, needle):
+    src = a0_src(edit=edit)
+    rc, _, err = run_tool(capsys, src, tmp_path / 'out.pth')
+    assert_failed(rc, err, tmp_path, str(src), needle, keep=['src.pth'])
+
+
+def test_refuses_hard_link_to_source_and_other_extensions(a0_src, tmp_path,
+                                                         capsys):
+    src = a0_src()
+    os.link(src, tmp_path / 'alias.pth')
+    rc, _, err = run_tool(capsys, src, tmp_path / 'alias.pth')
+    assert rc == 1 and 'refusing to overwrite the source checkpoint' in err
+    rc, _, err = run_tool(capsys, src, tmp_path / 'out.onnx')
+    assert rc == 1 and 'OUT must end with .pth' in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['alias.pth',
+                                                         'src.pth']
+
+
+@pytest.mark.parametrize('arch,needle', [
+    ('{"num_blocks": [100000, 1, 1, 1], "width_factor": [1, 1, 1, 1]}',
+     'num_blocks must be a list of integers in [1, 64]'),
+    ('{"num_blocks": 3}', 'num_blocks must be'),
+    ('{"num_blocks": [1, true, 1, 1], "width_factor": [1, 1, 1, 1]}',
+     'num_blocks must be'),
+])
+def test_arch_dict_is_bounded(a0_src, tmp_path, capsys, arch, needle):
+    rc, _, err = run_tool(capsys, a0_src(), tmp_path / 'out.pth', '--arch',
+                          arch)
+    assert_failed(rc, err, tmp_path, needle, keep=['src.pth'])

@@ -125,5 +125,34 @@ def test_journal_format_is_plain_json(tmp_path, monkeypatch):
     monkeypatch.setattr(fileio, '_apply_journal', spy)
     atomic_write_group([(str(tmp_path / 'a'), _text('1')),
                         (str(tmp_path / 'b'), _text('2'))])
-    assert [dst for _, dst in seen['renames']] == ['a', 'b']
-    assert all(src.endswith(TMP_SUFFIX) for src, _ in seen['renames'])
+    journal = seen['renames']
+    assert journal['pid'] == os.getpid() and journal['host']
+    assert [dst for _, dst in journal['renames']] == ['a', 'b']
+    assert all(src.endswith(TMP_SUFFIX) for src, _ in journal['renames'])
+
+
+def test_live_writers_journal_is_left_alone(tmp_path):
+    # A journal whose writer still runs (here: a sleeping child) is not
+    # touched by another process's recovery.
+    child = subprocess.Popen([sys.executable, '-c',
+                              'import time; time.sleep(30)'])
+    try:
+        (tmp_path / '.tmpx').write_text('new')
+        journal = tmp_path / f'.a{JOURNAL_SUFFIX}'
+        journal.write_text(json.dumps(dict(
+            host=fileio._host(), pid=child.pid,
+            renames=[['.tmpx', 'a']])))
+        assert recover_groups(str(tmp_path)) == []
+        assert journal.exists()
+    finally:
+        child.kill()
+        child.wait()
+    assert recover_groups(str(tmp_path)) == ['a']
+    assert (tmp_path / 'a').read_text() == 'new'
+
+
+def test_every_atomic_write_tidies_its_folder(tmp_path):
+    stale = tmp_path / f'.x.pth.{fileio._host()}.999999999.zz{TMP_SUFFIX}'
+    stale.write_text('left by a killed run')
+    atomic_write(str(tmp_path / 'y.txt'), _text('y'))
+    assert sorted(os.listdir(tmp_path)) == ['y.txt']
