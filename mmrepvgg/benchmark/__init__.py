@@ -9,7 +9,9 @@
   medians of per-round ratios;
 * :mod:`.memory`: peak activation memory of one forward;
 * :mod:`.run`: one run over archs, sizes and batch sizes;
-* :mod:`.report`: targets, tables, chart and the written files.
+* :mod:`.report`: targets, tables, chart and the written files;
+* :mod:`.detector`: whole-detector forms (training, deploy, bfloat16,
+  onnxruntime FP32/INT8) timed together, for the demo's summary table.
 """
 from .memory import peak_activation_bytes, peak_from_memory_events
 from .options import (ALL_FORMS, DEFAULT_FORMS, BenchmarkError,

@@ -295,3 +295,46 @@ def test_load_probe_measures_this_process():
     assert w1 > w0 and c1 > c0
     if b0 is not None:
         assert b1 >= b0
+
+
+def test_detector_forms_summary(toy_workspace, monkeypatch):
+    """The demo's summary helpers: a bfloat16 toy detector predicts like
+    the float32 one (boxes in float32), forms are timed together."""
+    from _toolkit import TOY_CONFIG
+
+    from mmrepvgg.apis.convert import build_model, load_config
+    from mmrepvgg.benchmark import detector as det
+    from mmrepvgg.deploy import switch_to_deploy
+    from mmrepvgg.testing import randomize_
+    monkeypatch.chdir(toy_workspace)
+    cfg = load_config(TOY_CONFIG)
+    model = build_model(cfg)
+    randomize_(model, seed=0)
+    model = switch_to_deploy(model.eval(), inplace=False, verbose=False)
+    m16 = det.to_bf16_detector(model)
+    assert next(m16.backbone.parameters()).dtype == torch.bfloat16
+    assert next(model.backbone.parameters()).dtype == torch.float32
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        raw32 = model.bbox_head(model.extract_feat(x))
+        raw16 = m16.bbox_head(m16.extract_feat(x))
+    for a, b in zip(raw32[0] + raw32[1], raw16[0] + raw16[1]):
+        assert b.dtype == torch.float32
+        assert relative_error(a, b) < 0.1  # bfloat16: 8-bit mantissa
+    metrics = det.evaluate_model(cfg, m16)
+    assert 0 <= metrics['coco/bbox_mAP'] <= 1
+    calls = []
+    timing = det.time_forms({'a': lambda: calls.append('a'),
+                             'b': lambda: calls.append('b')}, repeats=3,
+                            warmup=1)
+    assert len(calls) == 2 * (1 + 3 * 2)  # warm-up, then settle + timed
+    assert set(timing['speedup']) == {'a', 'b'}
+    assert timing['speedup']['a'] == 1.0
+    table = det.format_summary([
+        dict(form='PyTorch training', map=0.5, latency_ms=10.0, speedup=1.0),
+        dict(form='ONNX INT8', map=None, latency_ms=2.5, speedup=4.0)],
+        title='input 1x3x128x128')
+    assert table.splitlines() == [
+        'input 1x3x128x128', '| form | toy-val mAP | latency ms | speed-up |',
+        '|---|---:|---:|---:|', '| PyTorch training | 0.500 | 10.00 | 1.00x |',
+        '| ONNX INT8 | n/a | 2.50 | 4.00x |']

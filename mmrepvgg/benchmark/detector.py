@@ -1,0 +1,238 @@
+"""Whole-detector forms for the demo's one-table summary: accuracy on the
+config's test set and end-to-end latency (preprocessed batch in, detections
+out) of the PyTorch training form, the PyTorch deploy form (float32 and
+bfloat16) and exported onnxruntime graphs (FP32, INT8), timed in the same
+rounds with the benchmark's method (:mod:`.timing`).
+
+The bfloat16 form (:func:`to_bf16_detector`) runs backbone, neck and head
+convolutions in bfloat16 and the post-processing (decoding, NMS) in float32,
+like the INT8 graph does.
+"""
+import copy
+import statistics
+from typing import Callable, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .timing import (LoadProbe, classify_rounds, ratio_stats, select_rounds,
+                     time_interleaved)
+
+
+def _to_float32(outs):
+    if isinstance(outs, torch.Tensor):
+        return outs.float() if outs.is_floating_point() else outs
+    if isinstance(outs, (list, tuple)):
+        return type(outs)(_to_float32(o) for o in outs)
+    return outs
+
+
+def to_bf16_detector(model: nn.Module) -> nn.Module:
+    """A copy of a (deploy-form) single-stage detector whose backbone, neck
+    and head run in bfloat16: the input is cast to bfloat16 before the
+    backbone and the head's outputs back to float32 before the
+    post-processing.
+
+    Args:
+        model (nn.Module): an mmdet detector with ``backbone``, optional
+            ``neck`` and ``bbox_head``.
+
+    Returns:
+        nn.Module: the bfloat16 copy (eval mode).
+    """
+    model = copy.deepcopy(model).eval()
+    parts = [model.backbone, model.bbox_head]
+    if getattr(model, 'with_neck', False):
+        parts.append(model.neck)
+    for p in parts:
+        p.to(torch.bfloat16)
+    model.backbone.register_forward_pre_hook(
+        lambda m, args: tuple(a.to(torch.bfloat16) if isinstance(
+            a, torch.Tensor) else a for a in args))
+    model.bbox_head.register_forward_hook(
+        lambda m, args, out: _to_float32(out))
+    return model
+
+
+@torch.no_grad()
+def evaluate_model(cfg, model: nn.Module) -> Dict[str, float]:
+    """Run ``model`` (any PyTorch form) over the config's test set with its
+    test evaluator, in-process, one batch of the test dataloader at a time.
+
+    Args:
+        cfg (Config): the config (``test_dataloader``, ``test_evaluator``).
+        model (nn.Module): the detector, eval mode.
+
+    Returns:
+        dict: the evaluator's metrics (e.g. ``coco/bbox_mAP``).
+    """
+    from mmengine.evaluator import Evaluator
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import Runner
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    loader = Runner.build_dataloader(copy.deepcopy(cfg.test_dataloader))
+    evaluator = Evaluator(copy.deepcopy(cfg.test_evaluator))
+    evaluator.dataset_meta = loader.dataset.metainfo
+    model.eval()
+    for data in loader:
+        outputs = model.test_step(data)
+        evaluator.process(data_samples=outputs, data_batch=data)
+    return evaluator.evaluate(len(loader.dataset))
+
+
+def predict_fn(model: nn.Module, x: torch.Tensor,
+               samples: Sequence) -> Callable[[], object]:
+    """Zero-argument call of ``model.predict(x, samples, rescale=False)``
+    (what an end-to-end graph computes) under inference mode."""
+
+    def call():
+        with torch.inference_mode():
+            return model.predict(x, samples, rescale=False)
+    return call
+
+
+def onnx_fn(path: str, feed: Mapping[str, np.ndarray],
+            threads: Optional[int] = None) -> Callable[[], object]:
+    """Zero-argument run of an exported graph on ``feed`` (inputs the graph
+    does not take are dropped)."""
+    from mmrepvgg.export.runtime import input_names, make_session
+    sess = make_session(path, threads)
+    feed = {k: feed[k] for k in input_names(sess)}
+    return lambda: sess.run(None, feed)
+
+
+def time_forms(fns: Mapping[str, Callable[[], object]],
+               repeats: int = 20,
+               warmup: int = 3,
+               settle: int = 1,
+               threads: Optional[int] = None) -> dict:
+    """Median latency of each form and the median per-round ratio of the
+    first form to each (its speed-up), timed interleaved with disturbed
+    rounds dropped (see :mod:`.timing`).
+
+    Returns:
+        dict: ``latency_ms``, ``speedup`` (first form / form, median of
+        per-round ratios), ``rounds``, ``dropped``, ``busy``.
+    """
+    probe = LoadProbe()
+    res = time_interleaved(dict(fns), repeats, warmup, settle=settle,
+                           probe=probe)
+    reasons = classify_rounds(res['rounds'],
+                              threads or torch.get_num_threads(),
+                              probe.ncpu, tick=probe.tick)
+    kept, busy = select_rounds(reasons)
+    times = res['times']
+    first = next(iter(fns))
+    return dict(
+        latency_ms={k: 1e3 * statistics.median(v[i] for i in kept)
+                    for k, v in times.items()},
+        speedup={k: ratio_stats(times[first], v, kept)['median']
+                 for k, v in times.items()},
+        rounds=len(reasons), dropped=sum(bool(r) for r in reasons),
+        busy=busy)
+
+
+def format_summary(rows: Sequence[dict], title: str = '') -> str:
+    """The demo's one table: form | toy-val mAP | latency | speed-up.
+
+    Args:
+        rows (Sequence[dict]): ``form``, ``map`` (float or ``None``),
+            ``latency_ms`` and ``speedup`` (vs the first row), in order.
+        title (str): a line above the table (e.g. the input shape).
+
+    Returns:
+        str: a Markdown table (readable as plain text).
+    """
+    lines = [title] if title else []
+    lines += ['| form | toy-val mAP | latency ms | speed-up |',
+              '|---|---:|---:|---:|']
+    for r in rows:
+        m = 'n/a' if r.get('map') is None else f'{r["map"]:.3f}'
+        lines.append(f'| {r["form"]} | {m} | {r["latency_ms"]:.2f} | '
+                     f'{r["speedup"]:.2f}x |')
+    return '\n'.join(lines)
+
+
+def demo_summary(cfg,
+                 config_path: str,
+                 checkpoint: str,
+                 onnx_files: Mapping[str, str],
+                 maps: Mapping[str, Optional[float]],
+                 bf16: Optional[bool] = None,
+                 batch: int = 1,
+                 repeats: int = 20,
+                 warmup: int = 3,
+                 threads: Optional[int] = None,
+                 unsafe_load: bool = False) -> dict:
+    """Time the forms of a toy detector side by side and build the summary.
+
+    Forms, in table order: ``PyTorch training``, ``PyTorch deploy``,
+    ``PyTorch deploy bf16`` (when ``bf16``; default: when the CPU has
+    native bfloat16; its mAP is measured here with :func:`evaluate_model`
+    unless ``maps`` has it), then one row per ``onnx_files`` entry (e.g.
+    ``{'ONNX FP32': fp32.onnx, 'ONNX INT8': int8.onnx}``). The input is the
+    first ``batch`` images of the test set through the test pipeline.
+
+    Args:
+        cfg (Config): the training config.
+        config_path (str): its file.
+        checkpoint (str): the training-form checkpoint.
+        onnx_files (Mapping[str, str]): form name -> end-to-end graph.
+        maps (Mapping[str, float]): form name -> test-set mAP measured
+            elsewhere (``tools/test.py``); missing forms show ``n/a``.
+        bf16 (bool, optional): include the bfloat16 form.
+        batch (int): images per timed call.
+        repeats (int): timed rounds.
+        warmup (int): untimed rounds.
+        threads (int, optional): onnxruntime threads (PyTorch's are set by
+            the caller).
+        unsafe_load (bool): unpickle the checkpoint freely.
+
+    Returns:
+        dict: ``rows`` (for :func:`format_summary`), ``table`` (text),
+        ``timing`` (:func:`time_forms`), ``shape``.
+    """
+    from mmengine.dataset import pseudo_collate
+
+    from mmrepvgg.apis.convert import (build_model, load_weights,
+                                       read_state_dict)
+    from mmrepvgg.deploy import switch_to_deploy
+    from mmrepvgg.export.quantize import build_split
+    from .options import cpu_has_bf16
+    training = build_model(cfg)
+    sd, _ = read_state_dict(checkpoint, unsafe_load)
+    load_weights(training, sd, checkpoint, config_path)
+    training.eval()
+    deploy = switch_to_deploy(training, inplace=False, verbose=False)
+    ds = build_split(cfg, 'test')
+    data = training.data_preprocessor(
+        pseudo_collate([ds[i] for i in range(min(batch, len(ds)))]), False)
+    x, samples = data['inputs'], data['data_samples']
+    shapes = np.asarray([s.metainfo['img_shape'][:2] for s in samples],
+                        np.int64)
+    feed = dict(input=x.numpy(), img_shape=shapes)
+    fns = {'PyTorch training': predict_fn(training, x, samples),
+           'PyTorch deploy': predict_fn(deploy, x, samples)}
+    maps = dict(maps)
+    if bf16 is None:
+        bf16 = cpu_has_bf16()
+    if bf16:
+        model16 = to_bf16_detector(deploy)
+        fns['PyTorch deploy bf16'] = predict_fn(model16, x, samples)
+        if maps.get('PyTorch deploy bf16') is None:
+            metrics = evaluate_model(cfg, model16)
+            maps['PyTorch deploy bf16'] = metrics.get('coco/bbox_mAP')
+    for name, path in onnx_files.items():
+        fns[name] = onnx_fn(path, feed, threads)
+    timing = time_forms(fns, repeats, warmup, threads=threads)
+    rows = [dict(form=k, map=maps.get(k), latency_ms=timing['latency_ms'][k],
+                 speedup=timing['speedup'][k]) for k in fns]
+    shape = tuple(x.shape)
+    used = timing['rounds'] - (0 if timing['busy'] else timing['dropped'])
+    title = (f'input {"x".join(map(str, shape))}, '
+             f'{torch.get_num_threads()} PyTorch threads; median of {used} '
+             'rounds' + (' (busy machine)' if timing['busy'] else ''))
+    return dict(rows=rows, table=format_summary(rows, title), timing=timing,
+                shape=shape)
+
