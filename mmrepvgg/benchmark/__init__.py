@@ -25,17 +25,18 @@ from .report import (check_targets, columns, environment, format_accuracy,
                      write_report)
 from .run import RATIO_PAIRS, bench_row, make_input, run_benchmark
 from .timing import (balanced_schedule, classify_rounds, paired_ratio,
-                     ratio_stats, round_orders, select_rounds,
-                     time_interleaved)
+                     predecessor_effect, ratio_stats, round_orders,
+                     select_rounds, time_interleaved)
 
 __all__ = [
-    'ALL_FORMS', 'DEFAULT_FORMS', 'BenchmarkError', 'PlainReference',
+    'ALL_FORMS', 'BenchmarkError', 'DEFAULT_FORMS', 'PlainReference',
     'PlainSE', 'RATIO_PAIRS', 'balanced_schedule', 'bench_row',
-    'build_forms', 'build_reference', 'check_device_options', 'check_targets',
-    'classify_rounds', 'columns', 'count_params', 'environment',
-    'format_accuracy', 'format_markdown', 'format_table', 'make_input',
-    'max_relative_error', 'paired_ratio', 'parse_arch', 'parse_forms',
-    'parse_size', 'peak_activation_bytes', 'peak_from_memory_events',
-    'plain_block', 'plot', 'ratio_stats', 'round_orders', 'run_benchmark',
-    'select_rounds', 'summary_title', 'time_interleaved', 'write_report'
+    'build_forms', 'build_reference', 'check_device_options',
+    'check_targets', 'classify_rounds', 'columns', 'count_params',
+    'environment', 'format_accuracy', 'format_markdown', 'format_table',
+    'make_input', 'max_relative_error', 'paired_ratio', 'parse_arch',
+    'parse_forms', 'parse_size', 'peak_activation_bytes',
+    'peak_from_memory_events', 'plain_block', 'plot', 'predecessor_effect',
+    'ratio_stats', 'round_orders', 'run_benchmark', 'select_rounds',
+    'summary_title', 'time_interleaved', 'write_report'
 ]

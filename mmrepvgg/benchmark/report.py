@@ -166,6 +166,23 @@ def format_rounds(rows: Sequence[dict]) -> List[str]:
     return out
 
 
+def format_order_effects(rows: Sequence[dict], top: int = 3) -> List[str]:
+    """Per row, the largest order effects: a form's median time right after
+    another form (before the settle calls) over its overall median."""
+    out = []
+    for r in rows:
+        eff = [(abs(v - 1), form, pred, v)
+               for form, d in r.get('order_effect', {}).items()
+               for pred, v in d.items()]
+        if not eff:
+            continue
+        eff.sort(reverse=True)
+        text = ', '.join(f'{form} after {pred} {v:.3f}'
+                         for _, form, pred, v in eff[:top])
+        out.append(f'{row_name(r)} (settle {r["settle"]}): {text}')
+    return out
+
+
 # ------------------------------------------------------------- environment
 def cpu_name() -> str:
     try:
@@ -266,6 +283,13 @@ def format_markdown(rows: Sequence[dict], command: str,
             graph['optimized_ops'].items(), key=lambda kv: -kv[1]))
         out += [f'INT8 graph: {graph["config"]}; as onnxruntime runs it: '
                 f'{ops}.', '']
+    out += ['## Order effects', '',
+            'Largest ratios of a form\'s median time right after another '
+            'form (the call before its settle calls) to its median over all '
+            'calls; 1.000 = no effect of the order (compare a run with '
+            '`--settle 0`).', '']
+    out += [f'- {ln}' for ln in format_order_effects(rows)] or ['- n/a']
+    out += ['']
     rounds = format_rounds(rows)
     out += ['## Disturbed rounds', '']
     out += [f'- {ln}' for ln in rounds] or ['- none']

@@ -19,8 +19,8 @@ from .options import (DEFAULT_FORMS, ORT_FORMS, BenchmarkError,
                       check_device_options, parse_forms)
 from .reference import (build_forms, count_params, float32_noise,
                         judge_form, lossy_error)
-from .timing import (LoadProbe, classify_rounds, ratio_stats, select_rounds,
-                     time_interleaved)
+from .timing import (LoadProbe, classify_rounds, predecessor_effect,
+                     ratio_stats, select_rounds, time_interleaved)
 
 #: Ratios reported when both forms ran: ``(numerator, denominator)``.
 RATIO_PAIRS = (('deploy', 'reference'), ('training', 'deploy'),
@@ -295,6 +295,7 @@ def bench_row(calls: Dict[str, nn.Module],
                                for r in res['rounds']],
                     others_cores_median=statistics.median(others)
                     if others else None),
+        order_effect=predecessor_effect(times, res['orders'], kept),
         settle=settle, order=order, threads=threads,
         times_ms={k: [t * 1e3 for t in v] for k, v in times.items()},
         orders=[list(o) for o in res['orders']])

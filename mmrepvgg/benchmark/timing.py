@@ -34,7 +34,7 @@ import os
 import random
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 try:
     import resource
@@ -289,3 +289,43 @@ def ratio_stats(a: Sequence[float], b: Sequence[float],
         q1 = q3 = ratios[0]
     return dict(median=statistics.median(ratios), q1=q1, q3=q3,
                 n=len(ratios))
+
+
+def predecessor_effect(times: Mapping[str, Sequence[float]],
+                       orders: Sequence[Sequence[str]],
+                       keep: Optional[Sequence[int]] = None
+                       ) -> Dict[str, Dict[str, float]]:
+    """How much each form's time depends on the form run before it.
+
+    The predecessor of a timed call is the form called before it (before
+    its settle calls, if any; across rounds for the first call of a round).
+    For each form and predecessor: the median time of the calls after that
+    predecessor divided by the form's median time over all calls. Values
+    near 1 mean no order effect; run with ``settle=0`` to see the raw
+    effect, with ``settle>=1`` to check that the settle calls absorb it.
+
+    Args:
+        times (Mapping): form -> per-round seconds (round order).
+        orders (Sequence): the form order of each round.
+        keep (Sequence[int], optional): rounds to use (default all).
+
+    Returns:
+        dict: form -> {predecessor -> ratio} (pairs with fewer than two
+        calls left out).
+    """
+    idx = set(range(len(orders)) if keep is None else keep)
+    by: Dict[Tuple[str, str], List[float]] = {}
+    prev = None
+    for r, order in enumerate(orders):
+        for pos, form in enumerate(order):
+            pred = order[pos - 1] if pos else prev
+            if r in idx and pred is not None:
+                by.setdefault((form, pred), []).append(times[form][r])
+        prev = order[-1] if order else prev
+    out: Dict[str, Dict[str, float]] = {}
+    for (form, pred), ts in sorted(by.items()):
+        if len(ts) < 2:
+            continue
+        base = statistics.median(times[form][r] for r in sorted(idx))
+        out.setdefault(form, {})[pred] = statistics.median(ts) / base
+    return out

@@ -338,3 +338,20 @@ def test_detector_forms_summary(toy_workspace, monkeypatch):
         'input 1x3x128x128', '| form | toy-val mAP | latency ms | speed-up |',
         '|---|---:|---:|---:|', '| PyTorch training | 0.500 | 10.00 | 1.00x |',
         '| ONNX INT8 | n/a | 2.50 | 4.00x |']
+
+
+def test_predecessor_effect():
+    # 'b' runs 20% slower right after 'a'; 'a' does not care
+    orders = bm.balanced_schedule(['a', 'b', 'c'])  # 6 rounds
+    times = {'a': [], 'b': [], 'c': []}
+    for o in orders:
+        for i, f in enumerate(o):
+            slow = f == 'b' and i > 0 and o[i - 1] == 'a'
+            times[f].append(1.2 if slow else 1.0)
+    eff = bm.predecessor_effect(times, orders)
+    assert eff['b']['a'] == pytest.approx(1.2) and eff['b']['c'] == 1.0
+    assert set(eff['a'].values()) == {1.0}
+    lines = bm.report.format_order_effects([dict(
+        arch='x', height=8, width=8, batch=1, settle=0, order_effect=eff)])
+    assert lines == ['x 8x8 batch 1 (settle 0): b after a 1.200, '
+                     'c after b 1.000, c after a 1.000']
