@@ -28,7 +28,11 @@ import argparse
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
+    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
+                                          'quiet.py'))['enter_tool']()
 
 #: Published totals (deploy form, 1000-class classifier included), millions,
 #: RepVGG paper / official repository. B2g2 and B3g2 have none.

@@ -17,18 +17,21 @@ and checked for collisions before anything is written; then every good
 checkpoint is converted, each bad one is reported on its own `error:` line,
 and the tool exits 1 with a summary if any failed.
 """
-import argparse
 import os
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
+    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
+                                          'quiet.py'))['enter_tool']()
 
 
 def parse_args(argv=None):
-    from mmrepvgg.utils.cli import add_cli_args
-    from mmengine.config import DictAction
-    p = argparse.ArgumentParser(
+    from mmrepvgg.utils.cli import (CfgOptionsAction, ToolArgumentParser,
+                                    add_cli_args)
+    p = ToolArgumentParser(
         description='Fuse every RepVGG block of a trained detector and write '
         'a deploy checkpoint plus its config.')
     p.add_argument('config', help='training config of the checkpoint')
@@ -36,7 +39,7 @@ def parse_args(argv=None):
                    help='checkpoint file, folder of *.pth, or glob pattern')
     p.add_argument('output', help='output .pth (or a folder when several '
                    'checkpoints are given)')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction,
+    p.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                    help='override settings in the config, key=value')
     p.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
                    help='verification input size (default: the config\'s '

@@ -25,7 +25,7 @@ from mmrepvgg.deploy.verify import (BLOCK_FP64_TOL, NOISE_FACTOR,
                                     NonFiniteError, blockwise_fp64_error,
                                     check_finite, describe, judge_fp32,
                                     relative_error)
-from mmrepvgg.utils.cli import ToolError
+from mmrepvgg.utils.cli import ToolError, merge_cfg_options
 from mmrepvgg.utils.fileio import atomic_write_group
 from mmrepvgg.version import __version__
 
@@ -114,8 +114,7 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
     except Exception as e:  # syntax errors, missing _base_, bad imports
         raise ConvertError(f'{path}: cannot load config ({type(e).__name__}: '
                            f'{str(e).splitlines()[0] if str(e) else ""})')
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    merge_cfg_options(cfg, cfg_options)
     if 'model' not in cfg:
         raise ConvertError(f'{path}: config has no "model"')
     return cfg

@@ -258,7 +258,6 @@ def test_switched_model_deepcopies_and_pickles(tmp_path):
 def test_switched_model_jit_trace_and_script():
     fused, x, _ = _fused_model()
     with torch.no_grad():
-        out = fused(x)
         traced = torch.jit.trace(fused, x)
         _assert_same_function(fused, traced, x)
         scripted = torch.jit.script(fused)
@@ -272,7 +271,6 @@ def test_switched_model_jit_trace_and_script():
 def test_switched_model_torch_compile():
     fused, x, _ = _fused_model()
     with torch.no_grad():
-        out = fused(x)
         compiled = torch.compile(fused, backend='aot_eager', fullgraph=True)
         _assert_same_function(fused, compiled, x)
 

@@ -667,16 +667,16 @@ def test_refuses_non_finite_weights(a0_src, tmp_path, capsys, edit, needle):
     assert_failed(rc, err, tmp_path, str(src), needle, keep=['src.pth'])
 
 
-def test_refuses_hard_link_to_source_and_other_extensions(a0_src, tmp_path,
-                                                         capsys):
+def test_refuses_hard_link_to_source_and_other_extensions(
+        a0_src, tmp_path, capsys):
     src = a0_src()
     os.link(src, tmp_path / 'alias.pth')
     rc, _, err = run_tool(capsys, src, tmp_path / 'alias.pth')
     assert rc == 1 and 'refusing to overwrite the source checkpoint' in err
     rc, _, err = run_tool(capsys, src, tmp_path / 'out.onnx')
     assert rc == 1 and 'OUT must end with .pth' in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['alias.pth',
-                                                         'src.pth']
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ['alias.pth', 'src.pth']
 
 
 @pytest.mark.parametrize('arch,needle', [

@@ -43,6 +43,7 @@ def test_group_is_all_or_nothing(tmp_path):
         atomic_write_group([(str(a), _text('A2')), (str(b), _fail)])
     assert (a.read_text(), b.read_text()) == ('A1', 'B1')
     # Ctrl-C while writing the second file: the same.
+
     def interrupted(tmp):
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
