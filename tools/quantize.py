@@ -23,6 +23,7 @@ import argparse
 import json
 import os.path as osp
 import sys
+from typing import Optional
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -92,6 +93,14 @@ def parse_args(argv=None):
     p.add_argument('--layers-json', metavar='PATH',
                    help='write the per-layer rows as JSON (implies '
                    '--layers)')
+    p.add_argument('--layers-label', default='INT8',
+                   help='column label of this run in the per-layer table '
+                   '(e.g. RepVGG); default INT8')
+    p.add_argument('--layers-against', nargs='+', default=[],
+                   metavar='LABEL=JSON',
+                   help='show saved --layers-json rows of other runs beside '
+                   'this one (e.g. RepVGG=repvgg_layers.json; same arch, '
+                   'layers matched by position; implies --layers)')
     p.add_argument('--bench', type=int, default=0, metavar='ROUNDS',
                    help='time FP32 vs INT8 onnxruntime on one verification '
                    'image with this many interleaved rounds')
@@ -116,7 +125,7 @@ def _ops(hist: dict, n: int) -> str:
                    if len(items) > n else '')
 
 
-def print_report(r: dict) -> None:
+def print_report(r: dict, against: Optional[dict] = None) -> None:
     mib = 2**20
     print(f'quantized {r["exported"]} -> {r["output"]} '
           f'({r["size"] / mib:.2f} MiB; FP32 {r["size_fp32"] / mib:.2f} '
@@ -163,7 +172,33 @@ def print_report(r: dict) -> None:
     if 'layers' in r:
         from mmrepvgg.export.quantize import format_layer_table
         print()
-        print(format_layer_table({'INT8': r['layers']}))
+        print(format_layer_table(dict(
+            [(r['layers_label'], r['layers'])] +
+            list((against or {}).items()))))
+
+
+def read_layer_reports(specs) -> dict:
+    """``{label: rows}`` of ``LABEL=PATH.json`` items (--layers-json
+    files of earlier runs)."""
+    from mmrepvgg.export.quantize import QuantizeError
+    out = {}
+    for spec in specs:
+        label, sep, path = spec.partition('=')
+        if not sep or not label or not path:
+            raise QuantizeError(f'--layers-against {spec!r}: expected '
+                                'LABEL=PATH.json')
+        try:
+            with open(path, encoding='utf-8') as f:
+                rows = json.load(f)
+        except (OSError, ValueError) as e:
+            raise QuantizeError(f'--layers-against {path}: cannot read it '
+                                f'({e})') from None
+        if not isinstance(rows, list) or not all(
+                isinstance(r, dict) and 'layer' in r for r in rows):
+            raise QuantizeError(f'--layers-against {path}: not a '
+                                '--layers-json file')
+        out[label] = rows
+    return out
 
 
 def run(args) -> int:
@@ -185,7 +220,8 @@ def run(args) -> int:
         reduce_range=args.reduce_range, calibrate_method=args.calibration,
         percentile=args.percentile,
         symmetric_activations=args.symmetric_activations)
-    layers = args.layers or bool(args.layers_json)
+    against = read_layer_reports(args.layers_against)
+    layers = args.layers or bool(args.layers_json) or bool(against)
     if layers and args.format != 'QDQ':
         raise QuantizeError('--layers needs --format QDQ (it reads the '
                             'quantization parameters of the QDQ pairs)')
@@ -199,7 +235,8 @@ def run(args) -> int:
         min_sqnr=args.min_sqnr, threads=args.threads,
         unsafe_load=args.unsafe_load, layers=layers, bench=args.bench,
         fp32_output=args.save_fp32)
-    print_report(report)
+    report['layers_label'] = args.layers_label
+    print_report(report, against)
     if args.layers_json:
         data = json.dumps(report['layers'], indent=1).encode()
 

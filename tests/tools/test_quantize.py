@@ -313,3 +313,39 @@ def test_tool_bad_inputs_one_line_no_file(case, toy_workspace,
         assert out.read_bytes() == random_toy_ckpt.read_bytes()
     else:
         assert not osp.exists(out)
+
+
+def test_entropy_calibration_is_not_minmax(tiny_graphs, tmp_path):
+    """onnxruntime's own Entropy defaults reduce to MinMax; ours searches
+    thresholds over 2048 bins, so some activation range gets clipped."""
+    import onnx
+    from onnx import numpy_helper
+
+    def act_scales(path):
+        return {t.name: float(numpy_helper.to_array(t).max())
+                for t in onnx.load(path).graph.initializer
+                if t.name.endswith('_scale') and 'weight' not in t.name
+                and 'bias' not in t.name}
+
+    out = str(tmp_path / 'entropy.onnx')
+    qz.quantize_onnx(tiny_graphs['fp32'], out, _calib(8),
+                     qz.QuantConfig(calibrate_method='Entropy'))
+    minmax, entropy = act_scales(tiny_graphs['int8']), act_scales(out)
+    assert minmax.keys() == entropy.keys()
+    assert any(entropy[k] < 0.99 * minmax[k] for k in minmax)
+    assert all(entropy[k] <= minmax[k] * 1.001 for k in minmax)
+
+
+def test_layers_against_bad_spec(toy_workspace, random_toy_ckpt, tmp_path,
+                                 capsys, monkeypatch):
+    monkeypatch.chdir(toy_workspace)
+    bad = tmp_path / 'bad.json'
+    bad.write_text('{"a": 1}')
+    for spec, expect in ((f'{bad}', 'expected LABEL=PATH.json'),
+                         (f'X={bad}', 'not a --layers-json file'),
+                         (f'X={tmp_path / "none.json"}', 'cannot read it')):
+        code, _, err = _run([TOY_CONFIG, random_toy_ckpt,
+                             tmp_path / 'o.onnx', '--backbone-only',
+                             '--layers-against', spec], capsys)
+        assert code == 1 and expect in err and err.count('\n') == 1
+        assert not (tmp_path / 'o.onnx').exists()
