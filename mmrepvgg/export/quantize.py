@@ -409,6 +409,35 @@ def _entropy_ranges(model_path: str, reader, op_types, symmetric: bool,
     return cache
 
 
+#: ``metadata_props`` key of the INT8 graph describing its quantization.
+QUANT_METADATA_KEY = 'mmrepvgg.quantization'
+
+
+def _keep_metadata(src: str, dst: str, config: QuantConfig,
+                   calibration: int) -> None:
+    """Carry the FP32 graph's ``metadata_props`` (e.g. the export's
+    post-processing settings, read by the ONNX evaluation) over to the INT8
+    graph, and record how it was quantized."""
+    import json
+
+    import onnx
+    fp32 = onnx.load(src, load_external_data=False)
+    model = onnx.load(dst)
+    have = {p.key for p in model.metadata_props}
+    for prop in fp32.metadata_props:
+        if prop.key not in have:
+            model.metadata_props.add(key=prop.key, value=prop.value)
+    info = dict(config=config.describe(), calibration_inputs=calibration)
+    for prop in model.metadata_props:
+        if prop.key == QUANT_METADATA_KEY:
+            prop.value = json.dumps(info)
+            break
+    else:
+        model.metadata_props.add(key=QUANT_METADATA_KEY,
+                                 value=json.dumps(info))
+    onnx.save(model, dst)
+
+
 def quantize_onnx(fp32_path: str,
                   out_path: str,
                   calibration: Sequence,
@@ -485,6 +514,7 @@ def quantize_onnx(fp32_path: str,
                 q.quantize_static(named, out_path, reader, **kwargs)
         finally:
             os.chdir(cwd)
+    _keep_metadata(fp32_path, out_path, config, len(feeds))
     excluded_ops = Counter(n.op_type for n in pre.graph.node
                            if n.name in set(excluded))
     return dict(config=config.describe(), quantized=len(region),

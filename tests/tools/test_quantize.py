@@ -247,6 +247,9 @@ def test_tool_end_to_end_detector(toy_trained, tmp_path, capsys,
     q, f = onnx.load(str(out)), onnx.load(str(fp32))
     assert [o.name for o in q.graph.output] == ['dets', 'labels']
     assert [i.name for i in q.graph.input] == [i.name for i in f.graph.input]
+    meta_q = {p.key: p.value for p in q.metadata_props}
+    assert {p.key for p in f.metadata_props} <= set(meta_q)  # settings kept
+    assert 'MinMax' in json.loads(meta_q[qz.QUANT_METADATA_KEY])['config']
     n_convs = qz.op_histogram(f)['Conv']
     ops = qz.optimized_op_types(str(out))
     assert ops['QLinearConv'] == n_convs and 'Conv' not in ops
