@@ -1,48 +1,68 @@
 #!/usr/bin/env python
 """Export a deployed (fused) RepVGG model to ONNX and verify it.
 
+    python tools/export_onnx.py CONFIG CHECKPOINT OUTPUT.onnx --postprocess
     python tools/export_onnx.py CONFIG CHECKPOINT OUTPUT.onnx
     python tools/export_onnx.py CONFIG CHECKPOINT backbone.onnx --backbone-only
-    python tools/export_onnx.py CONFIG CHECKPOINT OUTPUT.onnx --bench
 
 CHECKPOINT is a training-form checkpoint (converted here: built from CONFIG,
 loaded, switch_to_deploy) or a deploy checkpoint from tools/convert_deploy.py
 (detected from its conv_reparam keys; loaded into CONFIG's deploy twin). CONFIG
 may be a detector config or a bare backbone config (model = dict(type='RepVGG',
-...)). Single-stage detectors export their tensor forward
-bbox_head(extract_feat(x)): raw head outputs, no post-processing; two-stage
-detectors are refused (use --backbone-only). The input is the preprocessed
-(normalized, padded) float32 NCHW batch; batch, height and width are dynamic.
+...)). The input is the preprocessed (normalized, padded) float32 NCHW batch;
+batch, height and width are dynamic in every mode.
 
-Uses torch.onnx.export(dynamo=False). The graph goes to a temporary file, is
-run with onnxruntime (CPUExecutionProvider) on two random inputs of different
-batch and spatial sizes and compared with PyTorch; OUTPUT appears only if the
-max relative error is <= --tolerance. Prints the operator histogram (a fused
-backbone has only Conv and its activation). Needs `pip install -e .[onnx]`.
+--postprocess: end-to-end single-stage detector (RetinaNet, FCOS, ATSS and
+alike): mmdet's post-processing with the config's test_cfg is in the graph
+(prior generation, box decoding, score threshold, per-level nms_pre,
+class-aware NonMaxSuppression, max_per_img); outputs dets (N, K, 5: x1, y1,
+x2, y2, score) and labels (N, K), padded with zeros and label -1. Boxes are in
+the input's pixel frame: divide by the preprocessing's scale factor outside.
+Without it, single-stage detectors export their raw head outputs
+bbox_head(extract_feat(x)); two-stage detectors are refused (use
+--backbone-only).
+
+Verification before OUTPUT appears: raw tensors (onnxruntime vs PyTorch) by
+the float32-noise criterion (error against the float64 model at most
+--noise-factor times PyTorch float32's own; --tolerance: a fixed relative
+bound instead); end to end also detections: the in-graph post-processing vs
+mmdet's predict_by_feat on the same head outputs (must match), and vs mmdet's
+model.predict (differing images reported). Needs `pip install -e .[onnx]`.
 Exits 1 with one line `error: ...` naming the file or argument at fault, and
 writes nothing, on any error.
 """
-import argparse
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
+    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
+                                          'quiet.py'))['enter_tool']()
 
 DEFAULT_OPSET = 17
 
 
 def parse_args(argv=None):
-    from mmrepvgg.utils.cli import add_cli_args
-    from mmengine.config import DictAction
-    p = argparse.ArgumentParser(
+    from mmrepvgg.utils.cli import (CfgOptionsAction, ToolArgumentParser,
+                                    add_cli_args)
+    p = ToolArgumentParser(
         description='Export a RepVGG model in deploy form to ONNX, verified '
         'with onnxruntime.')
     p.add_argument('config', help='model config (detector or backbone; the '
                    'training config also serves a deploy checkpoint)')
     p.add_argument('checkpoint', help='training-form or deploy checkpoint')
     p.add_argument('output', help='output .onnx file')
-    p.add_argument('--backbone-only', action='store_true',
-                   help='export the backbone alone')
+    what = p.add_mutually_exclusive_group()
+    what.add_argument('--postprocess', action='store_true',
+                      help='end-to-end detector: post-processing in the '
+                      'graph, outputs dets and labels')
+    what.add_argument('--backbone-only', action='store_true',
+                      help='export the backbone alone')
+    p.add_argument('--img-shape-input', action='store_true',
+                   help='--postprocess: second input img_shape (N, 2: valid '
+                   'h, w of each image in the padded batch) to clip boxes '
+                   'to, as mmdet does (default: clip to the input size)')
     p.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
                    help="traced and verified input size (default: the "
                    "config's test resize, 640x640 without one)")
@@ -52,19 +72,39 @@ def parse_args(argv=None):
                    help='device of the PyTorch model in verification and '
                    '--bench (the graph is always traced on cpu; onnxruntime '
                    'runs on cpu)')
-    p.add_argument('--tolerance', type=float, default=1e-4,
-                   help='max relative error max|a-b|/max|a| between '
-                   'onnxruntime and PyTorch (default 1e-4)')
+    p.add_argument('--noise-factor', type=float, default=None,
+                   help='accept raw outputs whose float32 error against the '
+                   'float64 model is at most this many times PyTorch '
+                   "float32's own (default 4)")
+    p.add_argument('--tolerance', type=float, default=None,
+                   help='instead, a fixed bound on the relative error '
+                   'max|a-b|/max|a| against the float64 model')
+    p.add_argument('--box-tol', type=float, default=None,
+                   help='--postprocess: pixels within which detections count '
+                   "as the same (default 1e-4 of the input's larger side, at "
+                   'least 0.01)')
+    p.add_argument('--score-tol', type=float, default=None,
+                   help='--postprocess: score difference within which '
+                   'detections count as the same (default 1e-4)')
+    p.add_argument('--max-differing', type=float, default=0.05,
+                   help="--postprocess: largest fraction of detections that "
+                   "may differ from mmdet's float32 predict (threshold flips "
+                   'by float32 noise; default 0.05)')
+    p.add_argument('--verify-images', type=int, default=4,
+                   help='--postprocess: also verify on this many images of '
+                   "the config's test set when it is readable (default 4; "
+                   '0: random inputs only)')
     p.add_argument('--bench', action='store_true',
                    help='time onnxruntime vs PyTorch deploy on the same '
-                   'input (interleaved, median)')
+                   'input (interleaved, median); --postprocess: the graph '
+                   "vs PyTorch deploy + mmdet's post-processing")
     p.add_argument('--repeats', type=int, default=20,
                    help='--bench timed rounds (default 20)')
     p.add_argument('--warmup', type=int, default=3,
                    help='--bench untimed rounds (default 3)')
     p.add_argument('--threads', type=int,
                    help='threads of both PyTorch and onnxruntime')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction,
+    p.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                    help='override settings in the config, key=value')
     add_cli_args(p)
     return p.parse_args(argv)
@@ -75,9 +115,36 @@ def print_report(r: dict) -> None:
           f'({r["size"] / 2**20:.2f} MiB, opset {r["opset"]})')
     print(f'  checkpoint       : {r["checkpoint_form"]} form, '
           f'{r["blocks"]} RepVGG block(s)')
-    shapes = ', '.join(f'{b}x3x{hw[0]}x{hw[1]}' for b, hw in r['checks'])
-    print(f'  verification     : onnxruntime vs PyTorch on {shapes}: max rel '
-          f'err {r["max_rel"]:.3g} ({r["worst"]})')
+    if 'postprocess' in r:
+        print(f'  inputs           : {", ".join(r["inputs"])} (dynamic '
+              'batch, height, width)')
+        print(f'  outputs          : dets (N, {r["settings"]["max_per_img"]}'
+              f', 5), labels (N, {r["settings"]["max_per_img"]}); padding: '
+              'zero rows, label -1')
+        print(f'  test_cfg in graph: {r["postprocess"]}')
+    v = r['verdict']
+    shapes = '; '.join(r['batches']) if 'batches' in r else ', '.join(
+        f'{b}x3x{hw[0]}x{hw[1]}' for b, hw in r['checks'])
+    print(f'  verification     : onnxruntime vs PyTorch on {shapes}')
+    print(f'    raw tensors    : {r["raw_tensors"]} outputs, error vs '
+          f'float64 {v["error"]:.3g}, PyTorch float32 error '
+          f'{v["noise"]:.3g} at {v["worst"]} (ratio {v["ratio"]:.2f}; '
+          f'criterion: {v["criterion"]})')
+    if 'postprocess_check' in r:
+        from mmrepvgg.export.verify import describe_comparison
+        print(f'    detections     : same label, box within '
+              f'{r["box_tol"]:.2g} px, score within {r["score_tol"]:.2g}')
+        print('    ' + describe_comparison(
+            r['postprocess_check'], 'post-processing vs mmdet '
+            'predict_by_feat on the same head outputs'))
+        print('    ' + describe_comparison(
+            r['predict_check'], "detections vs mmdet's model.predict "
+            '(PyTorch float32)'))
+        for img, text in r['predict_check']['differing'][1:5]:
+            print(f'      image {img}: {text}')
+        if 'dataset_note' in r and not any('test-set' in b
+                                           for b in r['batches']):
+            print(f'    (no test-set images: {r["dataset_note"]})')
     ops = ', '.join(f'{op} {n}' for op, n in r['ops'].most_common())
     print(f'  operators        : {ops}')
     if 'leftovers' in r:
@@ -90,32 +157,62 @@ def print_report(r: dict) -> None:
     if 'bench' in r:
         b = r['bench']
         shape = 'x'.join(str(s) for s in b['shape'])
-        print(f'  bench ({shape}, median of {b["repeats"]}): PyTorch '
-              f'{b["pytorch"] * 1e3:.2f} ms, onnxruntime '
-              f'{b["onnxruntime"] * 1e3:.2f} ms, onnxruntime/PyTorch '
+        med = b['median']
+        torch_name = ('PyTorch deploy + mmdet post-processing'
+                      if 'postprocess' in r else 'PyTorch')
+        ort_name = 'onnxruntime end to end' if 'postprocess' in r \
+            else 'onnxruntime'
+        threads = f', {r["threads"]} threads' if r.get('threads') else ''
+        print(f'  bench ({shape}{threads}, median of {b["repeats"]}): '
+              f'{torch_name} {med["pytorch"] * 1e3:.2f} ms, {ort_name} '
+              f'{med["onnxruntime"] * 1e3:.2f} ms, onnxruntime/PyTorch '
               f'{b["ratio"]:.2f}')
 
 
 def run(args) -> int:
     import torch
 
-    import mmrepvgg  # noqa: F401  (registers modules and safe globals)
+    import mmrepvgg  # noqa: F401  (registers modules)
     from mmrepvgg.apis.convert import load_config
-    from mmrepvgg.apis.export import ExportError, export_onnx
+    from mmrepvgg.deploy.verify import NOISE_FACTOR
+    from mmrepvgg.export.onnx_export import ExportError, export_onnx
+    from mmrepvgg.export.verify import SCORE_TOL
+    from mmrepvgg.utils.cli import merge_cfg_options
 
     if args.repeats < 1 or args.warmup < 0:
         raise ExportError('--repeats must be >= 1 and --warmup >= 0')
+    if args.tolerance is not None and args.noise_factor is not None:
+        raise ExportError('--tolerance and --noise-factor exclude each '
+                          'other: give one criterion')
+    if not args.postprocess:
+        for flag, value in (('--img-shape-input', args.img_shape_input),
+                            ('--box-tol', args.box_tol),
+                            ('--score-tol', args.score_tol)):
+            if value not in (None, False):
+                raise ExportError(f'{flag} needs --postprocess')
+    if args.verify_images < 0:
+        raise ExportError(f'--verify-images must be >= 0, got '
+                          f'{args.verify_images}')
     if args.threads is not None:
         if args.threads < 1:
             raise ExportError(f'--threads must be >= 1, got {args.threads}')
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, args.cfg_options)
+    cfg = load_config(args.config)
+    merge_cfg_options(cfg, args.cfg_options)
+    mode = 'end2end' if args.postprocess else (
+        'backbone' if args.backbone_only else 'raw')
     report = export_onnx(
-        cfg, args.config, args.checkpoint, args.output,
-        backbone_only=args.backbone_only, shape=args.shape,
+        cfg, args.config, args.checkpoint, args.output, mode=mode,
+        img_shape_input=args.img_shape_input, shape=args.shape,
         opset=args.opset, device=args.device, tolerance=args.tolerance,
-        unsafe_load=args.unsafe_load, bench=args.bench,
-        repeats=args.repeats, warmup=args.warmup, threads=args.threads)
+        noise_factor=(NOISE_FACTOR if args.noise_factor is None
+                      else args.noise_factor),
+        box_tol=args.box_tol,
+        score_tol=SCORE_TOL if args.score_tol is None else args.score_tol,
+        max_differing=args.max_differing,
+        verify_images=args.verify_images, unsafe_load=args.unsafe_load,
+        bench=args.bench, repeats=args.repeats, warmup=args.warmup,
+        threads=args.threads)
     print_report(report)
     return 0
 

@@ -1,12 +1,16 @@
-"""tools/export_onnx.py: detector and backbone export, dynamic shapes,
-training and deploy checkpoints, onnxruntime verification, bad inputs."""
+"""tools/export_onnx.py: end-to-end, raw-head and backbone export, dynamic
+shapes, training and deploy checkpoints, onnxruntime verification, bad
+inputs; tools/test.py on an exported file (mmdet's test loop)."""
+import json
 import os
 import os.path as osp
+import pickle
+import sys
 
 import numpy as np
 import pytest
 import torch
-from _toolkit import ROOT, TOY_CONFIG, load_tool
+from _toolkit import ROOT, TOOLS, TOY_CONFIG, load_tool, run_tool
 
 pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
@@ -16,6 +20,9 @@ import onnx  # noqa: E402
 from mmrepvgg.apis.convert import build_model, load_config  # noqa: E402
 from mmrepvgg.deploy import switch_to_deploy  # noqa: E402
 from mmrepvgg.testing import randomize_, relative_error  # noqa: E402
+
+sys.path.insert(0, osp.join(ROOT, 'tests', 'export'))
+from _export_helpers import calibrate_head_  # noqa: E402
 
 export_tool = load_tool('export_onnx')
 
@@ -32,6 +39,14 @@ def _run(argv, capsys):
     return code, out, err
 
 
+def _run_usage(argv, capsys):
+    """A command line argparse refuses: exit code from SystemExit."""
+    with pytest.raises(SystemExit) as e:
+        export_tool.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
 def _files(folder):
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
@@ -43,6 +58,7 @@ def models(tmp_path_factory):
     d = tmp_path_factory.mktemp('export')
     det = build_model(load_config(TOY_CONFIG))
     randomize_(det).eval()
+    calibrate_head_(det, torch.randn(2, 3, 128, 128))  # scores 0.1-0.5
     torch.save({'state_dict': det.state_dict()}, d / 'train.pth')
     fused = switch_to_deploy(det, verbose=False)
     torch.save({'state_dict': fused.state_dict()}, d / 'deploy.pth')
@@ -71,7 +87,8 @@ def test_detector_export_dynamic_shapes(models, tmp_path, capsys):
     assert code == 0, err
     assert _files(tmp_path) == ['det.onnx']
     assert 'training form, 10 RepVGG block(s)' in stdout
-    assert 'max rel err' in stdout and 'operators' in stdout
+    assert 'raw tensors    : 6 outputs' in stdout and 'operators' in stdout
+    assert 'ratio' in stdout and 'criterion' in stdout
     assert '1x3x64x96, 2x3x96x64' in stdout  # two verified shapes
     graph = onnx.load(str(out)).graph
     dims = graph.input[0].type.tensor_type.shape.dim
@@ -133,7 +150,10 @@ def test_bare_backbone_config_and_bench(models, tmp_path, capsys):
 
 
 BAD_CASES = ['missing_checkpoint', 'verification_fails', 'not_onnx',
-             'two_stage', 'mismatch', 'malicious', 'missing_config']
+             'two_stage', 'mismatch', 'malicious', 'missing_config',
+             'postprocess_two_stage', 'postprocess_soft_nms',
+             'img_shape_without_postprocess', 'postprocess_fails',
+             'bad_cfg_option']
 
 
 @pytest.mark.parametrize('case', BAD_CASES)
@@ -148,11 +168,24 @@ def test_bad_inputs_exit_1_with_one_line_and_no_output(case, models,
     if case == 'missing_checkpoint':
         ckpt, expect = tmp_path / 'nope.pth', 'no such checkpoint file'
     elif case == 'verification_fails':
-        from mmrepvgg.apis import export as export_api
-        real = export_api.run_onnx
-        monkeypatch.setattr(export_api, 'run_onnx', lambda s, x: [
-            o + 1 for o in real(s, x)])
-        expect = '> tolerance 0.0001; '
+        from mmrepvgg.export import runtime
+        real = runtime.run
+        monkeypatch.setattr(runtime, 'run', lambda s, f, o=None: [
+            a + 1 for a in real(s, f, o)])
+        expect = 'onnxruntime model error vs float64 truth'
+    elif case == 'postprocess_fails':
+        from mmrepvgg.export import runtime
+        real = runtime.run
+
+        def shifted(s, f, o=None):
+            out = real(s, f, o)
+            out[0] = out[0] + 1  # every box and score moved
+            return out
+
+        monkeypatch.setattr(runtime, 'run', shifted)
+        extra = ['--postprocess', '--shape', '64', '64',
+                 '--verify-images', '0']
+        expect = 'the in-graph post-processing differs'
     elif case == 'not_onnx':
         out, expect = out_dir / 'model.pth', 'must end with .onnx'
     elif case == 'two_stage':
@@ -171,14 +204,134 @@ def test_bad_inputs_exit_1_with_one_line_and_no_output(case, models,
         expect = 'system'
     elif case == 'missing_config':
         config, expect = tmp_path / 'nope.py', 'config file does not exist'
-    code, stdout, err = _run([config, ckpt, out] + extra, capsys)
-    assert code == 1, (stdout, err)
+    elif case == 'postprocess_two_stage':
+        config = osp.join(ROOT, 'configs/repvgg/'
+                          'faster-rcnn_repvgg-a0_fpn_1x_coco.py')
+        extra, expect = ['--postprocess'], 'not a single-stage detector'
+    elif case == 'postprocess_soft_nms':
+        extra = ['--postprocess', '--cfg-options',
+                 'model.test_cfg.nms.type=soft_nms']
+        expect = 'cannot put the post-processing in the graph'
+    elif case == 'img_shape_without_postprocess':
+        extra, expect = ['--img-shape-input'], '--img-shape-input needs ' \
+            '--postprocess'
+    elif case == 'bad_cfg_option':
+        extra, expect = ['--cfg-options', 'model.test_cfg'], '--cfg-options'
+    code, stdout, err = _run([config, ckpt, out] + extra, capsys) \
+        if case != 'bad_cfg_option' else _run_usage(
+            [config, ckpt, out] + extra, capsys)
+    assert code == (2 if case == 'bad_cfg_option' else 1), (stdout, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: '), err
     assert expect in lines[0], lines[0]
     assert 'Traceback' not in err
     assert _files(out_dir) == []  # no output, no temporary file
-    if case in ('missing_checkpoint', 'malicious', 'verification_fails'):
+    if case in ('missing_checkpoint', 'malicious', 'verification_fails',
+                'postprocess_fails'):
         assert str(ckpt) in lines[0]
     if case == 'malicious':
         assert not (tmp_path / 'pwned').exists()
+
+
+def test_end2end_toy(models, tmp_path, capsys):
+    out = tmp_path / 'toy.onnx'
+    code, stdout, err = _run([TOY_CONFIG, models['dir'] / 'deploy.pth', out,
+                              '--postprocess', '--shape', '96', '128',
+                              '--cfg-options', 'model.test_cfg.score_thr=0.3',
+                              '--bench', '--repeats', '2', '--warmup', '1'],
+                             capsys)
+    assert code == 0, err
+    assert _files(tmp_path) == ['toy.onnx']
+    assert 'deploy form, 10 RepVGG block(s)' in stdout
+    assert 'outputs          : dets (N, 20, 5), labels (N, 20)' in stdout
+    assert ('test_cfg in graph: score_thr 0.3, nms_pre 1000 per level, nms '
+            'iou 0.5, max_per_img 20, min_bbox_size 0; 3 classes (sigmoid), '
+            'AnchorGenerator strides 8,16,32') in stdout
+    assert 'post-processing vs mmdet predict_by_feat on the same head ' \
+        'outputs: 3/3 images identical' in stdout
+    assert "detections vs mmdet's model.predict (PyTorch float32): 3/3 " \
+        'images identical' in stdout
+    assert 'PyTorch deploy + mmdet post-processing' in stdout
+    assert 'onnxruntime end to end' in stdout
+    assert 'NonMaxSuppression 1' in stdout
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta['mmrepvgg.postprocess'])['max_per_img'] == 20
+    # detections of a new batch: same as mmdet's predict of the deploy model
+    from mmrepvgg.export.verify import (compare_detections, make_samples,
+                                        mmdet_predict, split_dets)
+    x = torch.randn(2, 3, 128, 64)
+    dets, labels = _ort(out, x)
+    det = models['det']
+    det.bbox_head.test_cfg.score_thr = 0.3
+    try:
+        ref = mmdet_predict(det, x, make_samples([(128, 64)] * 2, (128, 64)))
+    finally:
+        det.bbox_head.test_cfg.score_thr = 0.05
+    res = compare_detections(split_dets(dets, labels), ref, 0.02, 1e-4)
+    assert res['differing'] == [] and res['matched'] >= 5
+
+
+def _test_tool(ws, config, ckpt, out, extra=()):
+    proc = run_tool([sys.executable, osp.join(TOOLS, 'test.py'), str(config),
+                     str(ckpt), '--out', str(out), '--work-dir',
+                     str(ws / 'work_dirs' / osp.basename(str(out)))] +
+                    list(extra), cwd=ws)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out, 'rb') as f:
+        results = pickle.load(f)
+    maps = [line for line in (proc.stdout + proc.stderr).splitlines()
+            if 'bbox_mAP_copypaste' in line]
+    assert maps, proc.stdout[-2000:]
+    return results, maps[-1].split('bbox_mAP_copypaste:')[1].split(), \
+        proc.stdout
+
+
+def test_onnx_file_in_mmdet_test_loop(toy_trained, tmp_path):
+    """tools/test.py CONFIG MODEL.onnx: the same detections (rescaled to the
+    original images) and the same metrics as the PyTorch deploy model."""
+    ws, ckpt = toy_trained['ws'], toy_trained['ckpt']
+    onnx_file = ws / 'toy_e2e.onnx'
+    proc = run_tool([sys.executable, osp.join(TOOLS, 'export_onnx.py'),
+                     TOY_CONFIG, str(ckpt), str(onnx_file), '--postprocess',
+                     '--verify-images', '8'], cwd=ws)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '8 test-set image(s) 8x3x128x128' in proc.stdout
+    torch_dets, torch_map, _ = _test_tool(ws, TOY_CONFIG, ckpt,
+                                          tmp_path / 'torch.pkl',
+                                          ['--deploy'])
+    onnx_dets, onnx_map, log = _test_tool(ws, TOY_CONFIG, onnx_file,
+                                          tmp_path / 'onnx.pkl')
+    assert 'post-processing in the graph: score_thr 0.05' in log
+    assert onnx_map == torch_map
+    assert len(onnx_dets) == len(torch_dets) == 8
+    n = 0
+    for a, b in zip(onnx_dets, torch_dets):
+        pa, pb = a['pred_instances'], b['pred_instances']
+        assert np.array_equal(np.asarray(pa['labels']),
+                              np.asarray(pb['labels']))
+        np.testing.assert_allclose(np.asarray(pa['bboxes']),
+                                   np.asarray(pb['bboxes']), atol=1e-2)
+        np.testing.assert_allclose(np.asarray(pa['scores']),
+                                   np.asarray(pb['scores']), atol=1e-5)
+        n += len(pa['labels'])
+    assert n > 0, 'no detection to compare'
+
+
+@pytest.mark.parametrize('case', ['raw_graph', 'deploy_flag', 'missing'])
+def test_onnx_test_loop_refuses(case, models, toy_workspace, tmp_path):
+    raw = tmp_path / 'raw.onnx'
+    if case != 'missing':
+        code = export_tool.main([TOY_CONFIG, str(models['dir'] / 'train.pth'),
+                                 str(raw), '--shape', '64', '64'])
+        assert code == 0
+    extra = ['--deploy'] if case == 'deploy_flag' else []
+    proc = run_tool([sys.executable, osp.join(TOOLS, 'test.py'), TOY_CONFIG,
+                     str(raw), '--work-dir', str(tmp_path / 'wd')] + extra,
+                    cwd=toy_workspace)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
+    expect = {'raw_graph': 'not an end-to-end detector graph',
+              'deploy_flag': '--deploy does not apply to an ONNX file',
+              'missing': 'does not exist'}[case]
+    assert expect in lines[0]

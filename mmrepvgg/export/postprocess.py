@@ -1,0 +1,458 @@
+"""mmdet's dense-head post-processing as traceable tensor code.
+
+:class:`DensePostProcess` turns the raw outputs of a single-stage detector's
+head (class logits, box regressions and optional score factors per level)
+into ``dets`` (N, K, 5: x1, y1, x2, y2, score) and ``labels`` (N, K), the
+layout mmdeploy uses, with the same arithmetic as mmdet 3.x's
+``BaseDenseHead.predict_by_feat`` with ``rescale=False``:
+
+1. per level: sigmoid (or softmax without the background column) scores,
+   flattened over ``(location, anchor, class)``; pairs with ``score >
+   score_thr``; the ``nms_pre`` best of them (``filter_scores_and_topk``);
+2. priors of the kept pairs (anchors of an ``AnchorGenerator`` or points of
+   an ``MlvlPointGenerator``), generated from the feature map sizes, so the
+   graph accepts any input size; box decoding (``DeltaXYWHBBoxCoder``:
+   means/stds, ``wh_ratio_clip``; ``DistancePointBBoxCoder``) and clipping to
+   the image shape (``clip_border``);
+3. scores times the sigmoid score factor (FCOS/ATSS centerness), boxes
+   narrower or lower than ``min_bbox_size`` dropped;
+4. class-aware NMS as mmcv's ``batched_nms``: every box shifted by
+   ``label * (max coordinate + 1)`` and one ONNX ``NonMaxSuppression`` per
+   image (IoU ``> iou_threshold`` suppresses, as mmcv's ``nms``), at most
+   ``max_per_img`` kept, best first.
+
+Fixed-size outputs: images with fewer than ``K = max_per_img`` detections
+are padded with all-zero rows in ``dets`` and ``-1`` in ``labels``.
+
+Every data-dependent selection is a fixed-size one with a validity mask
+(scores of dropped candidates set to ``-1``: real scores are >= 0), so the
+module runs unchanged in PyTorch and traces into a graph with dynamic batch,
+height and width.
+"""
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmrepvgg.utils.cli import ToolError
+
+#: Score given to dropped candidates (real scores are >= 0).
+INVALID = -1.0
+#: NonMaxSuppression's own score threshold: below every real score, above
+#: :data:`INVALID`.
+NMS_SCORE_FLOOR = -0.5
+
+
+class PostProcessError(ToolError):
+    """The head or its ``test_cfg`` has no exact in-graph equivalent."""
+
+
+class OnnxNMS(torch.autograd.Function):
+    """ONNX ``NonMaxSuppression`` (``center_point_box=0``).
+
+    Eager (used while tracing) it runs mmcv's ``nms`` per image and class
+    with the same semantics: candidates with ``score > score_threshold``,
+    suppression when IoU ``> iou_threshold``, at most ``max_output`` per
+    image and class in descending score order. Returns ``(S, 3)`` int64
+    rows ``(batch, class, box)``.
+    """
+
+    @staticmethod
+    def forward(ctx, boxes: Tensor, scores: Tensor, max_output: Tensor,
+                iou_threshold: Tensor, score_threshold: Tensor) -> Tensor:
+        from mmcv.ops import nms
+        k, iou = int(max_output), float(iou_threshold)
+        thr = float(score_threshold)
+        rows = []
+        for b in range(scores.shape[0]):
+            for c in range(scores.shape[1]):
+                s = scores[b, c]
+                idx = torch.nonzero(s > thr).flatten()
+                if idx.numel() == 0:
+                    continue
+                _, keep = nms(boxes[b, idx].float(), s[idx].float(), iou)
+                keep = idx[keep[:k]]
+                rows.append(torch.stack([
+                    torch.full_like(keep, b), torch.full_like(keep, c),
+                    keep], 1))
+        if not rows:
+            return torch.zeros((0, 3), dtype=torch.long)
+        return torch.cat(rows).long()
+
+    @staticmethod
+    def symbolic(g, boxes, scores, max_output, iou_threshold,
+                 score_threshold):
+        return g.op('NonMaxSuppression', boxes, scores, max_output,
+                    iou_threshold, score_threshold, center_point_box_i=0)
+
+
+def _cfg_get(cfg, key, default=None):
+    if cfg is None:
+        return default
+    return cfg.get(key, default) if hasattr(cfg, 'get') else getattr(
+        cfg, key, default)
+
+
+def check_head(head: nn.Module) -> None:
+    """Raise :class:`PostProcessError` unless ``head`` post-processes with
+    the unmodified ``BaseDenseHead`` code, a supported prior generator and
+    box coder and a supported ``test_cfg``."""
+    from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
+    from mmdet.models.task_modules.coders import (DeltaXYWHBBoxCoder,
+                                                  DistancePointBBoxCoder)
+    from mmdet.models.task_modules.prior_generators import (
+        AnchorGenerator, MlvlPointGenerator)
+    name = type(head).__name__
+    if not isinstance(head, BaseDenseHead):
+        raise PostProcessError(f'{name} is not a dense head')
+    for fn in ('predict_by_feat', '_predict_by_feat_single',
+               '_bbox_post_process'):
+        if getattr(type(head), fn) is not getattr(BaseDenseHead, fn):
+            raise PostProcessError(
+                f'{name} overrides {fn}: its post-processing is not '
+                "mmdet's generic dense-head one, which is what the graph "
+                'reproduces (RetinaNet, FCOS, ATSS and alike)')
+    gen = getattr(head, 'prior_generator', None)
+    if type(gen) not in (AnchorGenerator, MlvlPointGenerator):
+        raise PostProcessError(
+            f'{name}: prior generator {type(gen).__name__} is not supported '
+            '(AnchorGenerator or MlvlPointGenerator)')
+    coder = getattr(head, 'bbox_coder', None)
+    pair = {AnchorGenerator: DeltaXYWHBBoxCoder,
+            MlvlPointGenerator: DistancePointBBoxCoder}[type(gen)]
+    if type(coder) is not pair:
+        raise PostProcessError(
+            f'{name}: box coder {type(coder).__name__} with '
+            f'{type(gen).__name__} is not supported ({pair.__name__})')
+    if getattr(coder, 'use_box_type', False):
+        raise PostProcessError(f'{name}: bbox_coder.use_box_type=True is '
+                               'not supported')
+    if getattr(head.loss_cls, 'custom_cls_channels', False):
+        raise PostProcessError(f'{name}: custom class channels (v3det) are '
+                               'not supported')
+    cfg = head.test_cfg
+    if cfg is None:
+        raise PostProcessError(f'{name} has no test_cfg')
+    nms_pre = _cfg_get(cfg, 'nms_pre', -1)
+    if not (isinstance(nms_pre, int) and nms_pre > 0):
+        raise PostProcessError(
+            f'test_cfg.nms_pre={nms_pre!r}: must be a positive int (mmdet '
+            'keeps nms_pre candidates per level; set it with --cfg-options '
+            'model.test_cfg.nms_pre=1000)')
+    max_per_img = _cfg_get(cfg, 'max_per_img', None)
+    if not (isinstance(max_per_img, int) and max_per_img > 0):
+        raise PostProcessError(f'test_cfg.max_per_img={max_per_img!r}: must '
+                               'be a positive int')
+    nms = _cfg_get(cfg, 'nms', None)
+    if nms is None:
+        raise PostProcessError('test_cfg.nms is missing (a graph without '
+                               'NMS is not supported)')
+    if nms.get('type', 'nms') != 'nms':
+        raise PostProcessError(
+            f'test_cfg.nms.type={nms.get("type")!r}: only "nms" has an ONNX '
+            'equivalent (NonMaxSuppression)')
+    extra = set(nms) - {'type', 'iou_threshold', 'class_agnostic',
+                        'split_thr'}
+    if extra:
+        raise PostProcessError(f'test_cfg.nms: options {sorted(extra)} are '
+                               'not supported (iou_threshold, '
+                               'class_agnostic)')
+    if 'iou_threshold' not in nms:
+        raise PostProcessError('test_cfg.nms.iou_threshold is missing')
+
+
+def postprocess_settings(head: nn.Module) -> dict:
+    """The ``test_cfg`` values and head settings baked into the graph."""
+    cfg = head.test_cfg
+    nms = cfg.get('nms')
+    gen, coder = head.prior_generator, head.bbox_coder
+    return dict(
+        score_thr=float(cfg.get('score_thr', 0)),
+        nms_pre=int(cfg.get('nms_pre')),
+        iou_threshold=float(nms['iou_threshold']),
+        class_agnostic=bool(nms.get('class_agnostic', False)),
+        max_per_img=int(cfg.get('max_per_img')),
+        min_bbox_size=float(cfg.get('min_bbox_size', -1)),
+        num_classes=int(head.num_classes),
+        activation='sigmoid' if head.use_sigmoid_cls else 'softmax',
+        priors=type(gen).__name__,
+        strides=[tuple(int(v) for v in s) for s in gen.strides],
+        coder=type(coder).__name__,
+        clip_border=bool(getattr(coder, 'clip_border', True)))
+
+
+def describe_settings(s: dict) -> str:
+    """One line of the baked-in settings, for the export report."""
+    nms = (f'nms iou {s["iou_threshold"]:g}'
+           f'{" class-agnostic" if s["class_agnostic"] else ""}')
+    size = (f', min_bbox_size {s["min_bbox_size"]:g}'
+            if s['min_bbox_size'] >= 0 else '')
+    return (f'score_thr {s["score_thr"]:g}, nms_pre {s["nms_pre"]} per '
+            f'level, {nms}, max_per_img {s["max_per_img"]}{size}; '
+            f'{s["num_classes"]} classes ({s["activation"]}), '
+            f'{s["priors"]} strides '
+            f'{",".join(str(st[0]) for st in s["strides"])}, {s["coder"]}')
+
+
+class DensePostProcess(nn.Module):
+    """mmdet's ``predict_by_feat`` (``rescale=False``) for a dense head.
+
+    Args:
+        head (nn.Module): the detector's ``bbox_head`` (checked with
+            :func:`check_head`); its ``test_cfg``, prior generator and box
+            coder are copied, not referenced.
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        check_head(head)
+        from mmdet.models.task_modules.prior_generators import \
+            AnchorGenerator
+        s = postprocess_settings(head)
+        self.settings = s
+        self.score_thr = s['score_thr']
+        self.nms_pre = s['nms_pre']
+        self.iou_threshold = s['iou_threshold']
+        self.class_agnostic = s['class_agnostic']
+        self.max_per_img = s['max_per_img']
+        self.min_bbox_size = s['min_bbox_size']
+        self.use_sigmoid = head.use_sigmoid_cls
+        self.cls_out_channels = int(head.cls_out_channels)
+        self.num_classes = int(head.num_classes)
+        gen, coder = head.prior_generator, head.bbox_coder
+        self.anchors = isinstance(gen, AnchorGenerator)
+        self.strides = [tuple(float(v) for v in st) for st in gen.strides]
+        self.clip_border = bool(coder.clip_border)
+        if self.anchors:
+            for i, base in enumerate(gen.base_anchors):
+                self.register_buffer(f'base_anchors_{i}',
+                                     base.detach().float().cpu().clone(),
+                                     persistent=False)
+            self.means = [float(v) for v in coder.means]
+            self.stds = [float(v) for v in coder.stds]
+            self.add_ctr_clamp = bool(coder.add_ctr_clamp)
+            self.ctr_clamp = float(coder.ctr_clamp)
+            # DeltaXYWHBBoxCoder.decode's default, as predict_by_feat uses
+            self.max_ratio = float(abs(math.log(16 / 1000)))
+        else:
+            self.offset = float(gen.offset)
+        self.num_levels = len(self.strides)
+
+    # ----------------------------------------------------------- priors
+    def _priors(self, level: int, feat: Tensor) -> Tensor:
+        """Priors of one level from the feature map's size: ``(H*W*A, 4)``
+        anchors or ``(H*W, 2)`` points, in mmdet's order (row-major
+        locations, then base anchors)."""
+        stride_w, stride_h = self.strides[level]
+        # (H, W) grids of column and row indices; exact integers in float32,
+        # built from the feature map so H and W stay dynamic in the graph.
+        ones = torch.ones_like(feat[0, 0])
+        xs = ones.cumsum(1) - 1
+        ys = ones.cumsum(0) - 1
+        if self.anchors:
+            shift_x = (xs * stride_w).reshape(-1)
+            shift_y = (ys * stride_h).reshape(-1)
+            shifts = torch.stack([shift_x, shift_y, shift_x, shift_y], -1)
+            base = getattr(self, f'base_anchors_{level}').to(feat.dtype)
+            return (base[None, :, :] + shifts[:, None, :]).reshape(-1, 4)
+        shift_x = ((xs + self.offset) * stride_w).reshape(-1)
+        shift_y = ((ys + self.offset) * stride_h).reshape(-1)
+        return torch.stack([shift_x, shift_y], -1)
+
+    # ----------------------------------------------------------- decoding
+    def _decode(self, priors: Tensor, pred: Tensor, max_w: Tensor,
+                max_h: Tensor) -> Tensor:
+        """``(N, M, 4)`` boxes from priors and regressions (both
+        ``(N, M, .)``); ``max_w``/``max_h`` are ``(N, 1)`` clip bounds."""
+        if self.anchors:
+            means = pred.new_tensor(self.means)
+            stds = pred.new_tensor(self.stds)
+            denorm = pred * stds + means
+            dxy, dwh = denorm[..., :2], denorm[..., 2:]
+            pxy = (priors[..., :2] + priors[..., 2:]) * 0.5
+            pwh = priors[..., 2:] - priors[..., :2]
+            dxy_wh = pwh * dxy
+            if self.add_ctr_clamp:
+                dxy_wh = torch.clamp(dxy_wh, max=self.ctr_clamp,
+                                     min=-self.ctr_clamp)
+                dwh = torch.clamp(dwh, max=self.max_ratio)
+            else:
+                dwh = dwh.clamp(min=-self.max_ratio, max=self.max_ratio)
+            gxy = pxy + dxy_wh
+            gwh = pwh * dwh.exp()
+            x1y1 = gxy - gwh * 0.5
+            x2y2 = gxy + gwh * 0.5
+            x1, y1 = x1y1[..., 0], x1y1[..., 1]
+            x2, y2 = x2y2[..., 0], x2y2[..., 1]
+        else:
+            x1 = priors[..., 0] - pred[..., 0]
+            y1 = priors[..., 1] - pred[..., 1]
+            x2 = priors[..., 0] + pred[..., 2]
+            y2 = priors[..., 1] + pred[..., 3]
+        if self.clip_border:
+            x1 = torch.minimum(x1.clamp(min=0), max_w)
+            x2 = torch.minimum(x2.clamp(min=0), max_w)
+            y1 = torch.minimum(y1.clamp(min=0), max_h)
+            y2 = torch.minimum(y2.clamp(min=0), max_h)
+        return torch.stack([x1, y1, x2, y2], -1)
+
+    # ------------------------------------------------------------ forward
+    def _level(self, cls: Tensor, reg: Tensor, factor: Optional[Tensor],
+               level: int):
+        """Top ``nms_pre`` (location, class) pairs of one level."""
+        n = cls.shape[0]
+        scores = cls.permute(0, 2, 3, 1).reshape(n, -1,
+                                                 self.cls_out_channels)
+        if self.use_sigmoid:
+            scores = scores.sigmoid()
+        else:
+            scores = scores.softmax(-1)[..., :-1]
+        reg = reg.permute(0, 2, 3, 1).reshape(n, -1, 4)
+        flat = scores.reshape(n, -1)
+        flat = torch.where(flat > self.score_thr, flat,
+                           flat.new_full((), INVALID))
+        # pad so that nms_pre candidates exist at any feature map size; the
+        # padding (and every pair at or below score_thr) stays invalid
+        flat = F.pad(flat, (0, self.nms_pre), value=INVALID)
+        top_scores, top_idx = flat.topk(self.nms_pre, dim=1)
+        valid = top_scores >= 0
+        top_idx = torch.where(valid, top_idx, torch.zeros_like(top_idx))
+        prior_idx = torch.div(top_idx, self.num_classes,
+                              rounding_mode='floor')
+        labels = top_idx - prior_idx * self.num_classes
+        reg = torch.gather(reg, 1, prior_idx[..., None].expand(-1, -1, 4))
+        priors = self._priors(level, cls)[prior_idx]
+        if factor is not None:
+            factor = factor.permute(0, 2, 3, 1).reshape(n, -1).sigmoid()
+            factor = torch.gather(factor, 1, prior_idx)
+        return top_scores, labels, valid, reg, priors, factor
+
+    def forward(self, outs: Sequence[Sequence[Tensor]], x: Tensor,
+                img_shape: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Detections of a batch.
+
+        Args:
+            outs: the head's forward output: ``(cls_scores, bbox_preds)`` or
+                ``(cls_scores, bbox_preds, score_factors)``, lists over
+                levels of ``(N, C, H, W)`` tensors.
+            x (Tensor): the input batch ``(N, 3, H, W)``: boxes are clipped
+                to its height and width unless ``img_shape`` is given.
+            img_shape (Tensor, optional): ``(N, 2)`` valid ``(h, w)`` of
+                each image inside the padded batch (mmdet's
+                ``img_shape``).
+
+        Returns:
+            tuple[Tensor, Tensor]: ``dets`` ``(N, K, 5)`` and ``labels``
+            ``(N, K)`` int64, best first, padded with zeros and ``-1``.
+        """
+        cls_scores, bbox_preds = outs[0], outs[1]
+        factors = outs[2] if len(outs) > 2 else [None] * len(cls_scores)
+        if img_shape is None:
+            n = x.shape[0]
+            max_h = x.new_ones((n, 1)) * x.shape[2]
+            max_w = x.new_ones((n, 1)) * x.shape[3]
+        else:
+            shape = img_shape.to(x.dtype)
+            max_h, max_w = shape[:, 0:1], shape[:, 1:2]
+        levels = zip(cls_scores, bbox_preds, factors)
+        parts: List[tuple] = [
+            self._level(c, r, f, i) for i, (c, r, f) in enumerate(levels)
+        ]
+        scores = torch.cat([p[0] for p in parts], 1)
+        labels = torch.cat([p[1] for p in parts], 1)
+        valid = torch.cat([p[2] for p in parts], 1)
+        reg = torch.cat([p[3] for p in parts], 1)
+        priors = torch.cat([p[4] for p in parts], 1)  # (N, M, 4 or 2)
+        boxes = self._decode(priors, reg, max_w, max_h)
+        if parts[0][5] is not None:
+            scores = scores * torch.cat([p[5] for p in parts], 1)
+        if self.min_bbox_size >= 0:
+            w = boxes[..., 2] - boxes[..., 0]
+            h = boxes[..., 3] - boxes[..., 1]
+            valid = valid & (w > self.min_bbox_size) & (
+                h > self.min_bbox_size)
+        scores = torch.where(valid, scores, scores.new_full((), INVALID))
+        return self._nms(boxes, scores, labels, valid)
+
+    def _nms(self, boxes: Tensor, scores: Tensor, labels: Tensor,
+             valid: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.class_agnostic:
+            nms_boxes = boxes
+        else:
+            # mmcv's batched_nms: offsets by label * (max coordinate + 1),
+            # the maximum over this image's (valid) boxes
+            masked = torch.where(valid[..., None], boxes,
+                                 boxes.new_full((), -math.inf))
+            top = masked.flatten(1).max(1, keepdim=True)[0]
+            top = torch.where(valid.any(1, keepdim=True), top,
+                              torch.zeros_like(top))
+            offsets = labels.to(boxes.dtype) * (top + 1)
+            nms_boxes = boxes + offsets[..., None]
+        k = self.max_per_img
+        sel = OnnxNMS.apply(nms_boxes, scores[:, None, :],
+                            torch.tensor([k], dtype=torch.long),
+                            torch.tensor([self.iou_threshold]),
+                            torch.tensor([NMS_SCORE_FLOOR]))
+        b, i = sel[:, 0], sel[:, 2]
+        kept = torch.full_like(scores, INVALID)
+        kept[b, i] = scores[b, i]
+        kept = F.pad(kept, (0, k), value=INVALID)
+        top_scores, top_idx = kept.topk(k, dim=1)
+        ok = top_scores >= 0
+        top_idx = torch.where(ok, top_idx, torch.zeros_like(top_idx))
+        out_boxes = torch.gather(boxes, 1,
+                                 top_idx[..., None].expand(-1, -1, 4))
+        out_boxes = torch.where(ok[..., None], out_boxes,
+                                torch.zeros_like(out_boxes))
+        out_scores = torch.where(ok, top_scores, torch.zeros_like(top_scores))
+        out_labels = torch.gather(labels, 1, top_idx)
+        out_labels = torch.where(ok, out_labels,
+                                 torch.full_like(out_labels, -1))
+        dets = torch.cat([out_boxes, out_scores[..., None]], -1)
+        return dets, out_labels
+
+
+class End2EndDetector(nn.Module):
+    """Preprocessed batch -> ``(dets, labels)`` of a single-stage detector.
+
+    Args:
+        detector (nn.Module): an mmdet ``SingleStageDetector`` (deploy form).
+        with_img_shape (bool): take a second input ``img_shape`` ``(N, 2)``
+            (each image's valid ``h, w`` inside the padded batch) and clip
+            boxes to it, as mmdet does; otherwise clip to the batch's
+            height and width (exact whenever the batch is not padded).
+        with_raw (bool): also return the head's raw outputs (flattened),
+            for verification.
+    """
+
+    def __init__(self, detector: nn.Module, with_img_shape: bool = False,
+                 with_raw: bool = False) -> None:
+        super().__init__()
+        self.detector = detector
+        self.postprocess = DensePostProcess(detector.bbox_head)
+        self.with_img_shape = with_img_shape
+        self.with_raw = with_raw
+
+    def forward(self, x: Tensor, img_shape: Optional[Tensor] = None):
+        outs = self.detector.bbox_head(self.detector.extract_feat(x))
+        if len(outs) not in (2, 3):
+            raise PostProcessError(
+                f'{type(self.detector.bbox_head).__name__}.forward returns '
+                f'{len(outs)} outputs; expected (cls_scores, bbox_preds[, '
+                'score_factors])')
+        dets, labels = self.postprocess(
+            outs, x, img_shape if self.with_img_shape else None)
+        if not self.with_raw:
+            return dets, labels
+        raw = [t for group in outs for t in group]
+        return (dets, labels) + tuple(raw)
+
+    def raw_names(self, x: Tensor) -> List[str]:
+        """Names of the raw outputs (``raw{group}_{level}``)."""
+        with torch.no_grad():
+            outs = self.detector.bbox_head(self.detector.extract_feat(x))
+        return [f'raw{g}_{i}' for g, group in enumerate(outs)
+                for i in range(len(group))]

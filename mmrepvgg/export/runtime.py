@@ -1,0 +1,151 @@
+"""onnxruntime sessions, runs and interleaved timing.
+
+Reusable by every exported form (FP32, INT8, end-to-end detectors): nothing
+here knows about mmdet.
+"""
+import os
+import statistics
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from mmrepvgg.utils.cli import ToolError
+
+#: The provider every session gets unless told otherwise.
+DEFAULT_PROVIDERS = ('CPUExecutionProvider', )
+
+
+class OnnxRuntimeError(ToolError):
+    """onnxruntime cannot load or run a graph; names the file."""
+
+
+def make_session(model: Union[str, bytes, 'os.PathLike'],
+                 threads: Optional[int] = None,
+                 providers: Optional[Sequence[str]] = None,
+                 spinning: bool = False,
+                 optimization: str = 'all'):
+    """An ``onnxruntime.InferenceSession``.
+
+    Args:
+        model (str | bytes): an ``.onnx`` path or a serialized model.
+        threads (int, optional): intra-op threads (default: onnxruntime's,
+            one per physical core).
+        providers (Sequence[str], optional): execution providers. Defaults
+            to :data:`DEFAULT_PROVIDERS`.
+        spinning (bool): let idle pool threads busy-wait after a run. Off by
+            default: interleaved with PyTorch (verification, timing), the
+            spinning threads steal the cores PyTorch runs on and slow it down
+            many times.
+        optimization (str): graph optimization level, ``disable``,
+            ``basic``, ``extended`` or ``all``.
+
+    Raises:
+        OnnxRuntimeError: the graph cannot be loaded (message names it).
+    """
+    import onnxruntime as ort
+    levels = dict(disable=ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  basic=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  extended=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  all=ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    if optimization not in levels:
+        raise OnnxRuntimeError(f'optimization level {optimization!r}: '
+                               f'choose from {", ".join(levels)}')
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = levels[optimization]
+    opts.log_severity_level = 3  # errors only
+    opts.add_session_config_entry('session.intra_op.allow_spinning',
+                                  '1' if spinning else '0')
+    what = model if isinstance(model, (str, os.PathLike)) else 'the graph'
+    try:
+        return ort.InferenceSession(
+            model if isinstance(model, bytes) else str(model),
+            sess_options=opts,
+            providers=list(providers or DEFAULT_PROVIDERS))
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise OnnxRuntimeError(f'{what}: onnxruntime cannot load it: '
+                               f'{_first_line(e)}') from None
+
+
+def input_names(session) -> List[str]:
+    return [i.name for i in session.get_inputs()]
+
+
+def output_names(session) -> List[str]:
+    return [o.name for o in session.get_outputs()]
+
+
+def run(session, feeds: Mapping[str, np.ndarray],
+        outputs: Optional[Sequence[str]] = None) -> List[np.ndarray]:
+    """``session.run`` with inputs cast to the graph's declared types
+    (float32 / int64); a failure is one line naming the inputs' shapes."""
+    types = {i.name: i.type for i in session.get_inputs()}
+    cast = {}
+    for name, value in feeds.items():
+        value = np.asarray(value)
+        if types.get(name) == 'tensor(float)':
+            value = np.ascontiguousarray(value, dtype=np.float32)
+        elif types.get(name) == 'tensor(int64)':
+            value = np.ascontiguousarray(value, dtype=np.int64)
+        cast[name] = value
+    try:
+        return session.run(list(outputs) if outputs else None, cast)
+    except Exception as e:
+        shapes = ', '.join(f'{k} {tuple(v.shape)}' for k, v in cast.items())
+        raise OnnxRuntimeError(f'onnxruntime run failed on {shapes}: '
+                               f'{_first_line(e)}') from None
+
+
+def run_onnx(session, x: np.ndarray, **extra: np.ndarray
+             ) -> List[np.ndarray]:
+    """Run a graph whose image input is named ``input``."""
+    return run(session, dict(input=x, **extra))
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], object]],
+                     repeats: int = 20,
+                     warmup: int = 3,
+                     sync: Optional[Callable[[], None]] = None) -> dict:
+    """Median seconds of each callable, run interleaved (A B C A B C ...),
+    so that machine load affects all alike.
+
+    Args:
+        fns: name -> callable, timed in this order every round.
+        repeats (int): timed rounds.
+        warmup (int): untimed rounds first.
+        sync (callable, optional): called before and after every timed call
+            (e.g. ``torch.cuda.synchronize``).
+
+    Returns:
+        dict: ``median`` (name -> seconds), ``samples`` (name -> list),
+        ``repeats``.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ToolError('repeats must be >= 1 and warmup >= 0')
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            if i >= warmup:
+                samples[name].append(time.perf_counter() - t0)
+    return dict(median={k: statistics.median(v) for k, v in samples.items()},
+                samples=samples, repeats=repeats)
+
+
+def median_ratio(samples: Mapping[str, List[float]], a: str, b: str) -> float:
+    """Median over rounds of ``time(a) / time(b)``."""
+    return statistics.median(x / y for x, y in zip(samples[a], samples[b]))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
