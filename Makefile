@@ -42,8 +42,10 @@ noise-table: setup
 	  OMP_NUM_THREADS=$$t $(PY) tools/noise_table.py --toy $$h; \
 	done; done
 
-# Speed of training form vs deploy form vs a plain Conv2d+ReLU reference;
-# writes work_dirs/benchmark/benchmark.{md,png,json}.
+# Speed of the forms of RepVGG backbones, timed in the same rounds: training,
+# deploy, a plain Conv2d+ReLU reference, onnxruntime FP32 and INT8 (and
+# bfloat16 with BENCH_ARGS=--bf16); writes work_dirs/benchmark/benchmark.{md,png,json}.
+# Run on a quiet machine, e.g. BENCH_ARGS='--threads 2 --sizes 224 --bf16 --repeats 36'.
 BENCH_ARGS ?=
 benchmark: setup
 	$(PY) tools/benchmark.py --out-dir work_dirs/benchmark $(BENCH_ARGS)
