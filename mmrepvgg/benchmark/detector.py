@@ -2,7 +2,8 @@
 config's test set and end-to-end latency (preprocessed batch in, detections
 out) of the PyTorch training form, the PyTorch deploy form (float32 and
 bfloat16) and exported onnxruntime graphs (FP32, INT8), timed in the same
-rounds with the benchmark's method (:mod:`.timing`).
+rounds with the benchmark's method (:mod:`.timing`); and a picture of the
+detections of two forms side by side (:func:`side_by_side`).
 
 The bfloat16 form (:func:`to_bf16_detector`) runs backbone, neck and head
 convolutions in bfloat16 and the post-processing (decoding, NMS) in float32,
@@ -236,3 +237,95 @@ def demo_summary(cfg,
     return dict(rows=rows, table=format_summary(rows, title), timing=timing,
                 shape=shape)
 
+
+
+def side_by_side(results: Mapping[str, str],
+                 out_file: str,
+                 classes: Sequence[str],
+                 num_images: int = 4,
+                 score_thr: float = 0.3,
+                 scale: Optional[int] = None) -> str:
+    """One PNG of the first ``num_images`` test images, one row per image
+    and one column per form, each drawn with its detections by mmdet's
+    ``DetLocalVisualizer`` (e.g. the deploy model next to the INT8 graph).
+
+    Args:
+        results (Mapping[str, str]): column title -> detection pickle of
+            ``tools/test.py --out`` (same test set, same order).
+        out_file (str): the PNG, written atomically.
+        classes (Sequence[str]): class names (the dataset's metainfo).
+        num_images (int): rows.
+        score_thr (float): detections drawn above this score.
+        scale (int, optional): images (and boxes) enlarged this many times
+            before drawing; default: to about 384 pixels.
+
+    Returns:
+        str: ``out_file``.
+    """
+    import pickle
+
+    import mmcv
+    from mmdet.structures import DetDataSample
+    from mmdet.visualization import DetLocalVisualizer
+    from mmengine.structures import InstanceData
+    if not results:
+        raise ValueError('no detection results to draw')
+    loaded = {}
+    for title, path in results.items():
+        with open(path, 'rb') as f:
+            loaded[title] = pickle.load(f)  # written by our tools/test.py
+    n = min(num_images, *(len(v) for v in loaded.values()))
+    vis = DetLocalVisualizer(name=f'side_by_side_{id(loaded)}',
+                             line_width=2)
+    vis.dataset_meta = dict(classes=tuple(classes))
+    rows = []
+    for i in range(n):
+        first = next(iter(loaded.values()))[i]
+        image = mmcv.imread(first['img_path'], channel_order='rgb')
+        k = scale or max(1, round(384 / max(image.shape[:2])))
+        image = mmcv.imrescale(image, float(k), interpolation='nearest')
+        cells = []
+        for title, res in loaded.items():
+            r = res[i]
+            if r['img_path'] != first['img_path']:
+                raise ValueError(f'{title}: image {i} is {r["img_path"]}, '
+                                 f'not {first["img_path"]}')
+            sample = DetDataSample()
+            inst = InstanceData()
+            for key in ('bboxes', 'scores', 'labels'):
+                inst[key] = torch.as_tensor(r['pred_instances'][key])
+            inst.bboxes = inst.bboxes.float() * k
+            sample.pred_instances = inst
+            vis.add_datasample(title, image, sample, draw_gt=False,
+                               pred_score_thr=score_thr)
+            cell = vis.get_image()
+            cells.append(_titled(cell, title))
+        rows.append(np.concatenate(cells, axis=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)),
+                   constant_values=255) for r in rows]
+    _write_png(np.concatenate(rows, axis=0), out_file)
+    return out_file
+
+
+def _titled(image: np.ndarray, title: str, height: int = 24) -> np.ndarray:
+    """``image`` (RGB) with a white band and ``title`` above it."""
+    import cv2
+    band = np.full((height, image.shape[1], 3), 255, np.uint8)
+    cv2.putText(band, title[:max(1, image.shape[1] // 10)], (4, height - 7),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([band, image.astype(np.uint8)], axis=0)
+
+
+def _write_png(rgb: np.ndarray, path: str) -> None:
+    import cv2
+
+    from mmrepvgg.deploy import atomic_write
+    ok, data = cv2.imencode('.png', np.ascontiguousarray(rgb[..., ::-1]))
+    if not ok:
+        raise ValueError(f'{path}: PNG encoding failed')
+
+    def write(tmp: str) -> None:
+        with open(tmp, 'wb') as f:
+            f.write(data.tobytes())
+    atomic_write(path, write)

@@ -355,3 +355,33 @@ def test_predecessor_effect():
         arch='x', height=8, width=8, batch=1, settle=0, order_effect=eff)])
     assert lines == ['x 8x8 batch 1 (settle 0): b after a 1.200, '
                      'c after b 1.000, c after a 1.000']
+
+
+def test_side_by_side_picture(toy_workspace, tmp_path):
+    import pickle
+
+    import cv2
+
+    from mmrepvgg.benchmark.detector import side_by_side
+    images = sorted((toy_workspace / 'data' / 'toy' / 'val').iterdir())[:3]
+    h, w = cv2.imread(str(images[0])).shape[:2]
+
+    def dump(path, shift):
+        res = [dict(img_path=str(p), pred_instances=dict(
+            bboxes=torch.tensor([[4.0 + shift, 4.0, 40.0, 40.0]]),
+            scores=torch.tensor([0.9]), labels=torch.tensor([1])))
+            for p in images]
+        with open(path, 'wb') as f:
+            pickle.dump(res, f)
+
+    dump(tmp_path / 'a.pkl', 0)
+    dump(tmp_path / 'b.pkl', 3)
+    out = tmp_path / 'side.png'
+    assert side_by_side({'deploy': tmp_path / 'a.pkl',
+                         'INT8': tmp_path / 'b.pkl'}, str(out),
+                        ('square', 'circle', 'triangle'), num_images=2,
+                        scale=2) == str(out)
+    pic = cv2.imread(str(out))
+    assert pic.shape == (2 * (2 * h + 24), 2 * 2 * w, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        'a.pkl', 'b.pkl', 'side.png']
