@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""End-to-end demo: toy data -> train -> convert -> test both forms -> speed.
+"""End-to-end demo: toy data -> train -> convert -> test both forms -> ONNX
+-> speed.
 
     python tools/demo.py [--work-dir work_dirs/demo] [--epochs 24]
 
@@ -7,9 +8,12 @@
 2. trains the tiny RepVGG RetinaNet on CPU with tools/train.py,
 3. converts the checkpoint with tools/convert_deploy.py,
 4. tests the training form and the deploy form with tools/test.py,
-5. compares their detections and times both forms side by side.
-Exits non-zero if the deploy mAP differs from the training mAP (3 decimals)
-or the training mAP is below --min-map.
+5. exports the deploy model end to end (post-processing in the graph) with
+   tools/export_onnx.py --postprocess and tests the ONNX file with
+   tools/test.py (onnxruntime in mmdet's test loop),
+6. compares their detections and times the forms side by side.
+Exits non-zero if the deploy or ONNX mAP differs from the training mAP (3
+decimals) or the training mAP is below --min-map.
 """
 import argparse
 import os
@@ -25,14 +29,15 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG = osp.join(ROOT, 'configs/toy/retinanet_repvgg-tiny_repvgg-fpn_toy.py')
 PROGRESS = re.compile(r'Epoch\((train|val)\)|bbox_mAP_copypaste|converted|'
                       r'blocks converted|parameters|conv layers|file size|'
-                      r'verification|forward latency|^error')
+                      r'verification|forward latency|^error|^exported |'
+                      r'test_cfg in graph|raw tensors|images identical')
 
 
 def run(step: str, cmd, log_path: str) -> str:
     """Run ``cmd``, echo progress lines, keep the full log; return stdout."""
     print(f'\n==> {step}', flush=True)
-    print('    $ ' + ' '.join(osp.relpath(c, ROOT) if osp.isabs(c) else c
-                             for c in cmd), flush=True)
+    shown = [osp.relpath(c, ROOT) if osp.isabs(c) else c for c in cmd]
+    print('    $ ' + ' '.join(shown), flush=True)
     env = dict(os.environ, PYTHONWARNINGS='ignore')
     lines = []
     with open(log_path, 'w') as log, subprocess.Popen(
@@ -118,6 +123,23 @@ def time_forms(train_cfg: str, train_ckpt: str, deploy_cfg: str,
     return med
 
 
+def time_end_to_end(config: str, ckpt: str, onnx_file: str, maps: dict,
+                    repeats: int) -> dict:
+    """End-to-end latency (preprocessed image in, detections out) of the
+    PyTorch forms (network + mmdet post-processing) and the ONNX graph,
+    interleaved, with the benchmark's timing (disturbed rounds dropped)."""
+    sys.path.insert(0, ROOT)
+    import mmrepvgg  # noqa: F401
+    from mmrepvgg.apis.convert import load_config
+    from mmrepvgg.benchmark.detector import demo_summary
+    return demo_summary(load_config(config), config, ckpt,
+                        {ONNX_FORM: onnx_file}, maps, bf16=False, batch=1,
+                        repeats=repeats, warmup=3)
+
+
+ONNX_FORM = 'ONNX end to end (onnxruntime)'
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs', 'demo'))
@@ -131,11 +153,11 @@ def main(argv=None) -> int:
     tools = osp.join(ROOT, 'tools')
     t_start = time.time()
 
-    run('1/5 generate the toy dataset',
+    run('1/6 generate the toy dataset',
         [py, osp.join(tools, 'make_toy_dataset.py'), '--out',
          osp.join(ROOT, 'data', 'toy')], osp.join(wd, 'data.log'))
     train_dir = osp.join(wd, 'train')
-    run(f'2/5 train the RepVGG detector on CPU ({args.epochs} epochs)',
+    run(f'2/6 train the RepVGG detector on CPU ({args.epochs} epochs)',
         [py, osp.join(tools, 'train.py'), CONFIG, '--work-dir', train_dir,
          '--cfg-options', f'train_cfg.max_epochs={args.epochs}',
          f'train_cfg.val_interval={args.epochs}',
@@ -144,28 +166,45 @@ def main(argv=None) -> int:
     ckpt = osp.join(train_dir, f'epoch_{args.epochs}.pth')
     deploy_ckpt = osp.join(wd, 'deploy', 'toy_deploy.pth')
     deploy_cfg = osp.splitext(deploy_ckpt)[0] + '.py'
-    conv = run('3/5 convert to the deploy form',
+    conv = run('3/6 convert to the deploy form',
                [py, osp.join(tools, 'convert_deploy.py'), CONFIG, ckpt,
                 deploy_ckpt], osp.join(wd, 'convert.log'))
-    rel = re.search(r'max abs err (\S+), max rel err (\S+)', conv)
-    out_a, out_b = osp.join(wd, 'det_training.pkl'), osp.join(wd,
-                                                               'det_deploy.pkl')
+    rel = re.search(r'converted err (\S+), original float32 err (\S+)',
+                    conv)
+    out_a = osp.join(wd, 'det_training.pkl')
+    out_b = osp.join(wd, 'det_deploy.pkl')
     map_a = parse_map(run(
-        '4/5 test the training form',
+        '4/6 test the training form',
         [py, osp.join(tools, 'test.py'), CONFIG, ckpt, '--work-dir',
          osp.join(wd, 'test_training'), '--out', out_a],
         osp.join(wd, 'test_training.log')))
     map_b = parse_map(run(
-        '4/5 test the deploy form',
+        '4/6 test the deploy form',
         [py, osp.join(tools, 'test.py'), deploy_cfg, deploy_ckpt,
          '--work-dir', osp.join(wd, 'test_deploy'), '--out', out_b],
         osp.join(wd, 'test_deploy.log')))
     det = compare_detections(out_a, out_b)
-    print('\n==> 5/5 speed of both forms (interleaved, median)', flush=True)
+    onnx_file = osp.join(wd, 'onnx', 'toy_end2end.onnx')
+    run('5/6 export the deploy model end to end to ONNX',
+        [py, osp.join(tools, 'export_onnx.py'), deploy_cfg, deploy_ckpt,
+         onnx_file, '--postprocess', '--verify-images', '32'],
+        osp.join(wd, 'export_onnx.log'))
+    out_c = osp.join(wd, 'det_onnx.pkl')
+    map_c = parse_map(run(
+        '5/6 test the ONNX file (onnxruntime in the same test loop)',
+        [py, osp.join(tools, 'test.py'), CONFIG, onnx_file, '--work-dir',
+         osp.join(wd, 'test_onnx'), '--out', out_c],
+        osp.join(wd, 'test_onnx.log')))
+    det_onnx = compare_detections(out_b, out_c)
+    print('\n==> 6/6 speed of the forms (interleaved, median)', flush=True)
     speed = time_forms(CONFIG, ckpt, deploy_cfg, deploy_ckpt, batch=8,
                        repeats=args.repeats)
+    e2e = time_end_to_end(CONFIG, ckpt, onnx_file, {
+        'PyTorch training': map_a, 'PyTorch deploy': map_b,
+        ONNX_FORM: map_c}, args.repeats)
 
     ok_equal = f'{map_a:.3f}' == f'{map_b:.3f}'
+    ok_onnx = f'{map_c:.3f}' == f'{map_b:.3f}'
     ok_map = map_a >= args.min_map
     print('\n' + '=' * 64)
     print('mmrepvgg demo summary')
@@ -174,8 +213,9 @@ def main(argv=None) -> int:
     print(f'bbox mAP, deploy form   : {map_b:.3f}   '
           f'(equal to 3 decimals: {"yes" if ok_equal else "NO"})')
     if rel:
-        print(f'max raw output diff     : abs {rel.group(1)}, rel '
-              f'{rel.group(2)} (backbone, neck, head; convert_deploy.py)')
+        print(f'raw output error        : deploy {rel.group(1)} vs float64, '
+              f'training form\'s own float32 error {rel.group(2)} '
+              '(backbone, neck, head; convert_deploy.py)')
     print(f'max detection diff      : boxes {det["box"]:.2e} px, scores '
           f'{det["score"]:.2e} over {det["images"]} images '
           f'({det["mismatched_images"]} with different detections)')
@@ -183,14 +223,25 @@ def main(argv=None) -> int:
     b, _, h, w = speed['shape']
     print(f'speed (CPU, {speed["threads"]} threads, batch {b}, {h}x{w}) : '
           f'training {ta * 1e3:.1f} ms ({b / ta:.0f} img/s), deploy '
-          f'{tb * 1e3:.1f} ms ({b / tb:.0f} img/s): {ta / tb:.2f}x faster')
+          f'{tb * 1e3:.1f} ms ({b / tb:.0f} img/s): {ta / tb:.2f}x faster '
+          '(network only)')
+    print(f'bbox mAP, ONNX end to end: {map_c:.3f}   (equal to the deploy '
+          f'form to 3 decimals: {"yes" if ok_onnx else "NO"})')
+    print(f'ONNX vs deploy detections: boxes {det_onnx["box"]:.2e} px, '
+          f'scores {det_onnx["score"]:.2e} over {det_onnx["images"]} images '
+          f'({det_onnx["mismatched_images"]} with different detections)')
+    print('end to end (preprocessed image in, detections out; PyTorch = '
+          'network + mmdet post-processing):')
+    print('    ' + e2e['table'].replace('\n', '\n    '))
     print(f'total time              : {time.time() - t_start:.0f} s; '
           f'logs and outputs in {osp.relpath(wd, ROOT)}/')
     if not ok_map:
         print(f'FAILED: training mAP {map_a:.3f} < {args.min_map}')
     if not ok_equal:
         print('FAILED: deploy mAP differs from training mAP')
-    return 0 if ok_map and ok_equal else 1
+    if not ok_onnx:
+        print('FAILED: ONNX end-to-end mAP differs from the deploy mAP')
+    return 0 if ok_map and ok_equal and ok_onnx else 1
 
 
 if __name__ == '__main__':

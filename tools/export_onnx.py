@@ -162,8 +162,11 @@ def print_report(r: dict) -> None:
                       if 'postprocess' in r else 'PyTorch')
         ort_name = 'onnxruntime end to end' if 'postprocess' in r \
             else 'onnxruntime'
-        threads = f', {r["threads"]} threads' if r.get('threads') else ''
-        print(f'  bench ({shape}{threads}, median of {b["repeats"]}): '
+        n = r.get('threads')
+        threads = f', {n} thread{"s" if n > 1 else ""}' if n else ''
+        source = f'{b["input"]} ' if b.get('input') else ''
+        print(f'  bench ({source}{shape}{threads}, median of '
+              f'{b["repeats"]}): '
               f'{torch_name} {med["pytorch"] * 1e3:.2f} ms, {ort_name} '
               f'{med["onnxruntime"] * 1e3:.2f} ms, onnxruntime/PyTorch '
               f'{b["ratio"]:.2f}')

@@ -608,7 +608,8 @@ def _export_end2end(model, cfg, config_path, checkpoint, output, inputs,
                 dict(pytorch=lambda: model.predict(xd, metas, rescale=False),
                      onnxruntime=lambda: runtime.run(final, f)),
                 repeats, warmup, xd, tuple(xb.shape))
-            report['bench']['input'] = tag.rsplit(' ', 1)[0]
+            report['bench']['input'] = ('random input' if tag.startswith(
+                'random') else 'test-set image')
 
     atomic_write(output, write)
     report['size'] = osp.getsize(output)

@@ -110,11 +110,14 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]],
                      repeats: int = 20,
                      warmup: int = 3,
                      sync: Optional[Callable[[], None]] = None) -> dict:
-    """Median seconds of each callable, run interleaved (A B C A B C ...),
-    so that machine load affects all alike.
+    """Median seconds of each callable, run interleaved so that machine load
+    affects all alike; the order is reversed every other round (A B C, C B
+    A, ...), so that no callable always runs right after the same other one
+    (a callable timed after onnxruntime ran a few per cent slower here).
 
     Args:
-        fns: name -> callable, timed in this order every round.
+        fns: name -> callable, timed in this order (reversed on odd
+            rounds).
         repeats (int): timed rounds.
         warmup (int): untimed rounds first.
         sync (callable, optional): called before and after every timed call
@@ -127,8 +130,9 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]],
     if repeats < 1 or warmup < 0:
         raise ToolError('repeats must be >= 1 and warmup >= 0')
     samples: Dict[str, List[float]] = {k: [] for k in fns}
+    order = list(fns.items())
     for i in range(warmup + repeats):
-        for name, fn in fns.items():
+        for name, fn in (order if i % 2 == 0 else order[::-1]):
             if sync:
                 sync()
             t0 = time.perf_counter()
