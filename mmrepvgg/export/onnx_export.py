@@ -598,7 +598,9 @@ def _export_end2end(model, cfg, config_path, checkpoint, output, inputs,
             raise ExportError(f'{output}: the written graph gives other '
                               'detections than the verified one; not '
                               'written')
-        if bench:
+        if bench:  # a test-set image, else the traced shape
+            tag, x, shapes = batches[-1] if x_data is not None else \
+                batches[0]
             xb = x[:1]
             xd, hw = xb.to(device), tuple(xb.shape[2:])
             metas = [m.to(device) for m in make_samples(
