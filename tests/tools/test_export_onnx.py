@@ -237,6 +237,7 @@ def test_end2end_toy(models, tmp_path, capsys):
     out = tmp_path / 'toy.onnx'
     code, stdout, err = _run([TOY_CONFIG, models['dir'] / 'deploy.pth', out,
                               '--postprocess', '--shape', '96', '128',
+                              '--verify-images', '0',  # whatever the cwd
                               '--cfg-options', 'model.test_cfg.score_thr=0.3',
                               '--bench', '--repeats', '2', '--warmup', '1'],
                              capsys)
