@@ -11,9 +11,13 @@
 5. exports the deploy model end to end (post-processing in the graph) with
    tools/export_onnx.py --postprocess and tests the ONNX file with
    tools/test.py (onnxruntime in mmdet's test loop),
-6. compares their detections and times the forms side by side.
+6. quantizes it to INT8 (tools/quantize.py, calibrated on training images),
+   tests the INT8 file the same way and draws the deploy and INT8
+   detections side by side (one PNG),
+7. compares detections and times every form side by side (one table).
 Exits non-zero if the deploy or ONNX mAP differs from the training mAP (3
-decimals) or the training mAP is below --min-map.
+decimals), the INT8 mAP is more than --max-int8-drop below the ONNX FP32 mAP,
+or the training mAP is below --min-map.
 """
 import argparse
 import os
@@ -30,7 +34,8 @@ CONFIG = osp.join(ROOT, 'configs/toy/retinanet_repvgg-tiny_repvgg-fpn_toy.py')
 PROGRESS = re.compile(r'Epoch\((train|val)\)|bbox_mAP_copypaste|converted|'
                       r'blocks converted|parameters|conv layers|file size|'
                       r'verification|forward latency|^error|^exported |'
-                      r'test_cfg in graph|raw tensors|images identical')
+                      r'test_cfg in graph|raw tensors|images identical|'
+                      r'SQNR|^wrote|^quantized')
 
 
 def run(step: str, cmd, log_path: str) -> str:
@@ -123,7 +128,7 @@ def time_forms(train_cfg: str, train_ckpt: str, deploy_cfg: str,
     return med
 
 
-def time_end_to_end(config: str, ckpt: str, onnx_file: str, maps: dict,
+def time_end_to_end(config: str, ckpt: str, onnx_files: dict, maps: dict,
                     repeats: int) -> dict:
     """End-to-end latency (preprocessed image in, detections out) of the
     PyTorch forms (network + mmdet post-processing) and the ONNX graph,
@@ -132,12 +137,21 @@ def time_end_to_end(config: str, ckpt: str, onnx_file: str, maps: dict,
     import mmrepvgg  # noqa: F401
     from mmrepvgg.apis.convert import load_config
     from mmrepvgg.benchmark.detector import demo_summary
-    return demo_summary(load_config(config), config, ckpt,
-                        {ONNX_FORM: onnx_file}, maps, bf16=False, batch=1,
-                        repeats=repeats, warmup=3)
+    return demo_summary(load_config(config), config, ckpt, onnx_files,
+                        maps, bf16=False, batch=1, repeats=repeats, warmup=3)
 
 
-ONNX_FORM = 'ONNX end to end (onnxruntime)'
+def draw_side_by_side(results: dict, out_file: str) -> str:
+    sys.path.insert(0, ROOT)
+    from mmengine.config import Config
+
+    from mmrepvgg.benchmark.detector import side_by_side
+    classes = Config.fromfile(CONFIG).classes
+    return side_by_side(results, out_file, classes)
+
+
+ONNX_FORM = 'ONNX FP32 end to end'
+INT8_FORM = 'ONNX INT8 end to end'
 
 
 def main(argv=None) -> int:
@@ -146,6 +160,8 @@ def main(argv=None) -> int:
     p.add_argument('--epochs', type=int, default=24)
     p.add_argument('--min-map', type=float, default=0.5)
     p.add_argument('--repeats', type=int, default=20)
+    p.add_argument('--max-int8-drop', type=float, default=0.01,
+                   help='largest accepted INT8 mAP drop vs ONNX FP32')
     args = p.parse_args(argv)
     wd = osp.abspath(args.work_dir)
     os.makedirs(wd, exist_ok=True)
@@ -153,11 +169,11 @@ def main(argv=None) -> int:
     tools = osp.join(ROOT, 'tools')
     t_start = time.time()
 
-    run('1/6 generate the toy dataset',
+    run('1/7 generate the toy dataset',
         [py, osp.join(tools, 'make_toy_dataset.py'), '--out',
          osp.join(ROOT, 'data', 'toy')], osp.join(wd, 'data.log'))
     train_dir = osp.join(wd, 'train')
-    run(f'2/6 train the RepVGG detector on CPU ({args.epochs} epochs)',
+    run(f'2/7 train the RepVGG detector on CPU ({args.epochs} epochs)',
         [py, osp.join(tools, 'train.py'), CONFIG, '--work-dir', train_dir,
          '--cfg-options', f'train_cfg.max_epochs={args.epochs}',
          f'train_cfg.val_interval={args.epochs}',
@@ -166,7 +182,7 @@ def main(argv=None) -> int:
     ckpt = osp.join(train_dir, f'epoch_{args.epochs}.pth')
     deploy_ckpt = osp.join(wd, 'deploy', 'toy_deploy.pth')
     deploy_cfg = osp.splitext(deploy_ckpt)[0] + '.py'
-    conv = run('3/6 convert to the deploy form',
+    conv = run('3/7 convert to the deploy form',
                [py, osp.join(tools, 'convert_deploy.py'), CONFIG, ckpt,
                 deploy_ckpt], osp.join(wd, 'convert.log'))
     rel = re.search(r'converted err (\S+), original float32 err (\S+)',
@@ -174,37 +190,54 @@ def main(argv=None) -> int:
     out_a = osp.join(wd, 'det_training.pkl')
     out_b = osp.join(wd, 'det_deploy.pkl')
     map_a = parse_map(run(
-        '4/6 test the training form',
+        '4/7 test the training form',
         [py, osp.join(tools, 'test.py'), CONFIG, ckpt, '--work-dir',
          osp.join(wd, 'test_training'), '--out', out_a],
         osp.join(wd, 'test_training.log')))
     map_b = parse_map(run(
-        '4/6 test the deploy form',
+        '4/7 test the deploy form',
         [py, osp.join(tools, 'test.py'), deploy_cfg, deploy_ckpt,
          '--work-dir', osp.join(wd, 'test_deploy'), '--out', out_b],
         osp.join(wd, 'test_deploy.log')))
     det = compare_detections(out_a, out_b)
     onnx_file = osp.join(wd, 'onnx', 'toy_end2end.onnx')
-    run('5/6 export the deploy model end to end to ONNX',
+    run('5/7 export the deploy model end to end to ONNX',
         [py, osp.join(tools, 'export_onnx.py'), deploy_cfg, deploy_ckpt,
          onnx_file, '--postprocess', '--verify-images', '32'],
         osp.join(wd, 'export_onnx.log'))
     out_c = osp.join(wd, 'det_onnx.pkl')
     map_c = parse_map(run(
-        '5/6 test the ONNX file (onnxruntime in the same test loop)',
+        '5/7 test the ONNX file (onnxruntime in the same test loop)',
         [py, osp.join(tools, 'test.py'), CONFIG, onnx_file, '--work-dir',
          osp.join(wd, 'test_onnx'), '--out', out_c],
         osp.join(wd, 'test_onnx.log')))
     det_onnx = compare_detections(out_b, out_c)
-    print('\n==> 6/6 speed of the forms (interleaved, median)', flush=True)
+    int8_file = osp.join(wd, 'onnx', 'toy_end2end_int8.onnx')
+    run('6/7 quantize the end-to-end graph to INT8 (calibrated on 64 '
+        'training images)',
+        [py, osp.join(tools, 'quantize.py'), deploy_cfg, deploy_ckpt,
+         int8_file], osp.join(wd, 'quantize.log'))
+    out_d = osp.join(wd, 'det_int8.pkl')
+    map_d = parse_map(run(
+        '6/7 test the INT8 file (onnxruntime in the same test loop)',
+        [py, osp.join(tools, 'test.py'), CONFIG, int8_file, '--work-dir',
+         osp.join(wd, 'test_int8'), '--out', out_d],
+        osp.join(wd, 'test_int8.log')))
+    det_int8 = compare_detections(out_b, out_d)
+    picture = draw_side_by_side({'PyTorch deploy': out_b,
+                                 'ONNX INT8': out_d},
+                                osp.join(wd, 'deploy_vs_int8.png'))
+    print('\n==> 7/7 speed of the forms (interleaved, median)', flush=True)
     speed = time_forms(CONFIG, ckpt, deploy_cfg, deploy_ckpt, batch=8,
                        repeats=args.repeats)
-    e2e = time_end_to_end(CONFIG, ckpt, onnx_file, {
+    e2e = time_end_to_end(CONFIG, ckpt, {ONNX_FORM: onnx_file,
+                                         INT8_FORM: int8_file}, {
         'PyTorch training': map_a, 'PyTorch deploy': map_b,
-        ONNX_FORM: map_c}, args.repeats)
+        ONNX_FORM: map_c, INT8_FORM: map_d}, args.repeats)
 
     ok_equal = f'{map_a:.3f}' == f'{map_b:.3f}'
     ok_onnx = f'{map_c:.3f}' == f'{map_b:.3f}'
+    ok_int8 = map_d >= map_c - args.max_int8_drop
     ok_map = map_a >= args.min_map
     print('\n' + '=' * 64)
     print('mmrepvgg demo summary')
@@ -230,6 +263,11 @@ def main(argv=None) -> int:
     print(f'ONNX vs deploy detections: boxes {det_onnx["box"]:.2e} px, '
           f'scores {det_onnx["score"]:.2e} over {det_onnx["images"]} images '
           f'({det_onnx["mismatched_images"]} with different detections)')
+    print(f'bbox mAP, ONNX INT8     : {map_d:.3f}   ({map_d - map_c:+.3f} vs '
+          f'ONNX FP32; INT8 vs deploy detections: '
+          f'{det_int8["mismatched_images"]} of {det_int8["images"]} images '
+          'differ)')
+    print(f'deploy vs INT8 picture  : {osp.relpath(picture, ROOT)}')
     print('end to end (preprocessed image in, detections out; PyTorch = '
           'network + mmdet post-processing):')
     print('    ' + e2e['table'].replace('\n', '\n    '))
@@ -241,7 +279,10 @@ def main(argv=None) -> int:
         print('FAILED: deploy mAP differs from training mAP')
     if not ok_onnx:
         print('FAILED: ONNX end-to-end mAP differs from the deploy mAP')
-    return 0 if ok_map and ok_equal and ok_onnx else 1
+    if not ok_int8:
+        print(f'FAILED: INT8 mAP {map_d:.3f} is more than '
+              f'{args.max_int8_drop} below ONNX FP32 {map_c:.3f}')
+    return 0 if ok_map and ok_equal and ok_onnx and ok_int8 else 1
 
 
 if __name__ == '__main__':
