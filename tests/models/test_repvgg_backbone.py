@@ -338,3 +338,21 @@ def test_qarepvgg_backbone_from_mmdet_registry():
     model = MODELS.build(dict(type='RepVGG', arch='A0', out_indices=(1, 2, 3),
                               block_cfg=dict(type='QARepVGGBlock')))
     assert isinstance(model.stage_4[0], QARepVGGBlock)
+
+
+def test_builds_under_any_default_scope():
+    """A runner whose default scope is not mmdet (e.g. 'mmengine') still
+    builds the blocks of backbone and neck from mmdet's registry."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import DefaultScope
+    scope = DefaultScope.get_instance('test_builds_under_any_default_scope',
+                                      scope_name='mmengine')
+    try:
+        assert DefaultScope.get_current_instance() is scope
+        RepVGG(TINY_ARCH)
+        MODELS.build(dict(type='RepVGGFPN', in_channels=[16, 32],
+                          out_channels=16, num_outs=2, _scope_='mmdet',
+                          block_cfg=dict(type='RepVGGBlock')))
+    finally:  # later tests see mmdet as the current scope again
+        DefaultScope.get_instance('test_builds_under_any_default_scope_end',
+                                  scope_name='mmdet')

@@ -259,6 +259,10 @@ class RepVGG(BaseModule):
                     **kwargs: Any) -> nn.Module:
         cfg = copy.deepcopy(self.block_cfg)
         cfg.update(kwargs, in_channels=in_channels, out_channels=out_channels)
+        # Look the block up in mmdet's registry whatever the current default
+        # scope is (a runner with default_scope='mmengine' would otherwise
+        # search mmengine's root registry and miss it).
+        cfg.setdefault('_scope_', 'mmdet')
         return MODELS.build(cfg)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:

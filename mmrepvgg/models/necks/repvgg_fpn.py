@@ -62,6 +62,7 @@ class RepVGGFPN(BaseModule):
     def _block(block_cfg: dict, channels: int, stride: int) -> nn.Module:
         cfg = copy.deepcopy(dict(block_cfg))
         cfg.update(in_channels=channels, out_channels=channels, stride=stride)
+        cfg.setdefault('_scope_', 'mmdet')  # any default scope (see RepVGG)
         return MODELS.build(cfg)
 
     def forward(self, inputs: Tuple[torch.Tensor, ...]) -> tuple:
