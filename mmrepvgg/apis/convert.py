@@ -129,25 +129,34 @@ def build_model(cfg: Config) -> nn.Module:
     return MODELS.build(model_cfg)
 
 
+def key_mismatch(own: Dict[str, torch.Tensor],
+                 sd: Dict[str, torch.Tensor]
+                 ) -> Tuple[List[str], List[str], List[str], str]:
+    """``(missing, unexpected, mis-shaped, description)`` of loading ``sd``
+    into a model whose state dict is ``own`` (description '' if none)."""
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [k for k in own if k in sd and tuple(own[k].shape) != tuple(
+        getattr(sd[k], 'shape', ()))]
+    parts = []
+    if missing:
+        parts.append(f'missing keys: {_preview(missing)}')
+    if unexpected:
+        parts.append(f'unexpected keys: {_preview(unexpected)}')
+    if shape:
+        parts.append('shape mismatch: ' + _preview(
+            [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}'
+             for k in shape]))
+    return missing, unexpected, shape, '; '.join(parts)
+
+
 def load_weights(model: nn.Module, sd: Dict[str, torch.Tensor],
                  path: str, config: str) -> None:
     """Strict load; a mismatch lists the missing/unexpected keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f'missing keys: {_preview(missing)}')
-        if unexpected:
-            parts.append(f'unexpected keys: {_preview(unexpected)}')
-        if shape:
-            parts.append('shape mismatch: ' + _preview(
-                [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}'
-                 for k in shape]))
+    *_, problem = key_mismatch(model.state_dict(), sd)
+    if problem:
         raise ConvertError(f'{path} does not match config {config}: ' +
-                           '; '.join(parts))
+                           problem)
     model.load_state_dict(sd, strict=True)
 
 

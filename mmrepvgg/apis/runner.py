@@ -165,12 +165,6 @@ def check_load_from(cfg: Config, unsafe_load: bool = False) -> None:
 
 
 # ------------------------------------------------------------------- testing
-def _preview(keys: Sequence[str], n: int = 5) -> str:
-    keys = list(keys)
-    more = f' ... (+{len(keys) - n} more)' if len(keys) > n else ''
-    return ', '.join(keys[:n]) + more
-
-
 def _has(keys: Iterable[str], part: str) -> bool:
     return any(part in k for k in keys)
 
@@ -199,7 +193,8 @@ def check_test_checkpoint(cfg: Config,
     Returns:
         dict: ``{'keys': number of tensors, 'deploy': bool}``.
     """
-    from mmrepvgg.apis.convert import build_model, read_state_dict
+    from mmrepvgg.apis.convert import (build_model, key_mismatch,
+                                       read_state_dict)
     sd, _ = read_state_dict(checkpoint, unsafe_load=unsafe_load)
     info = dict(keys=len(sd), deploy=_has(sd, '.conv_reparam.'))
     if not strict:
@@ -209,11 +204,8 @@ def check_test_checkpoint(cfg: Config,
     except Exception as e:
         raise ToolError(f'{config}: cannot build the model '
                         f'({error_message(e)})') from None
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shape = [k for k in own if k in sd and tuple(own[k].shape) != tuple(
-        getattr(sd[k], 'shape', ()))]
-    if not (missing or unexpected or shape):
+    missing, unexpected, _, problem = key_mismatch(own, sd)
+    if not problem:
         return info
 
     ckpt_deploy = _has(unexpected, '.conv_reparam.')
@@ -237,17 +229,8 @@ def check_test_checkpoint(cfg: Config,
             f'weights) but {config} builds the fused deploy model: use the '
             'training config (add --deploy to fuse after loading), or '
             'convert it with tools/convert_deploy.py')
-    parts = []
-    if missing:
-        parts.append(f'missing keys: {_preview(missing)}')
-    if unexpected:
-        parts.append(f'unexpected keys: {_preview(unexpected)}')
-    if shape:
-        parts.append('shape mismatch: ' + _preview(
-            [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}'
-             for k in shape]))
     raise ToolError(f'{checkpoint} does not match config {config}: ' +
-                    '; '.join(parts) + ' (--non-strict loads it anyway)')
+                    problem + ' (--non-strict loads it anyway)')
 
 
 # ------------------------------------------------------------------- running
