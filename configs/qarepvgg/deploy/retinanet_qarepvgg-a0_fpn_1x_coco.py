@@ -1,7 +1,8 @@
 # Deploy twin of ../retinanet_qarepvgg-a0_fpn_1x_coco.py:
 # every RepVGG module is built fused (deploy=True), so that a checkpoint
 # written by tools/convert_deploy.py loads strictly:
-#   python tools/test.py configs/qarepvgg/deploy/retinanet_qarepvgg-a0_fpn_1x_coco.py DEPLOY.pth
+#   python tools/test.py \
+#       configs/qarepvgg/deploy/retinanet_qarepvgg-a0_fpn_1x_coco.py DEPLOY.pth
 _base_ = '../retinanet_qarepvgg-a0_fpn_1x_coco.py'
 
 model = dict(
