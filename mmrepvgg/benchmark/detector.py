@@ -238,7 +238,6 @@ def demo_summary(cfg,
                 shape=shape)
 
 
-
 def side_by_side(results: Mapping[str, str],
                  out_file: str,
                  classes: Sequence[str],

@@ -111,8 +111,8 @@ def _safetensors_like(path):
     (_torchscript, r'a TorchScript archive \(torch.jit.save\)'),
     ('dir', 'not a file'),
 ])
-def test_bad_files_name_the_file_and_what_was_expected(tmp_path, content,
-                                                      match):
+def test_bad_files_name_the_file_and_what_was_expected(
+        tmp_path, content, match):
     """Random bytes, NumPy files... are "not a PyTorch checkpoint", never a
     refused global with an --unsafe-load hint (issue 9, item 11)."""
     path = tmp_path / 'bad.pth'

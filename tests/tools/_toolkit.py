@@ -35,5 +35,3 @@ def toy_train_options(epochs):
             'default_hooks.checkpoint.max_keep_ckpts=3',
             'default_hooks.logger.interval=1',
             'param_scheduler.0.end=2']
-
-

@@ -27,8 +27,8 @@ def _train_main(argv, capsys):
     ('auto-scale-lr', 1, '--auto-scale-lr needs'),
     ('unknown-flag', 2, 'unrecognized arguments: --bogus'),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(case, code, expect,
-                                                 tmp_path, capsys):
+def test_bad_input_is_one_line_and_writes_nothing(
+        case, code, expect, tmp_path, capsys):
     config = TOY_CONFIG
     extra = []
     if case == 'syntax':

@@ -131,7 +131,8 @@ def test_dist_train_refused_input_is_one_line(toy_trained, tmp_path):
                     env_extra=dict(PYTHON=sys.executable, PORT=port))
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if 'error' in ln.lower()]
-    assert errors == [f'error: --resume: {missing}: no such checkpoint file'],\
-        proc.stderr[-3000:]
+    assert errors == [
+        f'error: --resume: {missing}: no such checkpoint file'
+    ], proc.stderr[-3000:]
     assert 'Traceback' not in proc.stderr
     assert not (tmp_path / 'w').exists()

@@ -26,8 +26,8 @@ class SwitchToDeployHook(Hook):
             model = model.module
         counts = count_reparam_blocks(model)
         if counts['total'] == 0:
-            print_log('SwitchToDeployHook: the model has no re-parameterizable '
-                      'block; nothing to switch', logger='current',
-                      level=30)
+            print_log('SwitchToDeployHook: the model has no '
+                      're-parameterizable block; nothing to switch',
+                      logger='current', level=30)
             return
         switch_to_deploy(model, inplace=True)

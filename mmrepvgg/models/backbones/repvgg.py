@@ -58,7 +58,8 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
                              f'{sorted(ARCH_SETTINGS)} or pass a dict')
         return copy.deepcopy(ARCH_SETTINGS[arch])
     if not isinstance(arch, dict):
-        raise ValueError(f'arch must be a str or dict, got {type(arch).__name__}')
+        raise ValueError('arch must be a str or dict, got '
+                         f'{type(arch).__name__}')
     required = {'num_blocks', 'width_factor'}
     missing = required - set(arch)
     if missing:
@@ -173,9 +174,10 @@ class RepVGG(BaseModule):
         block_cfg (dict, optional): the block of every stem and stage unit:
             ``dict(type='RepVGGBlock')`` (None, the default) or
             ``dict(type='QARepVGGBlock')``, with optional keyword options
-            for every block (``use_alpha``, ``padding_mode``). Shapes, SE,
-            the identity branch, norm, activation, ``with_cp`` and
-            ``deploy`` come from the backbone's own arguments. The state
+            for every block (``use_alpha``, ``padding_mode``,
+            ``post_norm_init``). Shapes, SE, the identity branch, norm,
+            activation, ``with_cp`` and ``deploy`` come from the
+            backbone's own arguments. The state
             dict keys are those of the chosen block (a QARepVGG backbone has
             ``post_norm`` and no ``branch_1x1`` norm); the deploy forms of
             both are identical. Keyword only.

@@ -23,7 +23,8 @@ PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
 
 
 def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value,
+                                                 int) or value < minimum:
         raise ValueError(
             f'{name} must be an int >= {minimum}, got {value!r}')
 

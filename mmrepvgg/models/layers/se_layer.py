@@ -32,7 +32,8 @@ class SELayer(BaseModule):
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         if not isinstance(ratio, int) or ratio < 1:
-            raise ValueError(f'se_cfg ratio must be a positive int, got {ratio!r}')
+            raise ValueError(
+                f'se_cfg ratio must be a positive int, got {ratio!r}')
         if len(act_cfg) != 2:
             raise ValueError('se_cfg act_cfg must hold two activation configs')
         hidden = max(1, channels // ratio)
