@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from mmrepvgg.deploy import atomic_write
+from mmrepvgg.utils.fileio import atomic_write_bytes
 from .options import ALL_FORMS
 from .run import RATIO_PAIRS, ratio_name, row_name
 
@@ -351,11 +351,7 @@ def write_report(rows: Sequence[dict], out_dir: str, markdown: str,
     paths = {}
     for ext, data in contents.items():
         paths[ext] = os.path.join(out_dir, f'benchmark.{ext}')
-
-        def write(tmp, data=data):
-            with open(tmp, 'wb') as f:
-                f.write(data)
-        atomic_write(paths[ext], write)
+        atomic_write_bytes(paths[ext], data)
     return paths
 
 

@@ -105,6 +105,18 @@ def atomic_write(path: str, write: Writer) -> None:
     _fsync_dir(osp.dirname(osp.abspath(path)))
 
 
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """:func:`atomic_write` of ``data`` (bytes, or str written as UTF-8)."""
+    if isinstance(data, str):
+        data = data.encode('utf-8')
+
+    def write(tmp: str) -> None:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+
+    atomic_write(path, write)
+
+
 def atomic_write_group(items: Sequence[Tuple[str, Writer]]) -> None:
     """Write several files as one all-or-nothing group.
 

@@ -8,8 +8,8 @@ import pytest
 
 from mmrepvgg.utils import fileio
 from mmrepvgg.utils.fileio import (JOURNAL_SUFFIX, TMP_SUFFIX, atomic_write,
-                                   atomic_write_group, recover_groups,
-                                   remove_stale_temporaries)
+                                   atomic_write_bytes, atomic_write_group,
+                                   recover_groups, remove_stale_temporaries)
 
 
 def _text(content):
@@ -32,6 +32,15 @@ def test_atomic_write_replaces_or_keeps(tmp_path):
         atomic_write(str(out), _fail)
     assert out.read_text() == 'one'
     assert sorted(os.listdir(tmp_path)) == ['a.txt']
+
+
+def test_atomic_write_bytes(tmp_path):
+    out = tmp_path / 'sub' / 'b.bin'
+    atomic_write_bytes(str(out), b'\x00\xff')
+    assert out.read_bytes() == b'\x00\xff'
+    atomic_write_bytes(str(out), 'caf\u00e9\n')  # str: UTF-8
+    assert out.read_bytes() == 'caf\u00e9\n'.encode('utf-8')
+    assert sorted(os.listdir(out.parent)) == ['b.bin']
 
 
 def test_group_is_all_or_nothing(tmp_path):

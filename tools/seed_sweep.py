@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Train configs under several seeds and print their metrics side by side.
+
+    python tools/seed_sweep.py --seeds 0 1 2 3 \\
+        --run repvgg configs/toy/retinanet_repvgg-tiny_repvgg-fpn_toy.py \\
+        --run qarepvgg configs/toy/retinanet_qarepvgg-tiny_qarepvgg-fpn_toy.py
+
+Each ``--run LABEL CONFIG [key=value ...]`` is trained once per seed with
+``tools/train.py CONFIG --cfg-options randomness.seed=SEED key=value ...`` in
+``<work-dir>/LABEL/seed<SEED>`` (its output in ``sweep_train.log`` there),
+one training at a time (parallel CPU trainings oversubscribe the cores). The
+metric the training logged last (``coco/bbox_mAP`` by default, from the
+config's final validation) is recorded in ``sweep_result.json``; a rerun
+reuses the seeds already trained from the same config file and options and
+refuses a work dir trained from different ones. The table gives every seed,
+mean +- sample std, and each run's difference of means to the first run
++- its standard error.
+"""
+import os
+import os.path as osp
+import subprocess
+import sys
+import time
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
+    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
+                                          'quiet.py'))['enter_tool']()
+
+
+def parse_args(argv=None):
+    from mmrepvgg.apis.sweep import DEFAULT_METRIC
+    from mmrepvgg.utils.cli import ToolArgumentParser, add_cli_args
+    p = ToolArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument('--run', nargs='+', action='append', required=True,
+                   metavar='LABEL CONFIG [KEY=VALUE',
+                   help='a label, a config and optional --cfg-options items '
+                   '(repeat for several runs; the first is the reference)')
+    p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2, 3])
+    p.add_argument('--work-dir', default='work_dirs/sweep')
+    p.add_argument('--metric', default=DEFAULT_METRIC)
+    p.add_argument('--out', help='also write the table (markdown) here')
+    add_cli_args(p, unsafe_load=False)
+    args = p.parse_args(argv)
+    for run in args.run:
+        if len(run) < 2:
+            p.error(f'--run {run[0]}: needs a label and a config')
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        p.error('--seeds: distinct integers >= 0')
+    labels = [run[0] for run in args.run]
+    if len(set(labels)) != len(labels):
+        p.error('--run: labels must be distinct')
+    return args
+
+
+def train(run, seed: int) -> None:
+    """Train ``seed`` of ``run`` in a child process; ToolError on failure."""
+    from mmrepvgg.utils.cli import ToolError
+    work_dir = run.work_dir(seed)
+    os.makedirs(work_dir, exist_ok=True)
+    log = osp.join(work_dir, 'sweep_train.log')
+    cmd = [sys.executable, osp.join(ROOT, 'tools', 'train.py'),
+           *run.train_args(seed)]
+    with open(log, 'w') as f:
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if code != 0:
+        with open(log) as f:
+            tail = [line for line in f.read().splitlines() if line.strip()]
+        last = tail[-1] if tail else '(no output)'
+        raise ToolError(f'{run.label} seed {seed}: tools/train.py exited '
+                        f'{code}: {last} (full log: {log})')
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mmrepvgg.apis.sweep import SweepRun, final_metric, format_table
+    from mmrepvgg.utils.cli import run_cli
+    from mmrepvgg.utils.fileio import atomic_write_bytes
+
+    def body() -> int:
+        runs = [SweepRun(r[0], r[1], r[2:], args.work_dir) for r in args.run]
+        cached = {(r.label, s): r.cached(s, args.metric)
+                  for r in runs for s in args.seeds}  # refuse before training
+        results = {r.label: {} for r in runs}
+        for run in runs:
+            for seed in args.seeds:
+                value = cached[run.label, seed]
+                if value is None:
+                    print(f'[sweep] {run.label} seed {seed}: training in '
+                          f'{run.work_dir(seed)}', flush=True)
+                    start = time.perf_counter()
+                    train(run, seed)
+                    value = final_metric(run.work_dir(seed), args.metric)
+                    run.record(seed, args.metric, value)
+                    took = f' ({time.perf_counter() - start:.0f} s)'
+                else:
+                    took = ' (recorded)'
+                print(f'[sweep] {run.label} seed {seed}: {args.metric} '
+                      f'{value:.3f}{took}', flush=True)
+                results[run.label][seed] = value
+        table = format_table(results, {r.label: r.config for r in runs},
+                             args.metric)
+        print(table)
+        if args.out:
+            atomic_write_bytes(args.out, table + '\n')
+        return 0
+
+    return run_cli(body, debug=args.debug,
+                   interrupted='interrupted; finished seeds are recorded '
+                   '(rerun the same command to continue)')
+
+
+if __name__ == '__main__':
+    sys.exit(main())
