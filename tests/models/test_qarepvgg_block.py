@@ -116,6 +116,17 @@ def test_training_form_normalizes_the_sum():
         assert relative_error(y, block(x)) <= TOL64
 
 
+def test_post_norm_init():
+    block = QARepVGGBlock(4, 4, post_norm_init=3**0.5)
+    assert torch.allclose(block.post_norm.weight, torch.full((4, ), 3**0.5))
+    assert torch.equal(block.branch_3x3.bn.weight, torch.ones(4))
+    # A parent re-initializing its children keeps it (ConvModules reset
+    # only their own norm).
+    block.init_weights()
+    assert torch.allclose(block.post_norm.weight, torch.full((4, ), 3**0.5))
+    _pair(block, torch.randn(1, 4, 6, 6))
+
+
 # ----------------------------------------------------------- equivalence
 @pytest.mark.parametrize('stride', [1, 2])
 @pytest.mark.parametrize('dilation', [1, 2])
@@ -445,6 +456,10 @@ def test_switched_model_onnx_export(tmp_path):
     (dict(padding_mode='mirror'), 'padding_mode'),
     (dict(stride=0), 'stride'),
     (dict(se_cfg=16), 'se_cfg'),
+    (dict(post_norm_init=0), 'post_norm_init'),
+    (dict(post_norm_init=2.0, norm_cfg=None), 'post_norm_init'),
+    (dict(post_norm_init=2.0, norm_cfg=dict(type='BN', affine=False)),
+     'affine'),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -96,6 +96,14 @@ class QARepVGGBlock(RepBlockBase):
             Keyword only. Defaults to False.
         with_cp (bool): gradient checkpointing of the branches in training.
             Keyword only. Defaults to False.
+        post_norm_init (float): initial weight (gamma) of ``post_norm``. 1 as
+            in the paper. A RepVGGBlock with identity sums three normalized
+            branches, so its initial output is about ``sqrt(3)`` times
+            larger: ``3 ** 0.5`` restores that scale where the block output
+            feeds layers without normalization directly (e.g. the
+            ``RepVGGFPN`` outputs read by a RetinaNet head, see
+            ``configs/toy/retinanet_qarepvgg-tiny_qarepvgg-fpn_toy.py``).
+            Keyword only. Defaults to 1.0.
     """
 
     _TRAINING_ATTRS = ('branch_3x3', 'branch_1x1', 'branch_norm',
@@ -118,7 +126,8 @@ class QARepVGGBlock(RepBlockBase):
                  se_cfg: Optional[dict] = None,
                  use_alpha: bool = False,
                  deploy: bool = False,
-                 with_cp: bool = False) -> None:
+                 with_cp: bool = False,
+                 post_norm_init: float = 1.0) -> None:
         super().__init__(in_channels, out_channels, stride, padding,
                          dilation, groups, padding_mode, norm_cfg, act_cfg,
                          init_cfg, se_cfg, use_alpha, with_cp)
@@ -126,6 +135,14 @@ class QARepVGGBlock(RepBlockBase):
                              and self._identity_allowed())
         if norm_cfg is not None:
             check_norm_cfg(norm_cfg, out_channels)
+        if isinstance(post_norm_init, bool) or not isinstance(
+                post_norm_init, (int, float)) or not post_norm_init > 0:
+            raise ValueError('post_norm_init must be a number > 0, got '
+                             f'{post_norm_init!r}')
+        if post_norm_init != 1 and norm_cfg is None:
+            raise ValueError('post_norm_init needs a norm_cfg: without norms '
+                             'there is no post_norm')
+        self.post_norm_init = float(post_norm_init)
         self._build_act_se()
 
         if deploy:
@@ -145,6 +162,11 @@ class QARepVGGBlock(RepBlockBase):
         self.branch_norm = None
         self.post_norm = build_norm_layer(norm_cfg, out_channels)[1] \
             if norm_cfg is not None else None
+        if self.post_norm_init != 1:
+            if getattr(self.post_norm, 'weight', None) is None:
+                raise ValueError('post_norm_init needs an affine norm '
+                                 '(norm_cfg affine=True)')
+            nn.init.constant_(self.post_norm.weight, self.post_norm_init)
         self.alpha = nn.Parameter(torch.ones(1)) if use_alpha else None
 
     # ---------------------------------------------------------------- forward
