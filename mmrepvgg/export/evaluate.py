@@ -38,6 +38,37 @@ class EvaluateError(ToolError):
     """The ONNX file cannot be evaluated; the message names it."""
 
 
+def check_end2end_graph(onnx_file: str, session=None) -> dict:
+    """The graph inputs (name -> onnxruntime ``NodeArg``) of an end-to-end
+    detector graph: input ``input`` (and optionally ``img_shape``), outputs
+    ``dets`` and ``labels`` first.
+
+    Args:
+        onnx_file (str): the graph.
+        session (onnxruntime.InferenceSession, optional): a session of it
+            (one is made otherwise).
+
+    Raises:
+        EvaluateError: any other graph signature (e.g. a raw-output graph
+            exported without ``--postprocess``).
+    """
+    if session is None:
+        session = runtime.make_session(onnx_file, 1, None)
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = runtime.output_names(session)
+    if 'input' not in inputs or outputs[:2] != ['dets', 'labels']:
+        raise EvaluateError(
+            f'{onnx_file}: not an end-to-end detector graph (inputs '
+            f'{sorted(inputs)}, outputs {outputs}; expected input and '
+            'dets, labels: export it with tools/export_onnx.py '
+            '--postprocess)')
+    extra = set(inputs) - {'input', 'img_shape'}
+    if extra:
+        raise EvaluateError(f'{onnx_file}: unknown graph inputs '
+                            f'{sorted(extra)}')
+    return inputs
+
+
 @MODELS.register_module()
 class OnnxRuntimeDetector(BaseDetector):
     """A detector whose ``predict`` is an end-to-end ONNX graph.
@@ -65,18 +96,7 @@ class OnnxRuntimeDetector(BaseDetector):
             raise EvaluateError(f'ONNX file {onnx_file} does not exist')
         self.onnx_file = onnx_file
         self.session = runtime.make_session(onnx_file, threads, providers)
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = runtime.output_names(self.session)
-        if 'input' not in inputs or outputs[:2] != ['dets', 'labels']:
-            raise EvaluateError(
-                f'{onnx_file}: not an end-to-end detector graph (inputs '
-                f'{sorted(inputs)}, outputs {outputs}; expected input and '
-                'dets, labels: export it with tools/export_onnx.py '
-                '--postprocess)')
-        extra = set(inputs) - {'input', 'img_shape'}
-        if extra:
-            raise EvaluateError(f'{onnx_file}: unknown graph inputs '
-                                f'{sorted(extra)}')
+        inputs = check_end2end_graph(onnx_file, self.session)
         self.with_img_shape = 'img_shape' in inputs
         dims = inputs['input'].shape
         self.fixed_batch = dims[0] if isinstance(dims[0], int) else None
@@ -218,6 +238,8 @@ def test_onnx(args) -> int:
     def body():
         import mmrepvgg  # noqa: F401  (registers modules)
         cfg = onnx_test_config(args)
+        # refused before the runner creates its work dir and log
+        check_end2end_graph(cfg.model['onnx_file'])
         settings = read_metadata(cfg.model['onnx_file'])
         if settings:
             from mmrepvgg.export.postprocess import describe_settings

@@ -319,20 +319,25 @@ def test_onnx_file_in_mmdet_test_loop(toy_trained, tmp_path):
 
 
 @pytest.mark.parametrize('case', ['raw_graph', 'deploy_flag', 'missing'])
-def test_onnx_test_loop_refuses(case, models, toy_workspace, tmp_path):
+def test_onnx_test_loop_refuses(case, models, toy_workspace, tmp_path,
+                                capsys, monkeypatch):
+    """In-process (tools/test.py's main): the refusal comes before the
+    runner, so the process-level behaviour is the same one line."""
     raw = tmp_path / 'raw.onnx'
     if case != 'missing':
         code = export_tool.main([TOY_CONFIG, str(models['dir'] / 'train.pth'),
                                  str(raw), '--shape', '64', '64'])
         assert code == 0
+    capsys.readouterr()
+    monkeypatch.chdir(toy_workspace)
     extra = ['--deploy'] if case == 'deploy_flag' else []
-    proc = run_tool([sys.executable, osp.join(TOOLS, 'test.py'), TOY_CONFIG,
-                     str(raw), '--work-dir', str(tmp_path / 'wd')] + extra,
-                    cwd=toy_workspace)
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
+    code = load_tool('test').main([TOY_CONFIG, str(raw), '--work-dir',
+                                   str(tmp_path / 'wd')] + extra)
+    assert code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), lines
     expect = {'raw_graph': 'not an end-to-end detector graph',
               'deploy_flag': '--deploy does not apply to an ONNX file',
               'missing': 'does not exist'}[case]
     assert expect in lines[0]
+    assert not (tmp_path / 'wd').exists()
