@@ -12,8 +12,11 @@ setup:
 demo: setup
 	$(PY) tools/demo.py
 
+# The suite runs on every core (at most 4 workers, each with its share of the
+# cores as torch threads; see tests/conftest.py): XDIST= runs it in one process.
+XDIST ?= -n auto --maxprocesses 4 --dist worksteal
 test: setup
-	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q $(XDIST) $(PYTEST_ARGS)
 
 test-slow: setup
 	$(PY) -m pytest tests -q -m slow --runslow $(PYTEST_ARGS)
