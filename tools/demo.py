@@ -30,6 +30,9 @@ import sys
 import time
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
+    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
+                                          'quiet.py'))['silence_warnings']()
 CONFIG = osp.join(ROOT, 'configs/toy/retinanet_repvgg-tiny_repvgg-fpn_toy.py')
 PROGRESS = re.compile(r'Epoch\((train|val)\)|bbox_mAP_copypaste|converted|'
                       r'blocks converted|parameters|conv layers|file size|'
