@@ -1,5 +1,6 @@
 """tools/test.py: strict checkpoint loading and one-line errors (issue 9,
 items 7, 9, 10, 13)."""
+import glob
 import os
 import os.path as osp
 import pickle
@@ -234,3 +235,24 @@ def test_non_strict_loads_anyway(deployed, toy_trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out, 'rb') as f:
         assert len(pickle.load(f)) == 8
+
+
+@pytest.mark.parametrize(
+    'tool', sorted(glob.glob(osp.join(TOOLS, '*.py'))), ids=osp.basename)
+def test_every_tool_enters_quietly(tool):
+    """Every tool that imports mmengine (directly or through mmrepvgg) runs
+    mmrepvgg/utils/quiet.py first, as its own ``__main__`` block, before any
+    such import: otherwise mmengine's pkg_resources deprecation warnings
+    reach the user (quantize.py and benchmark.py once lacked it)."""
+    with open(tool) as f:
+        text = f.read()
+    if 'mmrepvgg' not in text and 'mmengine' not in text:
+        return  # stdlib/numpy/PIL only (make_toy_dataset.py)
+    entry = text.find("__import__('runpy').run_path(")
+    assert entry > 0 and 'quiet.py' in text[entry:entry + 200], tool
+    first_import = min(i for i in (text.find('import mmrepvgg'),
+                                   text.find('from mmrepvgg'),
+                                   text.find('import mmengine'),
+                                   text.find('from mmengine'),
+                                   text.find('import torch')) if i >= 0)
+    assert entry < first_import, tool
