@@ -190,42 +190,35 @@ def main(argv=None) -> int:
                 deploy_ckpt], osp.join(wd, 'convert.log'))
     rel = re.search(r'converted err (\S+), original float32 err (\S+)',
                     conv)
-    out_a = osp.join(wd, 'det_training.pkl')
-    out_b = osp.join(wd, 'det_deploy.pkl')
-    map_a = parse_map(run(
-        '4/7 test the training form',
-        [py, osp.join(tools, 'test.py'), CONFIG, ckpt, '--work-dir',
-         osp.join(wd, 'test_training'), '--out', out_a],
-        osp.join(wd, 'test_training.log')))
-    map_b = parse_map(run(
-        '4/7 test the deploy form',
-        [py, osp.join(tools, 'test.py'), deploy_cfg, deploy_ckpt,
-         '--work-dir', osp.join(wd, 'test_deploy'), '--out', out_b],
-        osp.join(wd, 'test_deploy.log')))
+
+    def test(step: str, config: str, checkpoint: str, name: str):
+        """Step ``step``: tools/test.py on ``checkpoint``; (mAP, .pkl)."""
+        out = osp.join(wd, f'det_{name}.pkl')
+        log = run(step, [py, osp.join(tools, 'test.py'), config, checkpoint,
+                         '--work-dir', osp.join(wd, f'test_{name}'),
+                         '--out', out], osp.join(wd, f'test_{name}.log'))
+        return parse_map(log), out
+
+    map_a, out_a = test('4/7 test the training form', CONFIG, ckpt,
+                        'training')
+    map_b, out_b = test('4/7 test the deploy form', deploy_cfg, deploy_ckpt,
+                        'deploy')
     det = compare_detections(out_a, out_b)
     onnx_file = osp.join(wd, 'onnx', 'toy_end2end.onnx')
     run('5/7 export the deploy model end to end to ONNX',
         [py, osp.join(tools, 'export_onnx.py'), deploy_cfg, deploy_ckpt,
          onnx_file, '--postprocess', '--verify-images', '32'],
         osp.join(wd, 'export_onnx.log'))
-    out_c = osp.join(wd, 'det_onnx.pkl')
-    map_c = parse_map(run(
-        '5/7 test the ONNX file (onnxruntime in the same test loop)',
-        [py, osp.join(tools, 'test.py'), CONFIG, onnx_file, '--work-dir',
-         osp.join(wd, 'test_onnx'), '--out', out_c],
-        osp.join(wd, 'test_onnx.log')))
+    map_c, out_c = test('5/7 test the ONNX file (onnxruntime in the same '
+                        'test loop)', CONFIG, onnx_file, 'onnx')
     det_onnx = compare_detections(out_b, out_c)
     int8_file = osp.join(wd, 'onnx', 'toy_end2end_int8.onnx')
     run('6/7 quantize the end-to-end graph to INT8 (calibrated on 64 '
         'training images)',
         [py, osp.join(tools, 'quantize.py'), deploy_cfg, deploy_ckpt,
          int8_file], osp.join(wd, 'quantize.log'))
-    out_d = osp.join(wd, 'det_int8.pkl')
-    map_d = parse_map(run(
-        '6/7 test the INT8 file (onnxruntime in the same test loop)',
-        [py, osp.join(tools, 'test.py'), CONFIG, int8_file, '--work-dir',
-         osp.join(wd, 'test_int8'), '--out', out_d],
-        osp.join(wd, 'test_int8.log')))
+    map_d, out_d = test('6/7 test the INT8 file (onnxruntime in the same '
+                        'test loop)', CONFIG, int8_file, 'int8')
     det_int8 = compare_detections(out_b, out_d)
     picture = draw_side_by_side({'PyTorch deploy': out_b,
                                  'ONNX INT8': out_d},

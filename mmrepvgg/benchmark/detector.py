@@ -319,12 +319,8 @@ def _titled(image: np.ndarray, title: str, height: int = 24) -> np.ndarray:
 def _write_png(rgb: np.ndarray, path: str) -> None:
     import cv2
 
-    from mmrepvgg.deploy import atomic_write
+    from mmrepvgg.utils.fileio import atomic_write_bytes
     ok, data = cv2.imencode('.png', np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:
         raise ValueError(f'{path}: PNG encoding failed')
-
-    def write(tmp: str) -> None:
-        with open(tmp, 'wb') as f:
-            f.write(data.tobytes())
-    atomic_write(path, write)
+    atomic_write_bytes(path, data.tobytes())

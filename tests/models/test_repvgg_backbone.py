@@ -345,14 +345,11 @@ def test_builds_under_any_default_scope():
     builds the blocks of backbone and neck from mmdet's registry."""
     from mmdet.registry import MODELS
     from mmengine.registry import DefaultScope
+    # (tests/conftest.py restores the current scope after the test)
     scope = DefaultScope.get_instance('test_builds_under_any_default_scope',
                                       scope_name='mmengine')
-    try:
-        assert DefaultScope.get_current_instance() is scope
-        RepVGG(TINY_ARCH)
-        MODELS.build(dict(type='RepVGGFPN', in_channels=[16, 32],
-                          out_channels=16, num_outs=2, _scope_='mmdet',
-                          block_cfg=dict(type='RepVGGBlock')))
-    finally:  # later tests see mmdet as the current scope again
-        DefaultScope.get_instance('test_builds_under_any_default_scope_end',
-                                  scope_name='mmdet')
+    assert DefaultScope.get_current_instance() is scope
+    RepVGG(TINY_ARCH)
+    MODELS.build(dict(type='RepVGGFPN', in_channels=[16, 32],
+                      out_channels=16, num_outs=2, _scope_='mmdet',
+                      block_cfg=dict(type='RepVGGBlock')))
