@@ -74,12 +74,16 @@ def train(run, seed: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from mmrepvgg.apis.convert import check_output_paths
     from mmrepvgg.apis.sweep import SweepRun, final_metric, format_table
     from mmrepvgg.utils.cli import run_cli
     from mmrepvgg.utils.fileio import atomic_write_bytes
 
     def body() -> int:
         runs = [SweepRun(r[0], r[1], r[2:], args.work_dir) for r in args.run]
+        if args.out:  # never over a config it reads
+            check_output_paths([(r.config, f'config of --run {r.label}')
+                                for r in runs], [args.out])
         cached = {(r.label, s): r.cached(s, args.metric)
                   for r in runs for s in args.seeds}  # refuse before training
         results = {r.label: {} for r in runs}

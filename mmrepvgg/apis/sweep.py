@@ -133,7 +133,12 @@ class SweepRun:
             raise ToolError(
                 f'{path} was trained with another {", ".join(changed)}; '
                 'remove that folder or choose another --work-dir or label')
-        return float(record['value'])
+        value = record.get('value')
+        if isinstance(value, bool) or not isinstance(
+                value, (int, float)) or not math.isfinite(value):
+            raise ToolError(f'{path}: value {value!r} is not a finite '
+                            'number; remove that folder to train it again')
+        return float(value)
 
     def record(self, seed: int, metric: str, value: float) -> None:
         """Write ``sweep_result.json`` (atomically) for ``seed``."""

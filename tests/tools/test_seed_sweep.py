@@ -142,6 +142,8 @@ def test_changed_run_is_refused_before_training(
     (['--run', 'a/b', TOY_CONFIG], 1, "'a/b' is not a usable label"),
     (['--run', 'a', TOY_CONFIG, 'randomness.seed=3'], 1, 'set by --seeds'),
     (['--run', 'a', TOY_CONFIG, 'oops'], 1, "'oops' is not key=value"),
+    (['--run', 'a', TOY_CONFIG, '--out', TOY_CONFIG], 1,
+     'refusing to overwrite the config of --run a'),
 ])
 def test_bad_arguments_are_one_line(argv, code, match, tmp_path, capsys,
                                     monkeypatch):
@@ -172,3 +174,21 @@ def test_failed_training_names_the_run_and_log(tmp_path):
            'cannot set train_cfg.max_epochs.x=1' in err[0]
     assert str(work / 'bad' / 'seed0' / 'sweep_train.log') in err[0]
     assert not (work / 'bad' / 'seed0' / 'sweep_result.json').exists()
+
+
+def test_unusable_recorded_value_is_refused(tmp_path, capsys, monkeypatch):
+    tool = load_tool('seed_sweep')
+    calls = []
+    monkeypatch.setattr(tool, 'train', _fake_train(calls))
+    argv = ['--seeds', '0', '--work-dir', str(tmp_path), '--run', 'a',
+            TOY_CONFIG]
+    assert tool.main(argv) == 0
+    path = tmp_path / 'a' / 'seed0' / 'sweep_result.json'
+    record = json.loads(path.read_text())
+    record['value'] = float('nan')
+    path.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert tool.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'is not a finite number' in err[0], err
+    assert len(calls) == 1
