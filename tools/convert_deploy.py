@@ -119,7 +119,8 @@ def run(args) -> int:
     # (by file identity) or be shared by two inputs.
     inputs = [(c, 'input checkpoint') for c in ckpts] + \
         [(args.config, 'input config')]
-    check_output_paths(inputs, [p for o in outputs for p in deploy_paths(o)])
+    check_output_paths(inputs, [p for o in outputs for p in deploy_paths(o)],
+                       ConvertError)
 
     items = list(zip(ckpts, outputs))
     failed = []

@@ -97,7 +97,7 @@ def run(args) -> int:
     from mmrepvgg.apis.import_checkpoint import (CheckpointImportError,
                                                  import_state_dict,
                                                  make_checkpoint)
-    from mmrepvgg.apis.convert import check_output_paths
+    from mmrepvgg.utils.fileio import check_output_paths
     from mmrepvgg.deploy import load_checkpoint, save_checkpoint
 
     if not args.out.endswith('.pth'):

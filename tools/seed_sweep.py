@@ -74,7 +74,7 @@ def train(run, seed: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mmrepvgg.apis.convert import check_output_paths
+    from mmrepvgg.utils.fileio import check_output_paths
     from mmrepvgg.apis.sweep import SweepRun, final_metric, format_table
     from mmrepvgg.utils.cli import run_cli
     from mmrepvgg.utils.fileio import atomic_write_bytes

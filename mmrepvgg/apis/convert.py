@@ -26,7 +26,7 @@ from mmrepvgg.deploy.verify import (BLOCK_FP64_TOL, NOISE_FACTOR,
                                     check_finite, describe, judge_fp32,
                                     relative_error)
 from mmrepvgg.utils.cli import ToolError, merge_cfg_options
-from mmrepvgg.utils.fileio import atomic_write_group
+from mmrepvgg.utils.fileio import atomic_write_group, check_output_paths
 from mmrepvgg.version import __version__
 
 #: Largest verification input side accepted (--shape).
@@ -367,46 +367,6 @@ def _tensor_forward(model):
 
 
 # ------------------------------------------------------------------ convert
-def _identity(path: str):
-    """``(st_dev, st_ino)`` of an existing file, else its real path (symlinks
-    of every parent resolved)."""
-    try:
-        st = os.stat(path)
-        return ('inode', st.st_dev, st.st_ino)
-    except OSError:
-        return ('path', osp.realpath(path))
-
-
-def check_output_paths(inputs: Sequence[Tuple[str, str]],
-                       outputs: Sequence[str]) -> None:
-    """Refuse any output that is (by file identity, through symlinks and
-    hard links) one of the inputs or another output, and outputs that exist
-    as folders.
-
-    Args:
-        inputs: ``(path, what)`` of every file read.
-        outputs: every file to be written.
-    """
-    seen = {}
-    for path, what in inputs:
-        if osp.exists(path):
-            seen[_identity(path)] = f'the {what} {path}'
-    for out in outputs:
-        if osp.isdir(out):
-            raise ConvertError(f'{out}: is a folder; expected a file path')
-        ident = _identity(out)
-        if ident in seen:
-            raise ConvertError(f'{out}: refusing to overwrite {seen[ident]}; '
-                               'choose another OUTPUT')
-        seen[ident] = f'output {out} (two outputs would share one file)'
-        # A not-yet-existing output may still be reached by another name.
-        real = ('path', osp.realpath(out))
-        if real != ident and real in seen:
-            raise ConvertError(f'{out}: refusing to overwrite {seen[real]}; '
-                               'choose another OUTPUT')
-        seen[real] = seen[ident]
-
-
 def check_options(shape: Optional[Sequence[int]],
                   tolerance: Optional[float], factor: float) -> None:
     """Bounds of the numeric options, named as the command line names them.
@@ -462,7 +422,7 @@ def convert_checkpoint(cfg: Config,
     out_ckpt, out_cfg = deploy_paths(output)
     check_output_paths([(checkpoint, 'input checkpoint'),
                         (config_path, 'input config')],
-                       [out_ckpt, out_cfg])
+                       [out_ckpt, out_cfg], ConvertError)
     check_options(shape, tolerance, factor)
     sd, meta = read_state_dict(checkpoint, unsafe_load)
     if is_deploy_state_dict(sd):

@@ -22,6 +22,8 @@ import socket
 import tempfile
 from typing import Callable, List, Sequence, Tuple
 
+from mmrepvgg.utils.cli import ToolError
+
 TMP_SUFFIX = '.mmrepvgg-tmp'
 JOURNAL_SUFFIX = '.mmrepvgg-journal'
 
@@ -259,3 +261,46 @@ def remove_stale_temporaries(directory: str) -> List[str]:
         except OSError:
             pass
     return removed
+
+
+# ------------------------------------------------------ outputs vs inputs
+def _identity(path: str):
+    """``(st_dev, st_ino)`` of an existing file, else its real path (symlinks
+    of every parent resolved)."""
+    try:
+        st = os.stat(path)
+        return ('inode', st.st_dev, st.st_ino)
+    except OSError:
+        return ('path', osp.realpath(path))
+
+
+def check_output_paths(inputs: Sequence[Tuple[str, str]],
+                       outputs: Sequence[str],
+                       error: type = ToolError) -> None:
+    """Refuse any output that is (by file identity, through symlinks and
+    hard links) one of the inputs or another output, and outputs that exist
+    as folders. The one check every tool runs before it writes anything.
+
+    Args:
+        inputs: ``(path, what)`` of every file read.
+        outputs: every file to be written.
+        error: the :class:`ToolError` subclass raised.
+    """
+    seen = {}
+    for path, what in inputs:
+        if osp.exists(path):
+            seen[_identity(path)] = f'the {what} {path}'
+    for out in outputs:
+        if osp.isdir(out):
+            raise error(f'{out}: is a folder; expected a file path')
+        ident = _identity(out)
+        if ident in seen:
+            raise error(f'{out}: refusing to overwrite {seen[ident]}; '
+                        'choose another output path')
+        seen[ident] = f'output {out} (two outputs would share one file)'
+        # A not-yet-existing output may still be reached by another name.
+        real = ('path', osp.realpath(out))
+        if real != ident and real in seen:
+            raise error(f'{out}: refusing to overwrite {seen[real]}; '
+                        'choose another output path')
+        seen[real] = seen[ident]
