@@ -11,21 +11,61 @@ Several files that belong together (a deploy checkpoint and its config) are
 committed with :func:`atomic_write_group`: every file is first written and
 synced in full; a journal naming the renames is then written atomically, the
 renames are done and the journal removed. A process killed during the renames
-leaves the journal behind, and the next :func:`recover_groups` on that folder
-(every conversion runs it first) completes them, so a reader never sees a new
-file of the group beside an old one once a tool has run again there.
+leaves the journal behind, and the next write into that folder
+(:func:`recover_groups`, run by every atomic write) completes them, so a
+reader never sees a new file of the group beside an old one once a tool has
+run again there. No scheme without such a record can do that: after the
+kill, nothing else tells which of the new files belong to an unfinished
+group.
+
+Because every write into a folder runs that recovery, and output folders may
+be shared with other users (a sticky ``/tmp``-like folder) or hold files of
+unknown origin, recovery obeys only what this module could have written
+itself, and ignores (leaves in place, never fails on) anything else:
+
+* a journal is read only if it is a regular file (``lstat``; opened with
+  ``O_NOFOLLOW | O_NONBLOCK``, so a symlink, FIFO or device is never
+  followed or waited on) with one link, owned by this user, at most
+  :data:`JOURNAL_MAX_BYTES` long, named after its first file, host and pid,
+  and recording this host and a process id in ``pid_t``'s range that no
+  longer runs;
+* it only renames its own temporaries: each entry moves
+  ``.<dest>.<host>.<pid>.<random>.mmrepvgg-tmp`` (the journal's host and
+  pid, a plain name in the same folder) to ``<dest>``, and only if that
+  temporary is a regular file with one link owned by this user;
+* a stale temporary is removed only under the same conditions (this host,
+  a process id in range that no longer runs, a regular file of this user).
+
+Another user can therefore neither steer a rename nor stop writes into a
+shared folder, and a crafted name or journal (odd pid, wrong type, huge
+size, FIFO, symlink) is skipped without a read or a system call that could
+fail. :func:`scratch_dir` gives a tool a private temporary folder that a
+later call removes if its process was killed.
 """
+import contextlib
 import json
 import os
 import os.path as osp
+import re
+import shutil
 import socket
+import stat
 import tempfile
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 from mmrepvgg.utils.cli import ToolError
 
 TMP_SUFFIX = '.mmrepvgg-tmp'
 JOURNAL_SUFFIX = '.mmrepvgg-journal'
+#: A journal names a few files; a longer file was not written here.
+JOURNAL_MAX_BYTES = 8192
+#: Largest process id (``pid_t`` is a 32-bit int); a name or journal with a
+#: larger one was not written here.
+MAX_PID = 2**31 - 1
+# '.<dest>.<host>.<pid>.<random>' + TMP_SUFFIX; host has no '.', the
+# random part is tempfile's [a-z0-9_].
+_TEMP_NAME = re.compile(r'\.(.+)\.([^./]+)\.([0-9]{1,10})\.[a-z0-9_]+' +
+                        re.escape(TMP_SUFFIX))
 
 Writer = Callable[[str], None]
 
@@ -36,6 +76,62 @@ def _host() -> str:
 
 def _tmp_prefix(path: str) -> str:
     return f'.{osp.basename(path)}.{_host()}.{os.getpid()}.'
+
+
+def _journal_name(first: str, host: str, pid: int) -> str:
+    return f'.{first}.{host}.{pid}{JOURNAL_SUFFIX}'
+
+
+def _parse_temp(name: str) -> Optional[Tuple[str, str, int]]:
+    """``(dest, host, pid)`` of a name of this module's temporaries, else
+    None."""
+    m = _TEMP_NAME.fullmatch(name)
+    return (m.group(1), m.group(2), int(m.group(3))) if m else None
+
+
+def _sane_pid(pid) -> bool:
+    return type(pid) is int and 0 < pid <= MAX_PID
+
+
+def _plain_name(name: str) -> bool:
+    return name not in ('', '.', '..') and '/' not in name and \
+        '\0' not in name and (os.altsep is None or os.altsep not in name)
+
+
+def _ours(st: Optional[os.stat_result], kind=stat.S_ISREG) -> bool:
+    """A file of this user of ``kind`` with one link (never a symlink:
+    ``st`` comes from ``lstat``)."""
+    return st is not None and kind(st.st_mode) and \
+        st.st_uid == os.geteuid() and (kind is stat.S_ISDIR or
+                                       st.st_nlink == 1)
+
+
+def _lstat(path: str) -> Optional[os.stat_result]:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` (in range) names no running process other than
+    this one."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it runs, as another user
+        return False
+    return False
+
+
+def _listdir(directory: str) -> List[str]:
+    try:
+        return sorted(os.listdir(directory))
+    except OSError:  # not a folder, or not readable
+        return []
 
 
 def _fsync_dir(directory: str) -> None:
@@ -84,6 +180,19 @@ def _write_temp(path: str, write: Writer) -> str:
     return tmp
 
 
+def _write_temps(items: Sequence[Tuple[str, Writer]]) -> List[str]:
+    """:func:`_write_temp` of every item; all removed if any fails."""
+    temps: List[str] = []
+    try:
+        for path, write in items:
+            temps.append(_write_temp(path, write))
+    except BaseException:
+        for t in temps:
+            _remove_quietly(t)
+        raise
+    return temps
+
+
 def _remove_quietly(path: str) -> None:
     try:
         os.remove(path)
@@ -119,12 +228,35 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     atomic_write(path, write)
 
 
+def atomic_write_all(items: Sequence[Tuple[str, Writer]]) -> None:
+    """Write files of any folders so that an error or Ctrl-C while writing
+    leaves every destination untouched: all temporaries are written first,
+    then renamed in order (the last item last).
+
+    Unlike :func:`atomic_write_group` a kill between the renames is not
+    repaired; use it for a tool's separate outputs, the group for files a
+    reader must never see mixed.
+
+    Args:
+        items: ``(path, write)`` pairs, as for :func:`atomic_write`.
+    """
+    temps = _write_temps(items)
+    try:
+        for tmp, (path, _) in zip(temps, items):
+            os.replace(tmp, path)
+            _fsync_dir(osp.dirname(osp.abspath(path)))
+    except BaseException:
+        for t in temps:
+            _remove_quietly(t)
+        raise
+
+
 def atomic_write_group(items: Sequence[Tuple[str, Writer]]) -> None:
     """Write several files as one all-or-nothing group.
 
     Every ``write(tmp)`` runs first; if any fails (or is interrupted) all
     temporaries are removed and no destination is touched. Otherwise the
-    renames are recorded in a journal beside the first file, done, and the
+    renames are recorded in a journal beside the files, done, and the
     journal removed; see the module docstring for the recovery after a kill.
 
     Args:
@@ -134,46 +266,89 @@ def atomic_write_group(items: Sequence[Tuple[str, Writer]]) -> None:
     directory = osp.dirname(paths[0])
     if any(osp.dirname(p) != directory for p in paths):
         raise ValueError('atomic_write_group: all files must share a folder')
-    temps: List[str] = []
-    try:
-        for path, write in items:
-            temps.append(_write_temp(path, write))
-    except BaseException:
-        for t in temps:
-            _remove_quietly(t)
-        raise
-    renames = dict(host=_host(), pid=os.getpid(),
-                   renames=[[osp.basename(t), osp.basename(p)]
-                            for t, p in zip(temps, paths)])
+    temps = _write_temps(items)
+    host, pid = _host(), os.getpid()
+    renames = [[osp.basename(t), osp.basename(p)]
+               for t, p in zip(temps, paths)]
+    record = json.dumps(dict(host=host, pid=pid, renames=renames))
     journal = osp.join(directory,
-                       f'.{osp.basename(paths[0])}{JOURNAL_SUFFIX}')
+                       _journal_name(renames[0][1], host, pid))
     try:
-        atomic_write(journal, lambda tmp: _write_json(tmp, renames))
+        if len(record.encode('utf-8')) > JOURNAL_MAX_BYTES:
+            raise ValueError('atomic_write_group: too many files or too '
+                             f'long names for one journal ({renames})')
+        atomic_write_bytes(journal, record)
     except BaseException:
         for t in temps:
             _remove_quietly(t)
         raise
-    _apply_journal(journal)
+    for tmp, dest in renames:
+        os.replace(osp.join(directory, tmp), osp.join(directory, dest))
+    _fsync_dir(directory)
+    _remove_quietly(journal)
+    _fsync_dir(directory)
 
 
-def _write_json(path: str, obj) -> None:
-    with open(path, 'w', encoding='utf-8') as f:
-        json.dump(obj, f)
+def _read_journal(path: str) -> Optional[List[Tuple[str, str]]]:
+    """The ``(temporary, destination)`` names of a journal that this module
+    could have written and whose writer is gone, else None (see the module
+    docstring); never raises, never blocks."""
+    st = _lstat(path)
+    if not _ours(st) or st.st_size > JOURNAL_MAX_BYTES:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        fst = os.fstat(fd)  # the file lstat saw, still ours
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or \
+                not _ours(fst):
+            return None
+        data = os.read(fd, JOURNAL_MAX_BYTES + 1)
+        record = json.loads(data.decode('utf-8'))
+    except (OSError, ValueError, RecursionError):
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > JOURNAL_MAX_BYTES or not isinstance(record, dict):
+        return None
+    host, pid, renames = (record.get(k) for k in ('host', 'pid', 'renames'))
+    if host != _host() or not _sane_pid(pid) or \
+            not isinstance(renames, list) or not renames:
+        return None
+    pairs = []
+    for item in renames:
+        if not (isinstance(item, list) and len(item) == 2 and
+                all(isinstance(s, str) for s in item)):
+            return None
+        tmp, dest = item
+        if not _plain_name(dest) or _parse_temp(tmp) != (dest, host, pid):
+            return None
+        pairs.append((tmp, dest))
+    if osp.basename(path) != _journal_name(pairs[0][1], host, pid) or \
+            not _gone(pid):  # a live writer is renaming right now
+        return None
+    return pairs
 
 
 def _apply_journal(journal: str) -> List[str]:
-    """Complete the renames of ``journal`` (idempotent); returns the
-    destinations it renamed."""
+    """Complete the renames of ``journal`` if :func:`_read_journal` accepts
+    it, moving only its own temporaries, then remove it (idempotent);
+    returns the destinations it renamed."""
+    pairs = _read_journal(journal)
+    if pairs is None:
+        return []
     directory = osp.dirname(journal)
-    with open(journal, encoding='utf-8') as f:
-        renames = json.load(f)['renames']
     done = []
-    for tmp, dest in renames:
-        src = osp.join(directory, osp.basename(tmp))
+    for tmp, dest in pairs:
+        src = osp.join(directory, tmp)
+        if not _ours(_lstat(src)):  # renamed already, or not our file
+            continue
         try:
-            os.replace(src, osp.join(directory, osp.basename(dest)))
+            os.replace(src, osp.join(directory, dest))
             done.append(dest)
-        except FileNotFoundError:  # renamed already
+        except OSError:
             pass
     _fsync_dir(directory)
     _remove_quietly(journal)
@@ -181,36 +356,18 @@ def _apply_journal(journal: str) -> List[str]:
     return done
 
 
-def _journal_owner_alive(journal: str) -> bool:
-    with open(journal, encoding='utf-8') as f:
-        owner = json.load(f)
-    return owner.get('host') == _host() and _pid_alive(
-        int(owner.get('pid', -1))) and int(owner['pid']) != os.getpid()
-
-
 def recover_groups(directory: str) -> List[str]:
-    """Complete every group write interrupted in ``directory`` (journals of
-    processes that no longer run; a live writer's journal is left to it).
+    """Complete every group write interrupted in ``directory`` (journals
+    that this module wrote, of processes that no longer run; anything else
+    is left alone).
 
     Returns:
         list[str]: destination names completed (empty if nothing was left).
     """
     done: List[str] = []
-    if not osp.isdir(directory):
-        return done
-    for name in sorted(os.listdir(directory)):
+    for name in _listdir(directory):
         if name.startswith('.') and name.endswith(JOURNAL_SUFFIX):
-            path = osp.join(directory, name)
-            try:
-                if _journal_owner_alive(path):
-                    continue  # its writer is renaming right now
-                done.extend(_apply_journal(path))
-            except FileNotFoundError:
-                pass
-            except (OSError, ValueError, TypeError, KeyError):
-                # An unreadable journal was never completed by its writer
-                # (it is written atomically): the group was not committed.
-                _remove_quietly(path)
+            done.extend(_apply_journal(osp.join(directory, name)))
     return done
 
 
@@ -221,46 +378,63 @@ def tidy(directory: str) -> None:
     remove_stale_temporaries(directory)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _stale(root: str, name: str, kind=stat.S_ISREG) -> bool:
+    """Whether ``root/name`` is a temporary of this module (file, or folder
+    of :func:`scratch_dir`) left by a process of this host that is gone."""
+    parsed = _parse_temp(name)
+    return parsed is not None and parsed[1] == _host() and \
+        _sane_pid(parsed[2]) and _gone(parsed[2]) and \
+        _ours(_lstat(osp.join(root, name)), kind)
 
 
 def remove_stale_temporaries(directory: str) -> List[str]:
     """Remove temporaries left in ``directory`` by killed processes.
 
-    Only files named by this module, written on this host by a process that
-    no longer exists, are removed; temporaries of live processes or other
-    hosts are left alone.
+    Only regular files of this user named by this module, written on this
+    host by a process that no longer exists, are removed; temporaries of
+    live processes or other hosts, and anything else, are left alone.
 
     Returns:
         list[str]: the names removed.
     """
     removed: List[str] = []
-    if not osp.isdir(directory):
-        return removed
-    host = _host()
-    for name in os.listdir(directory):
-        if not (name.startswith('.') and name.endswith(TMP_SUFFIX)):
-            continue
-        parts = name[:-len(TMP_SUFFIX)].split('.')
-        # '' . <basename parts...> . host . pid . random
-        if len(parts) < 5 or parts[-3] != host or not parts[-2].isdigit():
-            continue
-        pid = int(parts[-2])
-        if pid == os.getpid() or _pid_alive(pid):
-            continue
-        try:
-            os.remove(osp.join(directory, name))
-            removed.append(name)
-        except OSError:
-            pass
+    for name in _listdir(directory):
+        if _stale(directory, name):
+            try:
+                os.remove(osp.join(directory, name))
+                removed.append(name)
+            except OSError:
+                pass
     return removed
+
+
+@contextlib.contextmanager
+def scratch_dir(tag: str) -> Iterator[str]:
+    """A private folder for a tool's intermediate files, removed on exit.
+
+    It is made (mode 0700) in the system's temporary folder, named like a
+    temporary of this module (``.<tag>.<host>.<pid>.<random>.mmrepvgg-tmp``),
+    and is :mod:`tempfile`'s default folder while the context is open, so
+    the temporary files and folders of the libraries called meanwhile go
+    inside too. A SIGKILL runs no clean-up: the folders of ``tag`` left by
+    processes of this host that are gone are removed on entry.
+
+    Args:
+        tag (str): the tool's name (no ``.`` or ``/``).
+    """
+    root = tempfile.gettempdir()
+    for name in _listdir(root):
+        parsed = _parse_temp(name)
+        if parsed and parsed[0] == tag and _stale(root, name, stat.S_ISDIR):
+            shutil.rmtree(osp.join(root, name), ignore_errors=True)
+    path = tempfile.mkdtemp(prefix=_tmp_prefix(tag), suffix=TMP_SUFFIX,
+                            dir=root)
+    previous, tempfile.tempdir = tempfile.tempdir, path
+    try:
+        yield path
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # ------------------------------------------------------ outputs vs inputs
