@@ -16,12 +16,17 @@ convs and what feeds them are quantized. The INT8 graph is run on
 relative error are printed, and every quantized output must reach
 --min-sqnr dB. --layers adds the per-conv-layer SQNR (accumulated,
 activation alone, weights), --bench times FP32 vs INT8 onnxruntime.
-OUT.onnx is written atomically after the checks; any bad input exits 1 with
-one ``error: ...`` line and writes nothing.
+Every output (OUT.onnx, --save-fp32, --layers-json) is checked against every
+input (config, checkpoint, annotation files, --layers-against files) and the
+other outputs before any work, and all are written together at the very
+end; any bad input exits 1 with one ``error: ...`` line (2 for a command
+line that does not parse) and writes nothing. Intermediate graphs live in a
+private temporary folder that the next run removes if this one was killed.
 """
-import argparse
 import json
+import os
 import os.path as osp
+import stat
 import sys
 from typing import Optional
 
@@ -33,15 +38,14 @@ if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
 
 
 def parse_args(argv=None):
-    from mmengine.config import DictAction
-
     from mmrepvgg.export.quantize import (CALIBRATION_METHODS,
                                           DEFAULT_CALIB_IMAGES,
                                           DEFAULT_MIN_SQNR,
                                           DEFAULT_VERIFY_IMAGES,
                                           QUANT_FORMATS, QUANT_TYPES)
-    from mmrepvgg.utils.cli import add_cli_args
-    p = argparse.ArgumentParser(
+    from mmrepvgg.utils.cli import (CfgOptionsAction, ToolArgumentParser,
+                                    add_cli_args)
+    p = ToolArgumentParser(
         description='Post-training static INT8 quantization of a fused '
         'RepVGG detector or backbone (onnxruntime), calibrated on real '
         'images and verified against FP32.')
@@ -94,7 +98,7 @@ def parse_args(argv=None):
                    '99.999')
     p.add_argument('--layers', action='store_true',
                    help='print the per-conv-layer SQNR table')
-    p.add_argument('--layers-json', metavar='PATH',
+    p.add_argument('--layers-json', metavar='PATH.json',
                    help='write the per-layer rows as JSON (implies '
                    '--layers)')
     p.add_argument('--layers-label', default='INT8',
@@ -112,7 +116,7 @@ def parse_args(argv=None):
                    help='also write the FP32 graph the INT8 one comes from')
     p.add_argument('--threads', type=int,
                    help='onnxruntime (and PyTorch) threads')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction,
+    p.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                    help='override settings in the config, key=value')
     add_cli_args(p)
     return p.parse_args(argv)
@@ -181,26 +185,57 @@ def print_report(r: dict, against: Optional[dict] = None) -> None:
             list((against or {}).items()))))
 
 
-def read_layer_reports(specs) -> dict:
-    """``{label: rows}`` of ``LABEL=PATH.json`` items (--layers-json
-    files of earlier runs)."""
+#: A --layers-json file holds a few hundred rows; a larger one is refused
+#: unread.
+MAX_LAYERS_JSON_BYTES = 2**20
+#: Row keys format_layer_table prints as numbers (or n/a for None).
+_LAYER_NUMBERS = ('sqnr_db', 'act_sqnr_db', 'weight_sqnr_db',
+                  'w_peak_over_mean')
+
+
+def layer_report_paths(specs) -> list:
+    """``[(label, path)]`` of ``LABEL=PATH.json`` items."""
     from mmrepvgg.export.quantize import QuantizeError
-    out = {}
+    out = []
     for spec in specs:
         label, sep, path = spec.partition('=')
         if not sep or not label or not path:
             raise QuantizeError(f'--layers-against {spec!r}: expected '
                                 'LABEL=PATH.json')
+        out.append((label, path))
+    return out
+
+
+def _is_layer_row(r) -> bool:
+    return isinstance(r, dict) and isinstance(r.get('layer'), str) and all(
+        r.get(k) is None or (isinstance(r[k], (int, float))
+                             and not isinstance(r[k], bool))
+        for k in _LAYER_NUMBERS)
+
+
+def read_layer_reports(paths) -> dict:
+    """``{label: rows}`` of ``(label, path)`` pairs (--layers-json files of
+    earlier runs), checked in full so that printing them cannot fail after
+    the outputs are written."""
+    from mmrepvgg.export.quantize import QuantizeError
+    out = {}
+    for label, path in paths:
         try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError('not a regular file')
+            if st.st_size > MAX_LAYERS_JSON_BYTES:
+                raise ValueError(f'larger than {MAX_LAYERS_JSON_BYTES} '
+                                 'bytes')
             with open(path, encoding='utf-8') as f:
                 rows = json.load(f)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise QuantizeError(f'--layers-against {path}: cannot read it '
                                 f'({e})') from None
-        if not isinstance(rows, list) or not all(
-                isinstance(r, dict) and 'layer' in r for r in rows):
+        if not isinstance(rows, list) or not all(map(_is_layer_row, rows)):
             raise QuantizeError(f'--layers-against {path}: not a '
-                                '--layers-json file')
+                                '--layers-json file (a list of rows with a '
+                                'str "layer" and numbers)')
         out[label] = rows
     return out
 
@@ -210,9 +245,9 @@ def run(args) -> int:
 
     import mmrepvgg  # noqa: F401  (registers modules and safe globals)
     from mmrepvgg.apis.convert import load_config
-    from mmrepvgg.deploy import atomic_write
     from mmrepvgg.export.quantize import (QuantConfig, QuantizeError,
                                           quantize_checkpoint)
+    from mmrepvgg.utils.fileio import check_output_paths
     if args.threads is not None:
         if args.threads < 1:
             raise QuantizeError(f'--threads must be >= 1, got '
@@ -224,8 +259,14 @@ def run(args) -> int:
         reduce_range=args.reduce_range, calibrate_method=args.calibration,
         percentile=args.percentile,
         symmetric_activations=args.symmetric_activations)
-    against = read_layer_reports(args.layers_against)
-    layers = args.layers or bool(args.layers_json) or bool(against)
+    paths = layer_report_paths(args.layers_against)
+    if paths:  # read here; quantize_checkpoint checks what it reads
+        check_output_paths([(p, '--layers-against file') for _, p in paths],
+                           [p for p in (args.output, args.save_fp32,
+                                        args.layers_json) if p is not None],
+                           QuantizeError)
+    against = read_layer_reports(paths)
+    layers = args.layers or args.layers_json is not None or bool(against)
     if layers and args.format != 'QDQ':
         raise QuantizeError('--layers needs --format QDQ (it reads the '
                             'quantization parameters of the QDQ pairs)')
@@ -238,16 +279,10 @@ def run(args) -> int:
         verify_split=args.verify_split, config=qcfg,
         min_sqnr=args.min_sqnr, threads=args.threads,
         unsafe_load=args.unsafe_load, layers=layers, bench=args.bench,
-        fp32_output=args.save_fp32)
+        fp32_output=args.save_fp32, layers_json=args.layers_json)
     report['layers_label'] = args.layers_label
     print_report(report, against)
     if args.layers_json:
-        data = json.dumps(report['layers'], indent=1).encode()
-
-        def write(tmp):
-            with open(tmp, 'wb') as f:
-                f.write(data)
-        atomic_write(args.layers_json, write)
         print(f'wrote {args.layers_json}')
     return 0
 

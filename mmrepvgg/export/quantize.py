@@ -44,6 +44,7 @@ config's dataset (:func:`calibration_inputs`) import it when called.
 import contextlib
 import copy
 import io
+import json
 import math
 import os
 import os.path as osp
@@ -55,6 +56,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from mmrepvgg.utils.cli import ToolError
+from mmrepvgg.utils.fileio import (atomic_write_all, check_output_paths,
+                                   scratch_dir)
 from .onnx_export import op_histogram
 
 #: Calibration images used when ``--calib-images`` is not given (all the
@@ -418,8 +421,6 @@ def _keep_metadata(src: str, dst: str, config: QuantConfig,
     """Carry the FP32 graph's ``metadata_props`` (e.g. the export's
     post-processing settings, read by the ONNX evaluation) over to the INT8
     graph, and record how it was quantized."""
-    import json
-
     import onnx
     fp32 = onnx.load(src, load_external_data=False)
     model = onnx.load(dst)
@@ -1004,17 +1005,27 @@ DEFAULT_VERIFY_IMAGES = 8
 DEFAULT_MIN_SQNR = 10.0
 
 
-def _check_workflow_args(config_path: str, checkpoint: str, output: str,
-                         calib_images: Optional[int], verify_images: int,
-                         min_sqnr: float, bench: int) -> None:
-    if not str(output).endswith('.onnx'):
-        raise QuantizeError(f'OUTPUT {output}: must be a .onnx file')
-    out = osp.realpath(output)
-    for what, path in (('CHECKPOINT', checkpoint), ('CONFIG', config_path)):
-        if osp.realpath(path) == out:
-            raise QuantizeError(f'OUTPUT {output} is the {what} itself')
-    if osp.isdir(output):
-        raise QuantizeError(f'OUTPUT {output} is a folder')
+def _check_workflow_args(cfg, config_path: str, checkpoint: str,
+                         outputs: Sequence[Tuple[str, Optional[str], str]],
+                         splits: Sequence[str], calib_images: Optional[int],
+                         verify_images: int, min_sqnr: float,
+                         bench: int) -> None:
+    """Refuse, before any work, every argument that could fail later:
+    ``outputs`` are ``(option, path or None, extension)``; none may be an
+    input (config, checkpoint, annotation files of ``splits``), another
+    output or a folder."""
+    for what, path, ext in outputs:
+        if path is not None and not str(path).endswith(ext):
+            raise QuantizeError(f'{what} {path}: must be a {ext} file')
+    inputs = [(config_path, 'CONFIG'), (checkpoint, 'CHECKPOINT')]
+    for split in dict.fromkeys(splits):
+        ds_cfg = split_dataset_cfg(cfg, split)
+        if ds_cfg.get('ann_file'):
+            inputs.append((osp.join(ds_cfg.get('data_root') or '',
+                                    ds_cfg['ann_file']),
+                           f'{split} annotation file'))
+    check_output_paths(inputs, [p for _, p, _ in outputs if p is not None],
+                       QuantizeError)
     if calib_images is not None and calib_images < 1:
         raise QuantizeError(f'--calib-images must be >= 1, got '
                             f'{calib_images}')
@@ -1099,7 +1110,8 @@ def quantize_checkpoint(cfg,
                         unsafe_load: bool = False,
                         layers: bool = False,
                         bench: int = 0,
-                        fp32_output: Optional[str] = None) -> dict:
+                        fp32_output: Optional[str] = None,
+                        layers_json: Optional[str] = None) -> dict:
     """Export the fused model of a config + checkpoint, quantize it to INT8
     on real images, verify it against the FP32 graph and write it.
 
@@ -1138,6 +1150,14 @@ def quantize_checkpoint(cfg,
         bench (int): time FP32 vs INT8 onnxruntime with this many rounds
             (0: no timing).
         fp32_output (str, optional): also write the FP32 graph there.
+        layers_json (str, optional): also write the :func:`layer_errors`
+            rows there as JSON (implies ``layers``).
+
+    Every output is checked against every input and the other outputs
+    first (:func:`mmrepvgg.utils.fileio.check_output_paths`) and written
+    only at the very end, all or none (``output`` renamed last); the
+    intermediate graphs live in a private
+    :func:`mmrepvgg.utils.fileio.scratch_dir`.
 
     Returns:
         dict: what was done and measured (printed by ``tools/quantize.py``).
@@ -1148,23 +1168,21 @@ def quantize_checkpoint(cfg,
     """
     import shutil
 
-    from mmrepvgg.deploy import atomic_write
     from .onnx_export import export_onnx
     config = (config or QuantConfig()).validate()
-    _check_workflow_args(config_path, checkpoint, output, calib_images,
-                         verify_images, min_sqnr, bench)
-    if fp32_output is not None and osp.realpath(fp32_output) == \
-            osp.realpath(output):
-        raise QuantizeError('--save-fp32 and OUTPUT are the same file')
-    if fp32_output is not None and not str(fp32_output).endswith('.onnx'):
-        raise QuantizeError(f'--save-fp32 {fp32_output}: must be a .onnx '
-                            'file')
+    _check_workflow_args(
+        cfg, config_path, checkpoint,
+        [('OUTPUT', output, '.onnx'), ('--save-fp32', fp32_output, '.onnx'),
+         ('--layers-json', layers_json, '.json')],
+        [calib_split, verify_split], calib_images, verify_images, min_sqnr,
+        bench)
+    layers = layers or layers_json is not None
     preprocessor = build_preprocessor(cfg)
     calib, calib_info = preprocessed_images(cfg, calib_split, calib_images,
                                             preprocessor)
     verify, verify_info = preprocessed_images(cfg, verify_split,
                                               verify_images, preprocessor)
-    with tempfile.TemporaryDirectory(prefix='mmrepvgg-quantize-') as tmp:
+    with scratch_dir('mmrepvgg-quantize') as tmp:
         fp32 = osp.join(tmp, 'fp32.onnx')
         int8 = osp.join(tmp, 'int8.onnx')
         shape = tuple(int(v) for v in calib[0]['input'].shape[2:])
@@ -1211,8 +1229,18 @@ def quantize_checkpoint(cfg,
             report['bench'] = time_sessions(dict(fp32=fp32, int8=int8),
                                             verify[0], bench,
                                             threads=threads)
-        if fp32_output:
-            atomic_write(fp32_output, lambda t: shutil.copyfile(fp32, t))
-        atomic_write(output, lambda t: shutil.copyfile(int8, t))
-    report['size'] = osp.getsize(output)
+        writes = [(output, lambda t: shutil.copyfile(int8, t))]
+        if layers_json is not None:
+            rows = json.dumps(report['layers'], indent=1)
+            writes.insert(0, (layers_json, lambda t: _write_text(t, rows)))
+        if fp32_output is not None:
+            writes.insert(0, (fp32_output, lambda t: shutil.copyfile(fp32,
+                                                                     t)))
+        report['size'] = osp.getsize(int8)
+        atomic_write_all(writes)
     return report
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(text)

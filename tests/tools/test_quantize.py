@@ -201,10 +201,24 @@ def _run(argv, capsys):
 
 def test_tool_backbone_only(toy_workspace, random_toy_ckpt, tmp_path,
                             capsys, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    from mmrepvgg.utils.fileio import TMP_SUFFIX, _host
     monkeypatch.chdir(toy_workspace)
-    out = tmp_path / 'bb_int8.onnx'
-    fp32 = tmp_path / 'bb_fp32.onnx'
-    layers = tmp_path / 'layers.json'
+    # Intermediate files go to a private folder of the temporary folder;
+    # one that a SIGKILLed run left there is removed.
+    tmp = tmp_path / 'tmp'
+    proc = subprocess.Popen([sys.executable, '-c', ''])
+    proc.wait()
+    stale = tmp / f'.mmrepvgg-quantize.{_host()}.{proc.pid}.x{TMP_SUFFIX}'
+    (stale / 'tmpabcd').mkdir(parents=True)
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp))
+    out_dir = tmp_path / 'out'
+    out = out_dir / 'bb_int8.onnx'
+    fp32 = out_dir / 'bb_fp32.onnx'
+    layers = out_dir / 'layers.json'
     code, stdout, err = _run([TOY_CONFIG, random_toy_ckpt, out,
                               '--backbone-only', '--calib-images', '6',
                               '--verify-images', '3', '--save-fp32', fp32,
@@ -212,8 +226,9 @@ def test_tool_backbone_only(toy_workspace, random_toy_ckpt, tmp_path,
                               '--threads', '1'], capsys)
     assert code == 0, err
     assert out.is_file() and fp32.is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert sorted(p.name for p in out_dir.iterdir()) == [
         'bb_fp32.onnx', 'bb_int8.onnx', 'layers.json']
+    assert list(tmp.iterdir()) == []
     assert 'calibration    : 6 of 16 train images' in stdout
     assert 'INT8 vs FP32 on 3 val images' in stdout
     feats = [ln for ln in stdout.splitlines()
@@ -289,7 +304,7 @@ def test_tool_bad_inputs_one_line_no_file(case, toy_workspace,
         'calib0': '--calib-images must be >= 1',
         'min_sqnr': '--min-sqnr 200',
         'no_dataset': 'cannot read the train images',
-        'output_is_ckpt': 'is the CHECKPOINT itself',
+        'output_is_ckpt': 'refusing to overwrite the CHECKPOINT',
     }[case]
     if case == 'missing_ckpt':
         ckpt = tmp_path / 'missing.pth'
@@ -352,3 +367,104 @@ def test_layers_against_bad_spec(toy_workspace, random_toy_ckpt, tmp_path,
                              '--layers-against', spec], capsys)
         assert code == 1 and expect in err and err.count('\n') == 1
         assert not (tmp_path / 'o.onnx').exists()
+
+
+@pytest.fixture
+def hostile_ws(toy_workspace, random_toy_ckpt, tmp_path, monkeypatch):
+    """A private copy of the toy data (cwd), a config and a checkpoint in
+    it: files a wrong output path could destroy."""
+    import shutil
+    ws = tmp_path / 'ws'
+    shutil.copytree(toy_workspace / 'data', ws / 'data')
+    config = ws / 'cfg.py'
+    config.write_text(f"_base_ = '{TOY_CONFIG}'\n")
+    ckpt = ws / 'ckpt.onnx'  # a checkpoint may have any name
+    shutil.copyfile(random_toy_ckpt, ckpt)
+    against = ws / 'against.json'
+    against.write_text(json.dumps([{'layer': 'stem', 'sqnr_db': 30.0}]))
+    (ws / 'rows.json').mkdir()
+    monkeypatch.chdir(ws)
+    return dict(ws=ws, config=config, ckpt=ckpt, against=against,
+                ann=ws / 'data' / 'toy' / 'annotations' / 'train.json')
+
+
+@pytest.mark.parametrize('case, expect', [
+    ('layers_json_config', '--layers-json'),
+    ('layers_json_ckpt', '--layers-json'),
+    ('layers_json_out', '--layers-json'),
+    ('save_fp32_ckpt', 'refusing to overwrite the CHECKPOINT'),
+    ('layers_json_annotations', 'refusing to overwrite the train annotation'),
+    ('layers_json_against', 'refusing to overwrite the --layers-against'),
+    ('layers_json_dir', 'is a folder'),
+    ('out_is_config_link', 'refusing to overwrite the CONFIG'),
+])
+def test_outputs_never_overwrite_inputs(case, expect, hostile_ws, capsys):
+    """Every output against every input and each other, before any work:
+    each of these destroyed the file (or failed after OUTPUT was written)."""
+    import os
+    ws = hostile_ws['ws']
+    out = ws / 'out' / 'int8.onnx'
+    argv = [hostile_ws['config'], hostile_ws['ckpt'], out, '--backbone-only',
+            '--calib-images', '2', '--verify-images', '1', '--threads', '1']
+    extra = dict(
+        layers_json_config=['--layers-json', hostile_ws['config']],
+        layers_json_ckpt=['--layers-json', hostile_ws['ckpt']],
+        layers_json_out=['--layers-json', out],
+        save_fp32_ckpt=['--save-fp32', hostile_ws['ckpt']],
+        layers_json_annotations=['--layers-json', hostile_ws['ann']],
+        layers_json_against=['--layers-json', hostile_ws['against'],
+                             '--layers-against',
+                             f'A={hostile_ws["against"]}'],
+        layers_json_dir=['--layers-json', ws / 'rows.json'],
+        out_is_config_link=[])[case]
+    if case == 'out_is_config_link':
+        out = ws / 'link.onnx'
+        os.link(hostile_ws['config'], out)
+        argv[2] = out
+    files = [hostile_ws[k] for k in ('config', 'ckpt', 'against', 'ann')]
+    before = [f.read_bytes() for f in files]
+    code, _, err = _run(argv + extra, capsys)
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], err
+    assert [f.read_bytes() for f in files] == before
+    assert not (ws / 'out').exists()
+    assert (ws / 'rows.json').is_dir()
+
+
+@pytest.mark.parametrize('rows', [
+    [{'layer': 1}],
+    [{'layer': 'stem', 'sqnr_db': 'high'}],
+    [{'layer': 'stem', 'w_peak_over_mean': [1]}],
+    [['stem']],
+])
+def test_tampered_layers_against_is_refused_before_writing(
+        rows, toy_workspace, random_toy_ckpt, tmp_path, capsys, monkeypatch):
+    """Rows that printed fine before the run but broke the table after
+    OUTPUT was written (exit 1 with the file already there)."""
+    monkeypatch.chdir(toy_workspace)
+    bad = tmp_path / 'bad.json'
+    bad.write_text(json.dumps(rows))
+    out = tmp_path / 'o.onnx'
+    code, _, err = _run([TOY_CONFIG, random_toy_ckpt, out, '--backbone-only',
+                         '--calib-images', '2', '--verify-images', '1',
+                         '--threads', '1', '--layers-against', f'X={bad}'],
+                        capsys)
+    assert code == 1 and err.count('\n') == 1, err
+    assert f'--layers-against {bad}: not a --layers-json file' in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('argv, expect', [
+    (['--cfg-options', 'foo'], "--cfg-options: 'foo' is not key=value"),
+    (['--calib-images', 'many'], "--calib-images: invalid int value"),
+    ([], 'the following arguments are required'),
+])
+def test_usage_errors_are_one_line(argv, expect, capsys):
+    base = [TOY_CONFIG, 'c.pth', 'o.onnx'] if argv else [TOY_CONFIG]
+    with pytest.raises(SystemExit) as e:
+        quantize_tool.main(base + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.count('\n') == 1 and err.startswith('error: '), err
+    assert expect in err
