@@ -12,9 +12,11 @@ one training at a time (parallel CPU trainings oversubscribe the cores). The
 metric the training logged last (``coco/bbox_mAP`` by default, from the
 config's final validation) is recorded in ``sweep_result.json``; a rerun
 reuses the seeds already trained from the same config file and options and
-refuses a work dir trained from different ones. The table gives every seed,
-mean +- sample std, and each run's difference of means to the first run
-+- its standard error.
+refuses a work dir trained from different ones, or a recorded value that is
+not a metric in [0, 1]. The table gives every seed, mean +- sample std, and
+each run's difference of means to the first run +- its standard error;
+``--out`` (the table as markdown) must lie outside every run's folder and be
+none of the files the sweep reads.
 """
 import os
 import os.path as osp
@@ -74,16 +76,15 @@ def train(run, seed: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mmrepvgg.utils.fileio import check_output_paths
-    from mmrepvgg.apis.sweep import SweepRun, final_metric, format_table
+    from mmrepvgg.apis.sweep import (SweepRun, check_out_path, final_metric,
+                                     format_table)
     from mmrepvgg.utils.cli import run_cli
     from mmrepvgg.utils.fileio import atomic_write_bytes
 
     def body() -> int:
         runs = [SweepRun(r[0], r[1], r[2:], args.work_dir) for r in args.run]
-        if args.out:  # never over a config it reads
-            check_output_paths([(r.config, f'config of --run {r.label}')
-                                for r in runs], [args.out])
+        if args.out:  # never over a config, checkpoint or record
+            check_out_path(args.out, runs)
         cached = {(r.label, s): r.cached(s, args.metric)
                   for r in runs for s in args.seeds}  # refuse before training
         results = {r.label: {} for r in runs}

@@ -17,15 +17,26 @@ import glob
 import hashlib
 import json
 import math
+import os
 import os.path as osp
+import stat
 from typing import Dict, List, Optional, Sequence
 
 from mmrepvgg.utils.cli import ToolError
-from mmrepvgg.utils.fileio import atomic_write_bytes
+from mmrepvgg.utils.fileio import atomic_write_bytes, check_output_paths
 
 #: The result file written in a seed's work dir after its training.
 RESULT_FILE = 'sweep_result.json'
 DEFAULT_METRIC = 'coco/bbox_mAP'
+#: A result file holds a few lines; a larger one is refused unread.
+MAX_RESULT_BYTES = 65536
+
+
+def _plausible(value) -> bool:
+    """A finite number in [0, 1], as every mmdet evaluation metric (mAP,
+    recall) is; COCO's -1 means "undefined" and is refused too."""
+    return isinstance(value, (int, float)) and not isinstance(
+        value, bool) and math.isfinite(value) and 0 <= value <= 1
 
 
 def final_metric(work_dir: str, metric: str = DEFAULT_METRIC) -> float:
@@ -55,10 +66,10 @@ def final_metric(work_dir: str, metric: str = DEFAULT_METRIC) -> float:
     if value is None:
         raise ToolError(f'{files[-1]}: no {metric} (did the training reach '
                         'its validation?)')
-    value = float(value)
-    if not math.isfinite(value):
-        raise ToolError(f'{files[-1]}: {metric} is {value}')
-    return value
+    if not _plausible(value):
+        raise ToolError(f'{files[-1]}: {metric} is {value!r}, not a finite '
+                        'number in [0, 1]')
+    return float(value)
 
 
 def file_digest(path: str) -> str:
@@ -118,13 +129,21 @@ class SweepRun:
                 another config file content, options or metric.
         """
         path = osp.join(self.work_dir(seed), RESULT_FILE)
-        if not osp.isfile(path):
+        if not osp.lexists(path):
             return None
         try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError('not a regular file')
+            if st.st_size > MAX_RESULT_BYTES:
+                raise ValueError(f'larger than {MAX_RESULT_BYTES} bytes')
             with open(path) as f:
                 record = json.load(f)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise ToolError(f'{path}: unreadable ({e})') from None
+        if not isinstance(record, dict):
+            raise ToolError(f'{path}: not a sweep record (a JSON object); '
+                            'remove that folder to train it again')
         want = self.identity(seed)
         changed = [k for k in want if record.get(k) != want[k]]
         if record.get('metric') != metric:
@@ -134,10 +153,10 @@ class SweepRun:
                 f'{path} was trained with another {", ".join(changed)}; '
                 'remove that folder or choose another --work-dir or label')
         value = record.get('value')
-        if isinstance(value, bool) or not isinstance(
-                value, (int, float)) or not math.isfinite(value):
+        if not _plausible(value):
             raise ToolError(f'{path}: value {value!r} is not a finite '
-                            'number; remove that folder to train it again')
+                            'number in [0, 1]; remove that folder to train '
+                            'it again')
         return float(value)
 
     def record(self, seed: int, metric: str, value: float) -> None:
@@ -145,6 +164,32 @@ class SweepRun:
         data = dict(self.identity(seed), metric=metric, value=value)
         atomic_write_bytes(osp.join(self.work_dir(seed), RESULT_FILE),
                            json.dumps(data, indent=1))
+
+
+def check_out_path(out: str, runs: Sequence[SweepRun]) -> None:
+    """Refuse an ``--out`` table that would overwrite what the sweep reads
+    or writes: a config, or anything in a run's folder
+    (``<work_root>/<label>``: checkpoints, logs, records, now or later).
+
+    Raises:
+        ToolError: naming ``--out`` and the file or folder at stake.
+    """
+    real = osp.realpath(out)
+    inputs = []
+    for run in runs:
+        folder = osp.join(run.work_root, run.label)
+        if osp.commonpath([real, osp.realpath(folder)]) == \
+                osp.realpath(folder):
+            raise ToolError(f'--out {out}: inside {folder}, the work dir of '
+                            f'--run {run.label}; choose a path outside it')
+        inputs.append((run.config, f'config of --run {run.label}'))
+        for root, _, files in os.walk(folder):  # reached by a hard link
+            inputs += [(osp.join(root, f), f'file of --run {run.label}')
+                       for f in files]
+    try:
+        check_output_paths(inputs, [out])
+    except ToolError as e:
+        raise ToolError(f'--out {e}') from None
 
 
 def summarize(values: Sequence[float]) -> Dict[str, float]:

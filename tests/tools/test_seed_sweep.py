@@ -192,3 +192,75 @@ def test_unusable_recorded_value_is_refused(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'is not a finite number' in err[0], err
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize('where, expect', [
+    ('checkpoint', 'inside'),
+    ('record', 'inside'),
+    ('new_file_in_run', 'inside'),
+    ('symlink_into_run', 'inside'),
+    ('hard_link', 'refusing to overwrite the file of --run a'),
+])
+def test_out_never_overwrites_what_the_sweep_reads(where, expect, tmp_path,
+                                                   capsys, monkeypatch):
+    """``--out .../seed0/epoch_24.pth`` replaced a checkpoint with the
+    table, ``--out .../sweep_result.json`` a record."""
+    tool = load_tool('seed_sweep')
+    monkeypatch.setattr(tool, 'train', _fake_train([]))
+    work = tmp_path / 'sweep'
+    argv = ['--seeds', '0', '--work-dir', str(work), '--run', 'a',
+            TOY_CONFIG]
+    assert tool.main(argv) == 0
+    seed0 = work / 'a' / 'seed0'
+    ckpt = seed0 / 'epoch_24.pth'
+    ckpt.write_bytes(b'weights')
+    record = seed0 / 'sweep_result.json'
+    kept = {p: p.read_bytes() for p in (ckpt, record)}
+    out = dict(checkpoint=ckpt, record=record,
+               new_file_in_run=work / 'a' / 'seed1' / 'table.md',
+               symlink_into_run=tmp_path / 'table.md',
+               hard_link=tmp_path / 'table.md')[where]
+    if where == 'symlink_into_run':
+        os.symlink(ckpt, out)
+    elif where == 'hard_link':
+        os.link(ckpt, out)
+    capsys.readouterr()
+    assert tool.main(argv + ['--out', str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expect in err[0] and '--out' in err[0], err
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert not (work / 'a' / 'seed1').exists()
+    # beside the runs, in the sweep's folder, is fine
+    assert tool.main(argv + ['--out', str(work / 'table.md')]) == 0
+
+
+@pytest.mark.parametrize('record, expect', [
+    ({'value': 1e308}, 'value 1e+308 is not a finite number in [0, 1]'),
+    ({'value': -3}, 'value -3 is not a finite number in [0, 1]'),
+    ([0.5], 'not a sweep record'),
+    ('"0.5"', 'not a sweep record'),
+])
+def test_implausible_or_misshapen_record_is_one_line(record, expect, tmp_path,
+                                                     capsys, monkeypatch):
+    tool = load_tool('seed_sweep')
+    calls = []
+    monkeypatch.setattr(tool, 'train', _fake_train(calls))
+    argv = ['--seeds', '0', '--work-dir', str(tmp_path), '--run', 'a',
+            TOY_CONFIG]
+    assert tool.main(argv) == 0
+    path = tmp_path / 'a' / 'seed0' / 'sweep_result.json'
+    if isinstance(record, dict):
+        record = dict(json.loads(path.read_text()), **record)
+    path.write_text(record if isinstance(record, str) else
+                    json.dumps(record))
+    capsys.readouterr()
+    assert tool.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expect in err[0] and str(path) in err[0], err
+    assert len(calls) == 1
+
+
+def test_logged_metric_outside_0_1_is_refused(tmp_path):
+    _log_run(str(tmp_path), '20261101_100000', [{'coco/bbox_mAP': -1.0}])
+    with pytest.raises(ToolError, match='-1.0, not a finite number in'):
+        final_metric(str(tmp_path))
