@@ -22,9 +22,10 @@ machine), benchmark.png (grouped bars) and benchmark.json (all samples), and
 prints PASS/MISS for the targets deploy/reference <= 1.02 (every row),
 training/deploy >= 1.3 and ort-int8/ort-fp32 <= 0.4 (A0 at 224x224 on CPU).
 Run it on a quiet machine. Exits 1 with one line ``error: ...`` on a bad
-option or a failed equivalence check, writing nothing.
+option or a failed equivalence check, writing nothing (2 on a command line
+that does not parse). Sizes are bounded up front: sides <= 4096, batch
+sizes <= 1024, JSON archs <= 256 blocks (see mmrepvgg.benchmark.options).
 """
-import argparse
 import os.path as osp
 import shlex
 import sys
@@ -37,8 +38,8 @@ if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
 
 
 def parse_args(argv=None):
-    from mmrepvgg.utils.cli import add_cli_args
-    p = argparse.ArgumentParser(
+    from mmrepvgg.utils.cli import ToolArgumentParser, add_cli_args
+    p = ToolArgumentParser(
         description='Time the forms of RepVGG backbones (PyTorch training, '
         'deploy, plain-conv reference, bfloat16; onnxruntime FP32 and INT8) '
         'interleaved, with warm-up, disturbed-round detection and medians.')
@@ -136,6 +137,7 @@ def run(args, argv) -> int:
     if args.half:
         forms.append('deploy-fp16')
     forms = bm.parse_forms(forms)
+    bm.report_paths(args.out_dir)  # refused now, not after the timing
     rows = bm.run_benchmark(
         archs, sizes, args.batch_sizes, forms=forms, repeats=args.repeats,
         warmup=args.warmup, settle=args.settle, order=args.order,

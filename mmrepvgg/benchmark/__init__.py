@@ -21,8 +21,8 @@ from .reference import (PlainReference, PlainSE, build_forms,
                         build_reference, count_params, max_relative_error,
                         plain_block)
 from .report import (check_targets, columns, environment, format_accuracy,
-                     format_markdown, format_table, plot, summary_title,
-                     write_report)
+                     format_markdown, format_table, plot, report_paths,
+                     summary_title, write_report)
 from .run import RATIO_PAIRS, bench_row, make_input, run_benchmark
 from .timing import (balanced_schedule, classify_rounds, paired_ratio,
                      predecessor_effect, ratio_stats, round_orders,
@@ -37,6 +37,6 @@ __all__ = [
     'make_input', 'max_relative_error', 'paired_ratio', 'parse_arch',
     'parse_forms', 'parse_size', 'peak_activation_bytes',
     'peak_from_memory_events', 'plain_block', 'plot', 'predecessor_effect',
-    'ratio_stats', 'round_orders', 'run_benchmark', 'select_rounds',
-    'summary_title', 'time_interleaved', 'write_report'
+    'ratio_stats', 'report_paths', 'round_orders', 'run_benchmark',
+    'select_rounds', 'summary_title', 'time_interleaved', 'write_report'
 ]

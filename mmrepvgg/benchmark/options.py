@@ -1,14 +1,30 @@
 """Parsing and validation of the benchmark's options.
 
 Every refusal raises :class:`BenchmarkError`, whose message names the option
-at fault; the tool prints it as its single ``error:`` line.
+at fault; the tool prints it as its single ``error:`` line. Every size an
+option declares is bounded (:data:`MAX_SIDE`, :data:`MAX_BATCH`,
+:data:`MAX_BLOCKS`, :data:`MAX_WIDTH_FACTOR`, :data:`MAX_PARAMS`) before
+anything is allocated, far above what a benchmark of real models uses.
 """
 import json
+import math
 from typing import Sequence, Tuple, Union
 
 import torch
 
+from mmrepvgg.apis.convert import MAX_SIDE
 from mmrepvgg.utils.cli import ToolError
+
+#: Largest batch size (``--batch-sizes``).
+MAX_BATCH = 1024
+#: Most blocks of a JSON arch, all stages together (the published archs
+#: have at most 47).
+MAX_BLOCKS = 256
+#: Largest width factor of a JSON arch (the published ones are at most 5).
+MAX_WIDTH_FACTOR = 16
+#: Most parameters of a JSON arch's training form (the published archs
+#: have fewer than 200 million).
+MAX_PARAMS = 10**9
 
 #: Every form the benchmark can time, in table order.
 #:
@@ -46,33 +62,63 @@ def parse_arch(spec: str, index: int = 0) -> Tuple[str, Union[str, dict]]:
         tuple: ``(label, arch)`` where ``arch`` is what
         :class:`mmrepvgg.models.RepVGG` accepts.
     """
-    from mmrepvgg.models.backbones.repvgg import ARCH_SETTINGS, resolve_arch
+    from mmrepvgg.models.backbones.repvgg import ARCH_SETTINGS
     spec = spec.strip()
-    if spec.startswith('{'):
-        try:
-            arch = json.loads(spec)
-        except json.JSONDecodeError as e:
-            raise BenchmarkError(f'--archs: invalid JSON arch {spec!r} ({e})')
-        if not isinstance(arch, dict):
-            raise BenchmarkError(f'--archs: {spec!r} is not a JSON object')
-        label = str(arch.pop('name', f'custom{index}'))
-        for key in ('num_blocks', 'width_factor'):
-            if isinstance(arch.get(key), list):
-                arch[key] = tuple(arch[key])
-        if isinstance(arch.get('group_layer_map'), dict):
-            arch['group_layer_map'] = {
-                int(k): v for k, v in arch['group_layer_map'].items()}
-    else:
+    if not spec.startswith('{'):
         if spec not in ARCH_SETTINGS:
             raise BenchmarkError(
                 f'--archs: unknown arch {spec!r}; choose from '
                 f'{", ".join(ARCH_SETTINGS)} or pass a JSON arch dict')
-        label, arch = spec, spec
+        return spec, spec
     try:
-        resolve_arch(arch)
-    except ValueError as e:
-        raise BenchmarkError(f'--archs: {label}: {e}')
-    return label, arch
+        arch = json.loads(spec)
+    except (ValueError, RecursionError) as e:
+        raise BenchmarkError(f'--archs: invalid JSON arch {spec!r} ({e})')
+    if not isinstance(arch, dict):
+        raise BenchmarkError(f'--archs: {spec!r} is not a JSON object')
+    label = str(arch.pop('name', f'custom{index}'))
+    try:
+        return label, _checked_arch(arch)
+    except BenchmarkError as e:
+        raise BenchmarkError(f'--archs: {label}: {e}') from None
+    except Exception as e:  # what RepVGG refuses, on the meta device
+        raise BenchmarkError(f'--archs: {label}: {type(e).__name__}: '
+                             f'{str(e).strip().splitlines()[0]}') from None
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and \
+        math.isfinite(v)
+
+
+def _checked_arch(arch: dict) -> dict:
+    """``arch`` (a JSON arch dict) with tuples and int keys as ``RepVGG``
+    takes them, its sizes bounded and the backbone built on the meta
+    device (no memory) to refuse now what it would refuse later."""
+    from mmrepvgg.models import RepVGG
+    from mmrepvgg.models.backbones.repvgg import resolve_arch
+    resolve_arch(arch)  # keys and lengths
+    blocks, widths = arch.get('num_blocks'), arch.get('width_factor')
+    if not isinstance(blocks, list) or not all(
+            type(n) is int and n >= 1 for n in blocks) or \
+            sum(blocks) > MAX_BLOCKS:
+        raise BenchmarkError(f'num_blocks must be a list of integers >= 1, '
+                             f'at most {MAX_BLOCKS} blocks in all; got '
+                             f'{str(blocks)[:80]}')
+    if not isinstance(widths, list) or not all(
+            _number(w) and 0 < w <= MAX_WIDTH_FACTOR for w in widths):
+        raise BenchmarkError(f'width_factor must be a list of numbers in '
+                             f'(0, {MAX_WIDTH_FACTOR}]; got '
+                             f'{str(widths)[:80]}')
+    arch['num_blocks'], arch['width_factor'] = tuple(blocks), tuple(widths)
+    if isinstance(arch.get('group_layer_map'), dict):
+        arch['group_layer_map'] = {
+            int(k): v for k, v in arch['group_layer_map'].items()}
+    with torch.device('meta'):
+        params = sum(p.numel() for p in RepVGG(arch=arch).parameters())
+    if params > MAX_PARAMS:
+        raise BenchmarkError(f'{params} parameters; at most {MAX_PARAMS}')
+    return arch
 
 
 def parse_size(spec: str) -> Tuple[int, int]:
@@ -87,6 +133,9 @@ def parse_size(spec: str) -> Tuple[int, int]:
     if len(hw) != 2 or min(hw) < 1:
         raise BenchmarkError(f'--sizes: {spec!r} is not a size (N or HxW, '
                              'positive integers)')
+    if max(hw) > MAX_SIDE:
+        raise BenchmarkError(f'--sizes: {spec!r}: each side must be at most '
+                             f'{MAX_SIDE}')
     return hw
 
 

@@ -7,8 +7,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from mmrepvgg.utils.fileio import atomic_write_bytes
-from .options import ALL_FORMS
+from mmrepvgg.utils.fileio import atomic_write_all, check_output_paths
+from .options import ALL_FORMS, BenchmarkError
 from .run import RATIO_PAIRS, ratio_name, row_name
 
 #: Targets checked (PASS/MISS) on the results.
@@ -339,20 +339,45 @@ def plot(rows: Sequence[dict], title: str) -> bytes:
     return buf.getvalue()
 
 
+def report_paths(out_dir: str) -> Dict[str, str]:
+    """The ``md``, ``png`` and ``json`` files :func:`write_report` writes
+    into ``out_dir``, checked before any work: ``out_dir`` (or its nearest
+    existing parent) is a folder, and no file is a folder or another one
+    (:func:`mmrepvgg.utils.fileio.check_output_paths`).
+
+    Raises:
+        BenchmarkError: naming ``--out-dir`` or the file.
+    """
+    path = os.path.abspath(out_dir)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise BenchmarkError(f'--out-dir {out_dir}: {path} exists and is not '
+                             'a folder')
+    paths = {ext: os.path.join(out_dir, f'benchmark.{ext}')
+             for ext in ('md', 'png', 'json')}
+    check_output_paths([], list(paths.values()), BenchmarkError)
+    return paths
+
+
 def write_report(rows: Sequence[dict], out_dir: str, markdown: str,
                  title: str) -> Dict[str, str]:
     """Write ``benchmark.md``, ``benchmark.png`` and ``benchmark.json``
-    into ``out_dir`` (each atomically, after all three are rendered);
-    returns their paths."""
+    into ``out_dir`` (:func:`report_paths`), all or none, after all three
+    are rendered; returns their paths."""
     contents = dict(png=plot(rows, title),
                     json=json.dumps(list(rows), indent=1,
                                     default=str).encode(),
                     md=markdown.encode())
-    paths = {}
-    for ext, data in contents.items():
-        paths[ext] = os.path.join(out_dir, f'benchmark.{ext}')
-        atomic_write_bytes(paths[ext], data)
+    paths = report_paths(out_dir)
+    atomic_write_all([(paths[ext], lambda t, d=data: _write_bytes(t, d))
+                      for ext, data in contents.items()])
     return paths
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, 'wb') as f:
+        f.write(data)
 
 
 def summary_title(device: str, channels_last: bool, compile: bool) -> str:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .memory import peak_activation_bytes
-from .options import (DEFAULT_FORMS, ORT_FORMS, BenchmarkError,
+from .options import (DEFAULT_FORMS, MAX_BATCH, ORT_FORMS, BenchmarkError,
                       check_device_options, parse_forms)
 from .reference import (build_forms, count_params, float32_noise,
                         judge_form, lossy_error)
@@ -64,9 +64,10 @@ def check_row_options(repeats: int, warmup: int, settle: int,
         raise BenchmarkError(f'--warmup must be >= 0, got {warmup}')
     if settle < 0:
         raise BenchmarkError(f'--settle must be >= 0, got {settle}')
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise BenchmarkError(f'--batch-sizes must be >= 1, got '
-                             f'{list(batch_sizes)}')
+    if not batch_sizes or min(batch_sizes) < 1 or \
+            max(batch_sizes) > MAX_BATCH:
+        raise BenchmarkError(f'--batch-sizes must be >= 1 and <= '
+                             f'{MAX_BATCH}, got {list(batch_sizes)}')
     if order not in ('balanced', 'random'):
         raise BenchmarkError(f'--order must be balanced or random, got '
                              f'{order!r}')

@@ -201,6 +201,25 @@ def test_ratios():
     (['--tolerance', '0'], '--tolerance must be > 0'),
     (['--batch-sizes', '0'], '--batch-sizes'),
     (['--forms', 'deploy', 'tensorrt'], "unknown form(s) ['tensorrt']"),
+    # bounds on every size an option declares, refused before any work
+    (['--sizes', '8000'], "--sizes: '8000': each side must be at most 4096"),
+    (['--sizes', '16x5000'], 'at most 4096'),
+    (['--batch-sizes', '100000'], '--batch-sizes must be >= 1 and <= 1024'),
+    (['--archs', json.dumps(dict(num_blocks=[10**8, 1, 1, 1],
+                                 width_factor=[1, 1, 1, 1]))],
+     '--archs: custom0: num_blocks must be a list of integers >= 1, at most '
+     '256 blocks'),
+    (['--archs', json.dumps(dict(num_blocks=[1, 1, 1, 1],
+                                 width_factor=[1e6, 1, 1, 1]))],
+     'width_factor must be a list of numbers in (0, 16]'),
+    (['--archs', json.dumps(dict(num_blocks=[60, 60, 60, 60],
+                                 width_factor=[16, 16, 16, 16]))],
+     'parameters; at most 1000000000'),
+    (['--archs', json.dumps(dict(num_blocks=[1, 1, 1, 1], width_factor=[
+        1, 1, 1, 1], group_layer_map={'1': 7}))], '--archs: custom0: '),
+    (['--archs', json.dumps(dict(num_blocks=5, width_factor=[1]))],
+     '--archs: custom0: '),
+    (['--archs', '{"num_blocks": ' + '[' * 100000], '--archs: invalid JSON'),
 ])
 def test_bad_options_exit_1_with_one_line(argv, expect, tmp_path, capsys):
     out_dir = tmp_path / 'out'
@@ -385,3 +404,39 @@ def test_side_by_side_picture(toy_workspace, tmp_path):
     assert pic.shape == (2 * (2 * h + 24), 2 * 2 * w, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         'a.pkl', 'b.pkl', 'side.png']
+
+
+@pytest.mark.parametrize('sub', ['', 'sub'])
+def test_out_dir_on_a_file_is_one_line_before_timing(sub, tmp_path, capsys,
+                                                     monkeypatch):
+    """--out-dir naming a file raised FileExistsError after the run."""
+    blocker = tmp_path / 'results'
+    blocker.write_text('keep')
+    monkeypatch.setattr(bm, 'run_benchmark', lambda *a, **k: 1 / 0)
+    code, _, err = _run(['--archs', TINY_JSON, '--sizes', '16',
+                         '--out-dir', blocker / sub], capsys)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: --out-dir '), err
+    assert 'exists and is not a folder' in lines[0]
+    assert blocker.read_text() == 'keep'
+
+
+def test_output_file_that_is_a_folder_is_refused(tmp_path, capsys,
+                                                 monkeypatch):
+    (tmp_path / 'benchmark.png').mkdir()
+    monkeypatch.setattr(bm, 'run_benchmark', lambda *a, **k: 1 / 0)
+    code, _, err = _run(['--archs', TINY_JSON, '--sizes', '16',
+                         '--out-dir', tmp_path], capsys)
+    assert code == 1 and err.count('\n') == 1
+    assert 'benchmark.png: is a folder' in err
+
+
+@pytest.mark.parametrize('argv', [['--batch-sizes', 'x'], ['--order', 'up'],
+                                  ['--nope']])
+def test_usage_errors_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_tool.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.count('\n') == 1 and err.startswith('error: '), err
