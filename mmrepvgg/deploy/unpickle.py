@@ -1,0 +1,277 @@
+"""A restricted unpickler for torch checkpoints: it reads data, never code.
+
+``torch.load(weights_only=True)`` runs torch's allowlisted unpickler, whose
+guarantees depend on every allowlisted callable being harmless for every
+argument: ``torch.ByteTensor(n)`` hands out uninitialised memory, tuple keys
+nested a million deep crash CPython's hashing, ``HistoryBuffer.__setstate__``
+rewrites class-wide state. This module does not call anything a pickle
+names. It interprets the protocol-2 opcodes ``torch.save`` writes on a stack
+of its own, and each allowed global is a token whose meaning is defined
+here:
+
+- values: None, bool, int, float, str, bytes (``_codecs.encode(s,
+  'latin1')``), tuple, list, dict, ``collections.OrderedDict`` (with torch's
+  ``_metadata`` attribute), torch dtypes, ``torch.Size``, ``torch.device``;
+- tensors: ``_rebuild_tensor_v2`` / ``_rebuild_parameter`` over a storage
+  that exists only as a record of the archive (``storage(key, dtype,
+  numel)``, supplied by the caller, checks the record's size): no size in
+  the pickle allocates anything; offsets, sizes and strides must lie inside
+  the storage;
+- numpy: plain numeric arrays, dtypes and scalars, built fresh from bytes of
+  exactly the declared size (numpy's own ``__setstate__`` never runs on an
+  object the pickle can reach);
+- mmengine's ``HistoryBuffer``: built through its constructor from a checked
+  state; its class-wide statistics table is never touched.
+
+Bounds, so that no file crashes, hangs or exhausts the process: work per
+opcode is linear in its argument; objects created and memo entries are
+counted; dict keys are scalars or flat tuples of scalars (so hashing is
+bounded and cannot recurse); after loading, the result must be acyclic, at
+most :data:`MAX_DEPTH` deep and at most :data:`MAX_NODES` nodes when shared
+references are unfolded (so any later traversal, printing or copying is
+bounded too).
+"""
+import collections
+import io
+import pickletools
+import re
+from typing import Any, Callable, Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from mmrepvgg.deploy.pickle_types import (HISTORY, Pending, Refused, Storage,
+                                          StorageType, Token, allowed_globals,
+                                          build_ordered_dict, check_item,
+                                          check_key, int_in_range)
+
+#: Nesting depth of containers in a loaded checkpoint.
+MAX_DEPTH = 100
+#: Nodes of the result with shared references unfolded.
+MAX_NODES = 1 << 24
+#: Pickle opcodes run (a large checkpoint needs a few hundred thousand).
+MAX_OPS = 1 << 22
+
+StorageLoader = Callable[[str, torch.dtype, int], torch.Tensor]
+__all__ = ['Refused', 'unpickle', 'MAX_DEPTH', 'MAX_NODES', 'MAX_OPS']
+
+_GLOBALS: Dict[Tuple[str, str], Any] = {}
+
+
+# ------------------------------------------------------------- interpreter
+def unpickle(data: bytes, storage: StorageLoader) -> Any:
+    """Load the pickle ``data`` (a checkpoint's ``data.pkl``).
+
+    Args:
+        data (bytes): the pickle.
+        storage: ``storage(key, dtype, numel)`` returns the flat tensor of
+            the archive's record ``data/<key>``, or raises :class:`Refused`.
+
+    Raises:
+        Refused: anything outside the module docstring's list or bounds.
+        ValueError: a truncated or malformed pickle (from pickletools).
+    """
+    if not _GLOBALS:
+        _GLOBALS.update(allowed_globals())
+    stack: List[Any] = []
+    marks: List[int] = []
+    memo: Dict[int, Any] = {}
+    storages: Dict[str, Storage] = {}
+    ops = 0
+
+    def pop_mark() -> List[Any]:
+        if not marks:
+            raise Refused('MARK missing')
+        k = marks.pop()
+        items = stack[k:]
+        del stack[k:]
+        return items
+
+    def top(kind: type) -> Any:
+        if not stack or type(stack[-1]) is not kind and not (
+                kind is dict and type(stack[-1]) is collections.OrderedDict):
+            raise Refused(f'expected a {kind.__name__} on the stack')
+        return stack[-1]
+
+    def set_items(d: dict, items: List[Any]) -> None:
+        if len(items) % 2:
+            raise Refused('odd number of SETITEMS items')
+        for k, v in zip(items[::2], items[1::2]):
+            check_key(k)
+            d[k] = check_item(v)
+
+    for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+        name = op.name
+        ops += 1
+        if ops > MAX_OPS:
+            raise Refused(f'more than {MAX_OPS} pickle operations')
+        if name == 'PROTO':
+            if arg > 2:
+                raise Refused(f'pickle protocol {arg}: torch.save writes 2')
+        elif name == 'STOP':
+            if len(stack) != 1 or marks:
+                raise Refused('stack not empty at STOP')
+            result = stack.pop()
+            _check_graph(result)
+            return result
+        elif name == 'MARK':
+            marks.append(len(stack))
+        elif name == 'EMPTY_DICT':
+            stack.append({})
+        elif name == 'EMPTY_LIST':
+            stack.append([])
+        elif name == 'EMPTY_TUPLE':
+            stack.append(())
+        elif name in ('NONE', 'NEWTRUE', 'NEWFALSE', 'BININT', 'BININT1',
+                      'BININT2', 'LONG1', 'BINFLOAT', 'BINUNICODE'):
+            stack.append({'NONE': None, 'NEWTRUE': True,
+                          'NEWFALSE': False}.get(name, arg))
+        elif name == 'TUPLE':
+            stack.append(tuple(pop_mark()))
+        elif name in ('TUPLE1', 'TUPLE2', 'TUPLE3'):
+            n = int(name[-1])
+            if len(stack) - (marks[-1] if marks else 0) < n:
+                raise Refused(f'{name} on a short stack')
+            items = tuple(stack[-n:])
+            del stack[-n:]
+            stack.append(items)
+        elif name in ('BINPUT', 'LONG_BINPUT'):
+            if not stack:
+                raise Refused('PUT on an empty stack')
+            memo[arg] = stack[-1]
+            if isinstance(stack[-1], Pending):
+                stack[-1].memo_keys.append(arg)
+        elif name in ('BINGET', 'LONG_BINGET'):
+            if arg not in memo:
+                raise Refused(f'memo entry {arg} missing')
+            stack.append(memo[arg])
+        elif name == 'SETITEM':
+            if len(stack) < 3:
+                raise Refused('SETITEM on a short stack')
+            value, key = stack.pop(), stack.pop()
+            set_items(top(dict), [key, value])
+        elif name == 'SETITEMS':
+            items = pop_mark()
+            set_items(top(dict), items)
+        elif name == 'APPEND':
+            if len(stack) < 2:
+                raise Refused('APPEND on a short stack')
+            value = check_item(stack.pop())
+            top(list).append(value)
+        elif name == 'APPENDS':
+            items = pop_mark()
+            top(list).extend(check_item(v) for v in items)
+        elif name == 'GLOBAL':
+            module, _, attr = arg.partition(' ')
+            if (module, attr) not in _GLOBALS:
+                raise Refused(f'global {module}.{attr}', True)
+            stack.append(_GLOBALS[module, attr])
+        elif name in ('REDUCE', 'NEWOBJ'):
+            if len(stack) < 2:
+                raise Refused(f'{name} on a short stack')
+            args, fn = stack.pop(), stack.pop()
+            if type(args) is not tuple or not isinstance(fn, Token) or (
+                    name == 'NEWOBJ' and fn is not HISTORY):
+                raise Refused(f'{name} on {type(fn).__name__}')
+            stack.append(fn.reduce(args))
+        elif name == 'BUILD':
+            if len(stack) < 2:
+                raise Refused('BUILD on a short stack')
+            state, target = stack.pop(), stack[-1]
+            if isinstance(target, Pending):
+                if target.build is None:
+                    raise Refused(f'second BUILD on a {target.what}')
+                value = target.build(state)
+                stack[-1] = value
+                for key in target.memo_keys:
+                    memo[key] = value
+                target.build = None  # a second BUILD is refused
+            elif type(target) is collections.OrderedDict:
+                build_ordered_dict(target, state)
+            else:
+                raise Refused(f'BUILD on {type(target).__name__}')
+        elif name == 'BINPERSID':
+            if not stack:
+                raise Refused('BINPERSID on an empty stack')
+            stack.append(_persistent(stack.pop(), storage, storages))
+        else:
+            raise Refused(f'pickle opcode {ord(op.code)} ({name}) is not '
+                          'supported (torch.save writes protocol 2)', True)
+    raise Refused('pickle without STOP')
+
+
+def _persistent(pid: Any, storage: StorageLoader,
+                storages: Dict[str, Storage]) -> Storage:
+    if type(pid) is not tuple or len(pid) != 5 or pid[0] != 'storage' \
+            or not isinstance(pid[1], StorageType) or type(pid[2]) is not str \
+            or not re.fullmatch(r'\d{1,12}', pid[2]) or \
+            type(pid[3]) is not str:
+        raise Refused('persistent id: expected torch\'s (\'storage\', type, '
+                      'key, location, numel)')
+    _, kind, key, _, numel = pid
+    numel = int_in_range(numel, f'storage {key} numel')
+    if key in storages:
+        if storages[key].data.dtype != kind.dtype:
+            raise Refused(f'storage {key} viewed as two dtypes')
+        if storages[key].data.numel() != numel:
+            raise Refused(f'storage {key} declared with two sizes')
+        return storages[key]
+    data = storage(key, kind.dtype, numel)
+    storages[key] = Storage(data)
+    return storages[key]
+
+
+_LEAVES = (type(None), bool, int, float, str, bytes, torch.Tensor,
+           torch.dtype, torch.device, torch.Size, np.ndarray, np.generic,
+           np.dtype)
+
+
+def _children(obj: Any) -> Any:
+    if type(obj) in (list, tuple):
+        return obj
+    if type(obj) in (dict, collections.OrderedDict):
+        extra = list(vars(obj).values()) if type(
+            obj) is collections.OrderedDict else []
+        return [*obj.keys(), *obj.values(), *extra]
+    return None
+
+
+def _check_graph(root: Any) -> None:
+    """The loaded object must be acyclic, at most :data:`MAX_DEPTH` deep,
+    of at most :data:`MAX_NODES` nodes with shared references unfolded, and
+    hold only the allowed types (no interpreter tokens)."""
+    try:
+        from mmengine.logging import HistoryBuffer
+    except ImportError:  # without mmengine no pickle can build one
+        HistoryBuffer = None
+    done: Dict[int, Tuple[int, int]] = {}  # id -> (depth, unfolded size)
+    active = set()
+    todo: List[Tuple[Any, bool]] = [(root, False)]
+    while todo:
+        obj, expanded = todo.pop()
+        children = _children(obj)
+        if children is None:
+            if not isinstance(obj, _LEAVES) and type(obj) is not HistoryBuffer:
+                raise Refused(f'unexpected object {obj!r} in the checkpoint')
+            continue
+        oid = id(obj)
+        if expanded:
+            sub = [done.get(id(c), (0, 1)) for c in children]
+            depth = 1 + max((d for d, _ in sub), default=0)
+            size = 1 + sum(s for _, s in sub)
+            if depth > MAX_DEPTH or size > MAX_NODES:
+                raise Refused(f'nesting deeper than {MAX_DEPTH} or more than '
+                              f'{MAX_NODES} objects unfolded')
+            done[oid] = (depth, size)
+            active.discard(oid)
+            continue
+        if oid in done:
+            continue
+        if oid in active:
+            raise Refused('a container that contains itself')
+        active.add(oid)
+        if len(active) > MAX_DEPTH:
+            raise Refused(f'nesting deeper than {MAX_DEPTH}')
+        todo.append((obj, True))
+        todo.extend((c, False) for c in children
+                    if _children(c) is None or id(c) not in done)
