@@ -115,34 +115,42 @@ def resolve_resume(cfg: Config, resume: Optional[str],
                    unsafe_load: bool = False) -> Optional[str]:
     """Set ``cfg.resume``/``cfg.load_from`` for ``--resume [CKPT]``.
 
-    ``resume='auto'`` (``--resume`` alone) picks the newest checkpoint of
-    the work dir that is complete and loads
+    ``resume='auto'`` (``--resume`` alone) picks the work dir's checkpoint
+    with the most recorded progress that loads and matches the model
     (:func:`~mmrepvgg.engine.find_resume_checkpoint`), warning about every
     one skipped; without any, training starts from scratch, with a warning.
-    An explicit ``CKPT`` must exist and load, or :class:`ToolError`.
+    An explicit ``CKPT`` must exist, load and match the model, or
+    :class:`ToolError`.
 
     Returns:
         str | None: the checkpoint training resumes from.
     """
+    from mmrepvgg.apis.convert import build_model
     from mmrepvgg.deploy.checkpoint import CheckpointError
     from mmrepvgg.engine import check_checkpoint, find_resume_checkpoint
     if resume is None:
         return None
-    if resume == 'auto':
-        ckpt = find_resume_checkpoint(cfg.work_dir, unsafe_load=unsafe_load,
-                                      warn=warn)
-        if ckpt is None:
-            warn(f'--resume: no readable checkpoint in {cfg.work_dir}; '
-                 'training starts from scratch')
-            cfg.resume = False
-            cfg.load_from = None
-            return None
-    else:
-        ckpt = resume
-        try:
-            check_checkpoint(ckpt, unsafe_load=unsafe_load)
-        except CheckpointError as e:
-            raise ToolError(f'--resume: {e}') from None
+    try:
+        expected = {k: v.shape for k, v in build_model(cfg).state_dict()
+                    .items()}
+    except Exception as e:
+        raise ToolError(f'cannot build the model to check --resume '
+                        f'({error_message(e)})') from None
+    try:
+        if resume == 'auto':
+            ckpt = find_resume_checkpoint(cfg.work_dir, unsafe_load,
+                                          warn=warn, expected=expected)
+        else:
+            ckpt = resume
+            check_checkpoint(ckpt, unsafe_load, expected)
+    except CheckpointError as e:
+        raise ToolError(f'--resume: {e}') from None
+    if ckpt is None:
+        warn(f'--resume: no usable checkpoint in {cfg.work_dir}; '
+             'training starts from scratch')
+        cfg.resume = False
+        cfg.load_from = None
+        return None
     cfg.resume = True
     cfg.load_from = ckpt
     if is_rank_zero():
@@ -237,23 +245,21 @@ def check_test_checkpoint(cfg: Config,
 def run_runner(cfg: Config, args: argparse.Namespace, method: str):
     """Build mmengine's runner from ``cfg`` and call ``runner.<method>()``.
 
-    ``--unsafe-load`` lifts ``weights_only`` for every load of this process;
-    distributed runs on a CPU-only torch get the shims of
+    Distributed runs on a CPU-only torch get the shims of
     :mod:`mmrepvgg.utils.dist`. The run is wrapped in
-    :func:`mmrepvgg.deploy.safe_loading`: mmengine's ``load_from`` and
-    ``resume`` load runner checkpoints with ``weights_only=True`` and the
-    allowlist, which is active only for the run.
+    :func:`mmrepvgg.deploy.safe_loading`: mmengine's ``load_from``,
+    ``resume`` and ``Pretrained`` loads go through
+    :func:`mmrepvgg.deploy.load_checkpoint` (``--unsafe-load``: torch's
+    unrestricted unpickler).
     """
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
     from mmrepvgg.deploy import safe_loading
-    if args.unsafe_load:
-        os.environ['TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'] = '1'
     if args.launcher != 'none':
         allow_cpu_distributed()  # gloo on CPU-only torch (no-op with CUDA)
         cpu_model_wrapper_cfg(cfg)
-    with safe_loading():
+    with safe_loading(unsafe=args.unsafe_load):
         runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg \
             else RUNNERS.build(cfg)
         return getattr(runner, method)()

@@ -1,8 +1,21 @@
-"""Choosing the checkpoint ``tools/train.py --resume`` continues from."""
+"""Choosing the checkpoint ``tools/train.py --resume`` continues from.
+
+The candidates are the file ``last_checkpoint`` names (inside the work dir
+only) and the ``epoch_N.pth`` / ``iter_N.pth`` files of the work dir. Each
+is loaded safely and ranked by the training progress recorded in it
+(``meta['iter']``, then ``meta['epoch']``; ``last_checkpoint``'s target wins
+a tie), never by file times or names. A candidate must be a training
+checkpoint whose weights match the model exactly. An unreadable file is
+skipped with a warning; a readable one that does not fit but records more
+progress than the best usable one stops the resume, since training on would
+overwrite or delete it.
+"""
 import os
 import os.path as osp
 import re
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
 
 from mmrepvgg.deploy.checkpoint import CheckpointError, load_checkpoint
 
@@ -11,112 +24,157 @@ from mmrepvgg.deploy.checkpoint import CheckpointError, load_checkpoint
 LAST_CHECKPOINT = 'last_checkpoint'
 #: Names of the checkpoints a checkpoint hook writes with default templates.
 CHECKPOINT_NAME = re.compile(r'^(epoch|iter)_(\d+)\.pth$')
+_MAX_POINTER_BYTES = 4096
+
+Shapes = Dict[str, torch.Size]
+Progress = Tuple[int, int]
 
 
-def check_checkpoint(path: str, unsafe_load: bool = False) -> None:
-    """Make sure ``path`` is a complete checkpoint a runner can resume from.
+def _progress(path: str, ckpt: object) -> Progress:
+    meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
+    values = [meta.get(k) if isinstance(meta, dict) else None
+              for k in ('iter', 'epoch')]
+    if not all(type(v) is int and v >= 0 for v in values):
+        raise CheckpointError(f'{path}: no training progress recorded '
+                              '(meta iter/epoch)')
+    return values[0], values[1]
 
-    :func:`mmrepvgg.deploy.load_checkpoint` reads it (missing, empty,
-    truncated, CRC-mismatched or non-checkpoint files are refused) safely
-    (``weights_only=True`` with mmrepvgg's allowlist, unless
-    ``unsafe_load``); the result must be a dict holding a ``state_dict``.
+
+def _mismatch(path: str, state: object, expected: Optional[Shapes]) -> str:
+    """Why ``state`` cannot be resumed into a model of ``expected`` shapes
+    ('' if it can)."""
+    if not isinstance(state, dict) or not state:
+        return f'{path}: no weights (empty or missing state_dict)'
+    if expected is None:
+        return ''
+    got = {k: tuple(getattr(v, 'shape', ())) for k, v in state.items()}
+    want = {k: tuple(v) for k, v in expected.items()}
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    shapes = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    parts = [f'{len(v)} {what} (e.g. {v[0]})' for what, v in (
+        ('missing keys', missing), ('unexpected keys', extra),
+        ('shape mismatches', shapes)) if v]
+    return f'{path}: does not match the model: ' + ', '.join(parts) \
+        if parts else ''
+
+
+def check_checkpoint(path: str,
+                     unsafe_load: bool = False,
+                     expected: Optional[Shapes] = None) -> Progress:
+    """Make sure ``path`` is a checkpoint a runner can resume from.
 
     Args:
-        path (str): checkpoint file.
+        path (str): checkpoint file, read by
+            :func:`mmrepvgg.deploy.load_checkpoint`.
         unsafe_load (bool): unpickle with ``weights_only=False`` (only for
             trusted files).
+        expected (dict, optional): the model's ``{key: shape}``; its
+            ``state_dict`` must match it exactly.
+
+    Returns:
+        tuple: the ``(iter, epoch)`` recorded in it.
 
     Raises:
         CheckpointError: naming ``path`` and what is wrong with it.
     """
     ckpt = load_checkpoint(path, map_location='cpu', unsafe=unsafe_load)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'),
-                                                    dict):
-        raise CheckpointError(f'{path}: not a training checkpoint (no '
-                              'state_dict)')
+    progress = _progress(path, ckpt)
+    problem = _mismatch(path, ckpt.get('state_dict'), expected)
+    if problem:
+        raise CheckpointError(problem)
+    return progress
 
 
 def _last_checkpoint_target(work_dir: str) -> Tuple[Optional[str], str]:
-    """``(path named by last_checkpoint, problem)``; path None if unusable."""
+    """``(path named by last_checkpoint, problem)``; path None if unusable.
+    Only a short regular file naming a file inside ``work_dir`` counts."""
     pointer = osp.join(work_dir, LAST_CHECKPOINT)
-    if not osp.isfile(pointer):
+    if not osp.lexists(pointer):
         return None, ''
+    if not osp.isfile(pointer):
+        return None, f'{pointer} is not a regular file'
     try:
-        with open(pointer, encoding='utf-8') as f:
-            target = f.read().strip()
+        with open(pointer, 'rb') as f:
+            raw = f.read(_MAX_POINTER_BYTES + 1)
+        target = raw.decode('utf-8').strip()
     except (OSError, UnicodeDecodeError) as e:
         return None, f'{pointer} is unreadable ({e})'
-    if not target:
-        return None, f'{pointer} is empty'
-    if not osp.isabs(target) and not osp.exists(target):
-        # mmengine writes absolute paths; accept one relative to the dir.
+    if len(raw) > _MAX_POINTER_BYTES or not target or '\n' in target:
+        return None, f'{pointer} does not hold one path'
+    if not osp.isabs(target):
         target = osp.join(work_dir, target)
-    if not osp.exists(target):
+    root = osp.realpath(work_dir)
+    if osp.commonpath([root, osp.realpath(target)]) != root:
+        return None, f'{pointer} names {target}, outside the work dir'
+    if not osp.isfile(target):
         return None, f'{pointer} names {target}, which does not exist'
     return target, ''
 
 
 def resume_candidates(work_dir: str) -> List[str]:
-    """Checkpoints of ``work_dir``, newest first.
-
-    The file ``last_checkpoint`` names, and every ``epoch_N.pth`` /
-    ``iter_N.pth`` beside it or in ``work_dir``, ordered by modification time
-    (then by N), newest first.
-    """
+    """The file ``last_checkpoint`` names (first) and every ``epoch_N.pth``
+    / ``iter_N.pth`` of ``work_dir``, as absolute paths."""
     target, _ = _last_checkpoint_target(work_dir)
-    folders = {osp.abspath(work_dir)}
-    found = set()
-    if target is not None:
-        found.add(osp.abspath(target))
-        folders.add(osp.dirname(osp.abspath(target)))
-    for folder in folders:
-        if not osp.isdir(folder):
-            continue
-        for name in os.listdir(folder):
-            if CHECKPOINT_NAME.match(name):
-                path = osp.join(folder, name)
-                if osp.isfile(path):
-                    found.add(osp.abspath(path))
-
-    def key(path: str):
-        m = CHECKPOINT_NAME.match(osp.basename(path))
-        try:
-            mtime = os.stat(path).st_mtime_ns
-        except OSError:
-            mtime = -1
-        return mtime, int(m.group(2)) if m else -1
-
-    return sorted(found, key=key, reverse=True)
+    found = [osp.abspath(target)] if target else []
+    if osp.isdir(work_dir):
+        for name in sorted(os.listdir(work_dir)):
+            path = osp.abspath(osp.join(work_dir, name))
+            if CHECKPOINT_NAME.match(name) and osp.isfile(path) and \
+                    path not in found:
+                found.append(path)
+    return found
 
 
 def find_resume_checkpoint(work_dir: str,
                            unsafe_load: bool = False,
-                           warn: Optional[Callable[[str], None]] = None
+                           warn: Optional[Callable[[str], None]] = None,
+                           expected: Optional[Shapes] = None
                            ) -> Optional[str]:
-    """The newest checkpoint of ``work_dir`` that is complete and loads.
-
-    Candidates come from :func:`resume_candidates`; each is checked with
-    :func:`check_checkpoint` until one passes. Every checkpoint skipped on
-    the way, and a ``last_checkpoint`` naming a missing file, is reported
-    through ``warn``.
+    """The checkpoint of ``work_dir`` with the most recorded progress that
+    loads and fits the model (see the module docstring).
 
     Args:
         work_dir (str): the training's work dir.
         unsafe_load (bool): see :func:`check_checkpoint`.
-        warn (callable, optional): receives one message per problem.
+        warn (callable, optional): receives one message per skipped file.
+        expected (dict, optional): see :func:`check_checkpoint`.
 
     Returns:
         str | None: the checkpoint to resume from, or None if there is none.
+
+    Raises:
+        CheckpointError: a checkpoint that records more progress than the
+            chosen one does not fit the model.
     """
     warn = warn or (lambda msg: None)
-    _, problem = _last_checkpoint_target(work_dir)
+    target, problem = _last_checkpoint_target(work_dir)
     if problem:
         warn(problem)
+    named = osp.abspath(target) if target else None
+    usable: List[Tuple[Progress, bool, str]] = []
+    unfit: List[Tuple[Progress, str]] = []
     for path in resume_candidates(work_dir):
         try:
-            check_checkpoint(path, unsafe_load=unsafe_load)
+            ckpt = load_checkpoint(path, map_location='cpu',
+                                   unsafe=unsafe_load)
+            progress = _progress(path, ckpt)
         except CheckpointError as e:
             warn(f'skipping unreadable checkpoint: {e}')
             continue
-        return path
-    return None
+        reason = _mismatch(path, ckpt.get('state_dict'), expected)
+        del ckpt
+        if reason:
+            unfit.append((progress, reason))
+        else:
+            usable.append((progress, path == named, path))
+    best = max(usable, default=None)
+    for progress, reason in unfit:
+        if best is None or progress > best[0]:
+            raise CheckpointError(
+                f'{reason}; it records more training (iter {progress[0]}) '
+                'than any usable checkpoint, so resuming would overwrite '
+                'it: resume it with the config it was trained with, or '
+                'move it out of the work dir')
+        warn(f'skipping checkpoint: {reason}')
+    return best[2] if best else None

@@ -179,9 +179,15 @@ def test_find_resume_checkpoint_falls_back_to_newest_good(
 def test_find_resume_checkpoint_prefers_newer_than_last_checkpoint(
         three_checkpoints):
     """Killed after the new checkpoint was renamed into place but before
-    last_checkpoint was updated: the newer complete file wins."""
+    last_checkpoint was updated: the file recording more progress wins."""
+    import torch
+
+    from mmrepvgg.deploy import load_checkpoint
     from mmrepvgg.engine import find_resume_checkpoint
     wd = three_checkpoints
+    ckpt = load_checkpoint(str(wd / 'epoch_2.pth'))
+    ckpt['meta']['iter'] += 1
+    torch.save(ckpt, wd / 'epoch_2.pth')
     (wd / 'last_checkpoint').write_text(str(wd / 'epoch_1.pth'))
     assert find_resume_checkpoint(str(wd)) == str(wd / 'epoch_2.pth')
 

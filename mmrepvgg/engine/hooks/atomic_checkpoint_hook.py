@@ -28,7 +28,8 @@ class AtomicCheckpointHook(CheckpointHook):
        renames it into place (:func:`mmrepvgg.utils.fileio.atomic_write`,
        which also syncs the folder);
     2. then replaces ``last_checkpoint`` the same way;
-    3. only then removes the checkpoints beyond ``max_keep_ckpts``.
+    3. only then removes the checkpoints beyond ``max_keep_ckpts`` (never
+       one of a later step than the one just written).
 
     A kill at any point therefore leaves every ``epoch_N.pth`` / ``iter_N.pth``
     complete, and ``last_checkpoint`` naming a complete file (the new one or
@@ -97,7 +98,9 @@ class AtomicCheckpointHook(CheckpointHook):
         write_last_checkpoint(runner.work_dir, self.last_ckpt)
 
         current = osp.abspath(self.last_ckpt)
-        for old in outdated:
+        # Only older steps: ids restored from a checkpoint's message hub
+        # never justify deleting a file further along than this one.
+        for old in (o for o in outdated if type(o) is int and o < step):
             path = self.file_backend.join_path(self.out_dir,
                                                self.filename_tmpl.format(old))
             if osp.abspath(path) != current and osp.isfile(path):
