@@ -291,3 +291,30 @@ def test_conversion_message_gives_both_numbers(ckpt, tmp_path, capsys,
     assert 'conversion check failed: converted model error vs float64 ' \
         'truth' in err and "original model's own float32 error" in err, err
     assert not out.parent.exists() or _files(out.parent) == []
+
+
+def test_memory_handed_out_by_a_pickle_never_reaches_the_output(
+        ckpt, tmp_path, capsys):
+    """Issue 19: torch.ByteTensor(n) in meta gave uninitialised process
+    memory, which the conversion copied into the deploy checkpoint."""
+    import struct
+    import zipfile
+
+    from mmrepvgg.deploy import load_checkpoint
+    plain = tmp_path / 'plain.pth'
+    torch.save(dict(load_checkpoint(str(ckpt)), meta='PLACEHOLDER'), plain)
+    marker = b'X' + struct.pack('<I', 11) + b'PLACEHOLDER'
+    gadget = b'ctorch\nByteTensor\nJ' + struct.pack('<i', 1 << 20) + b'\x85R'
+    evil = tmp_path / 'evil.pth'
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(evil, 'w') as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith('/data.pkl'):
+                assert data.count(marker) == 1
+                data = data.replace(marker, gadget)
+            dst.writestr(info, data)
+    out = tmp_path / 'out' / 'model.pth'
+    code, _, err = _run([TOY_CONFIG, evil, out], capsys)
+    assert code == 1 and err.count('\n') == 1, err
+    assert 'torch.ByteTensor' in err and str(evil) in err
+    assert _files(out.parent) == []
