@@ -117,6 +117,7 @@ def run(args, argv) -> int:
 
     import mmrepvgg  # noqa: F401  (registers the modules)
     from mmrepvgg import benchmark as bm
+    from mmrepvgg.utils.fileio import scratch_dir
 
     if args.threads is not None:
         if args.threads < 1:
@@ -138,12 +139,14 @@ def run(args, argv) -> int:
         forms.append('deploy-fp16')
     forms = bm.parse_forms(forms)
     bm.report_paths(args.out_dir)  # refused now, not after the timing
-    rows = bm.run_benchmark(
-        archs, sizes, args.batch_sizes, forms=forms, repeats=args.repeats,
-        warmup=args.warmup, settle=args.settle, order=args.order,
-        device=args.device, channels_last=args.channels_last,
-        compile=args.compile, ort_spinning=args.ort_spinning,
-        tolerance=args.tolerance)
+    # the ONNX graphs: in a folder the next run removes after a SIGKILL
+    with scratch_dir('mmrepvgg-benchmark'):
+        rows = bm.run_benchmark(
+            archs, sizes, args.batch_sizes, forms=forms,
+            repeats=args.repeats, warmup=args.warmup, settle=args.settle,
+            order=args.order, device=args.device,
+            channels_last=args.channels_last, compile=args.compile,
+            ort_spinning=args.ort_spinning, tolerance=args.tolerance)
 
     command = 'python tools/benchmark.py ' + ' '.join(
         shlex.quote(a) for a in argv)

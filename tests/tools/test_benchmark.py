@@ -3,6 +3,7 @@ reference builder, the equivalence check, the timing method (schedule,
 settle calls, disturbed rounds) and bad options (no speed assertion)."""
 import itertools
 import json
+import os
 
 import pytest
 import torch
@@ -72,8 +73,20 @@ def test_tiny_run_writes_table_and_plot(tmp_path, capsys):
     assert rows[0]['rounds']['total'] == 3
 
 
-def test_onnxruntime_and_bf16_forms(tmp_path, capsys):
+def test_onnxruntime_and_bf16_forms(tmp_path, capsys, monkeypatch):
+    import tempfile
     pytest.importorskip('onnxruntime')
+    # the graphs go to a private scratch folder, removed afterwards (and by
+    # the next run after a SIGKILL: tests/utils/test_fileio.py)
+    (tmp_path / 'tmp').mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
+    scratch, real = [], bm.run_benchmark
+
+    def run_benchmark(*args, **kwargs):
+        scratch.append(tempfile.gettempdir())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bm, 'run_benchmark', run_benchmark)
     out_dir = tmp_path / 'bench'
     forms = ['deploy', 'ort-fp32', 'ort-int8']
     if bm.options.cpu_has_bf16():
@@ -103,6 +116,10 @@ def test_onnxruntime_and_bf16_forms(tmp_path, capsys):
     md = (out_dir / 'benchmark.md').read_text()
     assert 'ort-int8 ms' in md and 'ort-int8/ort-fp32' in md
     assert '## Accuracy of the forms' in md and 'QLinearConv' in md
+    (folder, ) = scratch
+    assert os.path.basename(folder).startswith('.mmrepvgg-benchmark.')
+    assert os.path.dirname(folder) == str(tmp_path / 'tmp')
+    assert list((tmp_path / 'tmp').iterdir()) == []
 
 
 def test_threads_restored(tmp_path, capsys):
