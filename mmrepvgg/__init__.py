@@ -1,17 +1,25 @@
 """mmrepvgg: RepVGG blocks and backbones for mmdet, with exact deploy fusion.
 
-``import mmrepvgg`` registers ``RepVGGBlock`` (and the ``RepVGG`` backbone)
-into mmdet's ``MODELS`` registry.
+``import mmrepvgg`` registers ``RepVGGBlock``, ``QARepVGGBlock``, the
+``RepVGG`` backbone, ``RepVGGFPN`` and the hooks into mmdet's registries.
+It imports no checkpoint code: ``safe_loading`` and ``register_safe_globals``
+are resolved on first use (PEP 562). Nothing is allowlisted for
+``torch.load`` at import: ``load_checkpoint`` and ``with safe_loading():``
+scope it (docs/safe_loading.md).
 """
-from .deploy import (count_reparam_blocks, register_safe_globals,
-                     safe_loading, switch_to_deploy)
+from .deploy import count_reparam_blocks, switch_to_deploy
 from .engine import SwitchToDeployHook
 from .models import (ARCH_SETTINGS, QARepVGGBlock, RepVGG, RepVGGBlock,
                      RepVGGFPN)
 from .version import __version__
 
-# Nothing is allowlisted for torch.load at import (see README, safe
-# checkpoint loading): load_checkpoint and `with safe_loading():` scope it.
+
+def __getattr__(name: str):
+    if name in ('register_safe_globals', 'safe_loading'):
+        from .deploy import checkpoint
+        return getattr(checkpoint, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 
 __all__ = [
     '__version__', 'ARCH_SETTINGS', 'QARepVGGBlock', 'RepVGG', 'RepVGGBlock',

@@ -6,8 +6,12 @@ bias handling, so every equivalence check first randomizes them.
 import torch
 import torch.nn as nn
 
-from .deploy.fusion import is_fusable_norm
-from .deploy.verify import FP32_EPS, NOISE_FACTOR, relative_error
+from .deploy.switch import deepcopy_model
+from .deploy.verify import (FP32_EPS, NOISE_FACTOR, blockwise_fp64_error,
+                            describe, flatten_outputs, judge_fp32,
+                            relative_error)
+from .models.layers.fusion import is_fusable_norm
+from .models.layers.repvgg_block import is_reparam_block
 
 __all__ = ['randomize_', 'relative_error', 'fusion_errors',
            'within_fp32_noise', 'float64_outputs']
@@ -57,7 +61,6 @@ def _last_tensor(out) -> torch.Tensor:
 def float64_outputs(model: nn.Module, *inputs: torch.Tensor):
     """Outputs of a float64 deep copy of ``model`` on ``inputs`` (cast to
     float64): the truth a float32 evaluation is judged against."""
-    from .deploy.switch import deepcopy_model
     twin = deepcopy_model(model).double()
     return twin(*(x.double() for x in inputs))
 
@@ -79,13 +82,11 @@ def fusion_errors(model: nn.Module, x: torch.Tensor) -> dict:
     * ``ratio``: ``model_fp32 / max(floor_fp32, FP32_EPS)``, the
       machine-independent number (see :mod:`mmrepvgg.deploy.verify`).
     """
-    from .deploy.verify import blockwise_fp64_error
     outs = {}
     block_fp64, _ = blockwise_fp64_error(
         model, lambda: outs.__setitem__('ref', _last_tensor(model(x))))
     ref = outs['ref']
-    blocks = [m for m in model.modules()
-              if callable(getattr(m, 'get_equivalent_kernel_bias', None))]
+    blocks = [m for m in model.modules() if is_reparam_block(m)]
     truth = _last_tensor(float64_outputs(model, x))
     floor = relative_error(truth, ref)
     for b in blocks:
@@ -109,7 +110,6 @@ def fp32_verdict(reference: nn.Module, candidate, *inputs: torch.Tensor,
     ``reference`` (float32 module) on ``inputs`` with the float32-noise
     criterion of :func:`mmrepvgg.deploy.verify.judge_fp32`: the truth is
     ``reference`` evaluated in float64."""
-    from .deploy.verify import flatten_outputs, judge_fp32
     truth = flatten_outputs(float64_outputs(reference, *inputs))
     ref = flatten_outputs(reference(*inputs))
     cand = flatten_outputs(candidate(*inputs))
@@ -120,7 +120,6 @@ def assert_fp32_equivalent(reference: nn.Module, candidate,
                            *inputs: torch.Tensor,
                            factor: float = NOISE_FACTOR) -> dict:
     """Assert :func:`fp32_verdict` passes; the message gives both errors."""
-    from .deploy.verify import describe
     verdict = fp32_verdict(reference, candidate, *inputs, factor=factor)
     assert verdict['passed'], describe(verdict)
     return verdict

@@ -5,17 +5,7 @@ from typing import Optional
 import torch.nn as nn
 from mmengine.logging import print_log
 
-
-def _is_switchable(module: nn.Module) -> bool:
-    return callable(getattr(module, 'switch_to_deploy', None))
-
-
-def _is_block(module: nn.Module) -> bool:
-    # A fusable block (RepVGGBlock or compatible), as opposed to a container
-    # such as a backbone that merely forwards switch_to_deploy to its blocks.
-    return (_is_switchable(module)
-            and callable(getattr(module, 'get_equivalent_kernel_bias', None))
-            and isinstance(getattr(module, 'deploy', None), bool))
+from mmrepvgg.models.layers.repvgg_block import is_reparam_block
 
 
 def deepcopy_model(model: nn.Module) -> nn.Module:
@@ -40,16 +30,15 @@ def deepcopy_model(model: nn.Module) -> nn.Module:
 def count_reparam_blocks(model: nn.Module) -> dict:
     """Count re-parameterizable blocks of ``model``.
 
-    A block is a module with ``switch_to_deploy`` and
-    ``get_equivalent_kernel_bias`` methods and a boolean ``deploy``
-    attribute (RepVGGBlock and any compatible block).
+    A block is what :func:`~mmrepvgg.models.is_reparam_block` accepts
+    (RepVGGBlock, QARepVGGBlock and any compatible block).
 
     Returns:
         dict: ``{'total': n, 'deployed': n_deployed}``.
     """
     total = deployed = 0
     for m in model.modules():
-        if _is_block(m):
+        if is_reparam_block(m):
             total += 1
             deployed += int(m.deploy)
     return dict(total=total, deployed=deployed)
@@ -88,7 +77,7 @@ def switch_to_deploy(model: nn.Module,
     # Parents first; every switch is idempotent, so a backbone that switches
     # its own blocks and the blocks themselves may both be visited.
     for module in list(model.modules()):
-        if _is_switchable(module):
+        if callable(getattr(module, 'switch_to_deploy', None)):
             module.switch_to_deploy(test_cfg)
     model.eval()
     counts = count_reparam_blocks(model)

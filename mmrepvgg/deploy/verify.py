@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from mmrepvgg.models.layers.repvgg_block import is_reparam_block
 from mmrepvgg.utils.cli import ToolError
 
 #: One float32 ulp at 1.0 (2**-23): no float32 result is expected closer.
@@ -194,12 +195,6 @@ def judge_fp32(truth: Mapping[str, torch.Tensor],
         tolerance=tolerance, outputs=per)
 
 
-def _is_block(m: nn.Module) -> bool:
-    return (callable(getattr(m, 'get_equivalent_kernel_bias', None))
-            and callable(getattr(m, 'switch_to_deploy', None))
-            and getattr(m, 'deploy', None) is False)
-
-
 @torch.no_grad()
 def blockwise_fp64_error(model: nn.Module, run: Callable[[], Any]
                          ) -> Tuple[float, str]:
@@ -217,7 +212,7 @@ def blockwise_fp64_error(model: nn.Module, run: Callable[[], Any]
         (``(0.0, '')`` when ``model`` has no block in training form).
     """
     blocks = {id(m): (name, m) for name, m in model.named_modules()
-              if _is_block(m)}
+              if is_reparam_block(m) and not m.deploy}
     inputs: Dict[int, torch.Tensor] = {}
 
     def record(m, args):

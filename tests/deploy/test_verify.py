@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmrepvgg import RepVGG, RepVGGBlock, switch_to_deploy
-from mmrepvgg.deploy.fusion import fuse_conv_norm, pad_kernel_to
+from mmrepvgg.deploy import fuse_conv_norm, pad_kernel_to
 from mmrepvgg.deploy.verify import (FP32_EPS, NonFiniteError, check_finite,
                                     describe, judge_fp32, relative_error)
 from mmrepvgg.testing import fp32_verdict, fusion_errors, randomize_
@@ -95,7 +95,7 @@ def _transposed_1x1(self):
         k1 = k1.transpose(0, 1)
     kernel, bias = k3 + pad_kernel_to(k1, 3), b3 + b1
     if self.branch_norm is not None:
-        from mmrepvgg.deploy.fusion import fuse_identity_norm
+        from mmrepvgg.deploy import fuse_identity_norm
         kid, bid = fuse_identity_norm(self.branch_norm, self.groups, 3)
         kernel, bias = kernel + kid, bias + bid
     return kernel, bias

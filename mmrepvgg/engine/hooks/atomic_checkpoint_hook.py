@@ -9,7 +9,6 @@ from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
-from mmrepvgg.engine.resume import LAST_CHECKPOINT
 from mmrepvgg.utils.fileio import atomic_write, remove_stale_temporaries
 
 
@@ -109,6 +108,7 @@ class AtomicCheckpointHook(CheckpointHook):
 
 def write_last_checkpoint(work_dir: str, ckpt_path: str) -> None:
     """Atomically point ``work_dir/last_checkpoint`` at ``ckpt_path``."""
+    from mmrepvgg.engine.resume import LAST_CHECKPOINT  # loads checkpoints
 
     def write(tmp: str) -> None:
         with open(tmp, 'w', encoding='utf-8') as f:

@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 from mmdet.registry import MODELS
 from mmengine.model import BaseModule
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import QARepVGGBlock, RepVGGBlock  # noqa: F401 (registered)
+from ..layers.fusion import is_fusable_norm
+from ..layers.repvgg_block import is_reparam_block
 
 _A_BLOCKS = (2, 4, 14, 1)
 _B_BLOCKS = (4, 6, 16, 1)
@@ -41,12 +42,6 @@ ARCH_SETTINGS: Dict[str, dict] = {
     'D2se': _arch((8, 14, 24, 1), (2.5, 2.5, 2.5, 5),
                   se_cfg=dict(ratio=16)),
 }
-
-
-def _is_norm(m: nn.Module) -> bool:
-    cls = type(m)
-    return isinstance(m, _BatchNorm) or (
-        cls.__name__ == 'SyncBatchNorm' and cls.__module__.startswith('mmcv.'))
 
 
 def resolve_arch(arch: Union[str, dict]) -> dict:
@@ -83,12 +78,6 @@ _BLOCK_SET_BY_BACKBONE = ('in_channels', 'out_channels', 'stride', 'padding',
 #: only with the backbone's value (a deploy twin sets ``deploy=True`` in
 #: every module config, ``block_cfg`` included).
 _BLOCK_MIRRORS = ('deploy', 'with_cp', 'norm_cfg', 'act_cfg')
-
-
-def _is_reparam_block(m: nn.Module) -> bool:
-    return (callable(getattr(m, 'switch_to_deploy', None))
-            and callable(getattr(m, 'get_equivalent_kernel_bias', None))
-            and isinstance(getattr(m, 'deploy', None), bool))
 
 
 def resolve_block_cfg(block_cfg: Optional[dict], **backbone: Any) -> dict:
@@ -293,14 +282,16 @@ class RepVGG(BaseModule):
         self._freeze_stages()
         if mode and self.norm_eval:
             for m in self.modules():
-                if _is_norm(m):
+                # A batch norm without running statistics normalizes by
+                # the batch in both modes: only these have a mode to fix.
+                if is_fusable_norm(m):
                     m.eval()
         return self
 
     def switch_to_deploy(self, test_cfg: Optional[dict] = None) -> None:
         """Fuse every block into a single 3x3 conv (idempotent)."""
         for m in self.modules():
-            if m is not self and _is_reparam_block(m):
+            if m is not self and is_reparam_block(m):
                 m.switch_to_deploy(test_cfg)
         self.deploy = True
         self._freeze_stages()

@@ -15,8 +15,8 @@ from mmcv.cnn import ConvModule, build_activation_layer, build_norm_layer
 from mmdet.registry import MODELS
 from mmengine.model import BaseModule
 
-from mmrepvgg.deploy.fusion import (fuse_conv_norm, fuse_identity_norm,
-                                    is_fusable_norm, pad_kernel_to)
+from .fusion import (fuse_conv_norm, fuse_identity_norm, is_fusable_norm,
+                     pad_kernel_to)
 from .se_layer import SELayer
 
 PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
@@ -78,6 +78,16 @@ def check_norm_cfg(norm_cfg: dict, channels: int) -> None:
             'statistics (BN, SyncBN or MMSyncBN)')
 
 
+def is_reparam_block(module: nn.Module) -> bool:
+    """Whether ``module`` is a re-parameterizable block: it has
+    ``switch_to_deploy`` and ``get_equivalent_kernel_bias`` and a boolean
+    ``deploy`` (any block of this package, or a compatible one), as opposed
+    to a container such as a backbone that forwards ``switch_to_deploy``."""
+    return (callable(getattr(module, 'switch_to_deploy', None))
+            and callable(getattr(module, 'get_equivalent_kernel_bias', None))
+            and isinstance(getattr(module, 'deploy', None), bool))
+
+
 def build_act(act_cfg: Optional[dict]) -> nn.Module:
     """Activation from ``act_cfg`` (``nn.Identity`` for None); unknown or
     malformed configs raise ``ValueError`` naming ``act_cfg``."""
@@ -98,19 +108,21 @@ def build_act(act_cfg: Optional[dict]) -> nn.Module:
 class RepBlockBase(BaseModule):
     """Common part of the re-parameterizable 3x3 blocks.
 
-    Holds the shape arguments, the activation and the optional SE layer,
-    and implements the deploy layout shared by every block of this package:
-    a plain ``nn.Conv2d`` ``conv_reparam`` (3x3, with bias), a boolean
-    ``deploy`` and the forward ``act(se(conv_reparam(x)))`` rebound on the
-    instance, so that every tool (conversion, export, benchmark) treats all
-    blocks alike.
+    Checks and holds the arguments, builds the activation, the optional SE
+    layer and the two conv branches (``branch_3x3``: conv + norm;
+    ``branch_1x1``: conv, with or without a norm; ``alpha``), and implements
+    the deploy layout shared by every block of this package: a plain
+    ``nn.Conv2d`` ``conv_reparam`` (3x3, with bias), a boolean ``deploy`` and
+    the forward ``act(se(conv_reparam(x)))`` rebound on the instance, so that
+    every tool (conversion, export, benchmark) treats all blocks alike.
 
-    Subclasses build their training branches and implement
-    :meth:`_branches` (the training form up to, and including, SE) and
-    :meth:`_kernel_bias_f64` (the equivalent kernel and bias in float64,
-    through :mod:`mmrepvgg.deploy.fusion`), and list in
-    ``_TRAINING_ATTRS`` the attributes :meth:`switch_to_deploy` removes.
-    See :class:`RepVGGBlock` for the arguments.
+    Subclasses build their training branches (with :meth:`_build_branches`),
+    implement :meth:`_branches` (the training form up to, and including, SE)
+    and :meth:`_kernel_bias_f64` (the equivalent kernel and bias in float64,
+    from :meth:`_conv_kernel_bias_f64` and
+    :mod:`~mmrepvgg.models.layers.fusion`), and list in ``_TRAINING_ATTRS``
+    the attributes :meth:`switch_to_deploy` removes. See
+    :class:`RepVGGBlock` for the arguments.
     """
 
     # mmengine's BaseModule.is_init property cannot be compiled by
@@ -119,10 +131,6 @@ class RepBlockBase(BaseModule):
 
     #: Attributes removed by :meth:`switch_to_deploy`.
     _TRAINING_ATTRS: Tuple[str, ...] = ()
-
-    # Kept for code that used the former static methods of RepVGGBlock.
-    _check_norm_cfg = staticmethod(check_norm_cfg)
-    _build_act = staticmethod(build_act)
 
     def __init__(self,
                  in_channels: int,
@@ -134,6 +142,7 @@ class RepBlockBase(BaseModule):
                  padding_mode: str,
                  norm_cfg: Optional[dict],
                  act_cfg: Optional[dict],
+                 without_branch_norm: bool,
                  init_cfg: Optional[dict],
                  se_cfg: Optional[dict],
                  use_alpha: bool,
@@ -154,21 +163,34 @@ class RepBlockBase(BaseModule):
         self.use_alpha = use_alpha
         self.with_cp = with_cp
         self.deploy = False
-
-    def _identity_allowed(self) -> bool:
-        """Whether an identity branch fits: same shape in and out."""
-        return (self.in_channels == self.out_channels and self.stride == 1
-                and self.padding == self.dilation)
+        # An identity branch needs the same shape in and out.
+        self.has_identity = (not without_branch_norm and in_channels ==
+                             out_channels and stride == 1
+                             and padding == dilation)
+        if norm_cfg is not None:
+            check_norm_cfg(norm_cfg, out_channels)
 
     def _build_act_se(self) -> None:
         self.act = build_act(self.act_cfg)
         self.se = SELayer(self.out_channels, **self.se_cfg) \
             if self.se_cfg is not None else nn.Identity()
 
-    def _conv_cfg(self) -> dict:
+    def _build_branches(self, norm_1x1: bool) -> None:
+        """``branch_3x3`` (conv + norm), ``branch_1x1`` (conv + norm, or with
+        ``norm_1x1=False`` a conv without norm and bias) and ``alpha``."""
         # The padding mode goes to nn.Conv2d itself (as in conv_reparam):
         # mmcv's ConvModule silently drops padding_mode='circular'.
-        return dict(type='Conv2d', padding_mode=self.padding_mode)
+        conv_cfg = dict(type='Conv2d', padding_mode=self.padding_mode)
+        self.branch_3x3 = ConvModule(
+            self.in_channels, self.out_channels, 3, stride=self.stride,
+            padding=self.padding, dilation=self.dilation, groups=self.groups,
+            conv_cfg=conv_cfg, norm_cfg=self.norm_cfg, act_cfg=None)
+        self.branch_1x1 = ConvModule(
+            self.in_channels, self.out_channels, 1, stride=self.stride,
+            padding=self.padding - self.dilation, groups=self.groups,
+            bias='auto' if norm_1x1 else False, conv_cfg=conv_cfg,
+            norm_cfg=self.norm_cfg if norm_1x1 else None, act_cfg=None)
+        self.alpha = nn.Parameter(torch.ones(1)) if self.use_alpha else None
 
     def _make_reparam_conv(self) -> nn.Conv2d:
         return nn.Conv2d(
@@ -203,6 +225,13 @@ class RepBlockBase(BaseModule):
     def _forward_deploy_plain(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.conv_reparam(x))
 
+    def _conv_branches(self, x: torch.Tensor) -> torch.Tensor:
+        """``branch_3x3(x) + alpha * branch_1x1(x)``."""
+        out_1x1 = self.branch_1x1(x)
+        if self.alpha is not None:
+            out_1x1 = self.alpha * out_1x1
+        return self.branch_3x3(x) + out_1x1
+
     def _branches(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -215,12 +244,19 @@ class RepBlockBase(BaseModule):
         return self.act(out)
 
     # --------------------------------------------------------------- re-param
+    def _conv_kernel_bias_f64(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Kernel and bias (float64) of :meth:`_conv_branches`."""
+        conv3, conv1 = self.branch_3x3.conv, self.branch_1x1.conv
+        k3, b3 = fuse_conv_norm(conv3.weight, conv3.bias, self.branch_3x3.norm)
+        k1, b1 = fuse_conv_norm(conv1.weight, conv1.bias, self.branch_1x1.norm)
+        k1 = pad_kernel_to(k1, 3)
+        if self.alpha is not None:
+            a = self.alpha.to(k1)
+            k1, b1 = k1 * a, b1 * a
+        return k3 + k1, b3 + b1
+
     def _kernel_bias_f64(self) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
-
-    def _reference_weight(self) -> torch.Tensor:
-        """A weight whose dtype and device the fused conv takes."""
-        return self.branch_3x3.conv.weight
 
     def get_equivalent_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Kernel and bias of the single 3x3 conv equal to the branches.
@@ -230,7 +266,7 @@ class RepBlockBase(BaseModule):
         """
         if self.deploy:
             return self.conv_reparam.weight, self.conv_reparam.bias
-        ref = self._reference_weight()
+        ref = self.branch_3x3.conv.weight
         kernel, bias = self._kernel_bias_f64()
         return (kernel.to(device=ref.device, dtype=ref.dtype),
                 bias.to(device=ref.device, dtype=ref.dtype))
@@ -250,7 +286,7 @@ class RepBlockBase(BaseModule):
                 'mode: the fusion uses the batch-norm running statistics, as '
                 'eval mode does; call model.eval() first to silence this '
                 'warning.', UserWarning, stacklevel=2)
-        ref = self._reference_weight()
+        ref = self.branch_3x3.conv.weight
         with torch.no_grad():
             kernel, bias = self._kernel_bias_f64()
             conv = self._make_reparam_conv().to(device=ref.device,
@@ -339,54 +375,27 @@ class RepVGGBlock(RepBlockBase):
                  with_cp: bool = False) -> None:
         super().__init__(in_channels, out_channels, stride, padding,
                          dilation, groups, padding_mode, norm_cfg, act_cfg,
-                         init_cfg, se_cfg, use_alpha, with_cp)
-        self.has_identity = (not without_branch_norm and norm_cfg is not None
-                             and self._identity_allowed())
+                         without_branch_norm, init_cfg, se_cfg, use_alpha,
+                         with_cp)
         if not without_branch_norm and norm_cfg is None:
             raise ValueError('without_branch_norm=False needs a norm_cfg: the '
                              'identity branch is a norm layer')
-
-        if norm_cfg is not None:
-            check_norm_cfg(norm_cfg, out_channels)
         self._build_act_se()
-
         if deploy:
             self._build_deploy()
             return
-
-        conv_cfg = self._conv_cfg()
-        self.branch_3x3 = ConvModule(
-            in_channels, out_channels, 3, stride=stride, padding=padding,
-            dilation=dilation, groups=groups, conv_cfg=conv_cfg,
-            norm_cfg=norm_cfg, act_cfg=None)
-        self.branch_1x1 = ConvModule(
-            in_channels, out_channels, 1, stride=stride,
-            padding=padding - dilation, groups=groups, conv_cfg=conv_cfg,
-            norm_cfg=norm_cfg, act_cfg=None)
+        self._build_branches(norm_1x1=True)
         self.branch_norm = build_norm_layer(norm_cfg, out_channels)[1] \
             if self.has_identity else None
-        self.alpha = nn.Parameter(torch.ones(1)) if use_alpha else None
 
-    # ---------------------------------------------------------------- forward
     def _branches(self, x: torch.Tensor) -> torch.Tensor:
-        out_1x1 = self.branch_1x1(x)
-        if self.alpha is not None:
-            out_1x1 = self.alpha * out_1x1
-        out = self.branch_3x3(x) + out_1x1
+        out = self._conv_branches(x)
         if self.branch_norm is not None:
             out = out + self.branch_norm(x)
         return self.se(out)
 
-    # --------------------------------------------------------------- re-param
     def _kernel_bias_f64(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        conv3, conv1 = self.branch_3x3.conv, self.branch_1x1.conv
-        k3, b3 = fuse_conv_norm(conv3.weight, conv3.bias, self.branch_3x3.norm)
-        k1, b1 = fuse_conv_norm(conv1.weight, conv1.bias, self.branch_1x1.norm)
-        k1 = pad_kernel_to(k1, 3)
-        if self.alpha is not None:
-            a = self.alpha.to(k1)
-            k1, b1 = k1 * a, b1 * a
-        kernel, bias = k3 + k1, b3 + b1
+        kernel, bias = self._conv_kernel_bias_f64()
         if self.branch_norm is not None:
             kid, bid = fuse_identity_norm(self.branch_norm, self.groups, 3)
             kernel, bias = kernel + kid, bias + bid

@@ -4,7 +4,9 @@ Everything here works on plain tensors and ``torch.nn`` modules and knows
 nothing of mmdet: it is the single place where a conv + batch-norm pair, a
 1x1 kernel or an identity branch is turned into an equivalent 3x3 kernel and
 bias. All arithmetic is done in float64; callers cast the result back to the
-dtype of the model they write into.
+dtype of the model they write into. It sits below the blocks that use it
+(and is re-exported by :mod:`mmrepvgg.deploy`), so that building a model
+imports no deploy or checkpoint code.
 """
 from typing import Optional, Tuple
 
