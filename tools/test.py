@@ -72,9 +72,13 @@ def build_cfg(args):
 
     from mmrepvgg.apis.runner import check_test_checkpoint, load_runner_config
     from mmrepvgg.utils.cli import ToolError
+    from mmrepvgg.utils.fileio import check_output_paths
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         raise ToolError(f'--out {args.out}: must be a .pkl or .pickle file')
     cfg = load_runner_config(args, [(args.checkpoint, 'checkpoint')])
+    if args.out is not None:
+        check_output_paths([(args.config, 'config'),
+                            (args.checkpoint, 'checkpoint')], [args.out])
     check_test_checkpoint(cfg, args.checkpoint, args.config,
                           unsafe_load=args.unsafe_load,
                           strict=not args.non_strict)

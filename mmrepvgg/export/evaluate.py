@@ -18,6 +18,12 @@ batch size is filled up with zero images. A graph without the
 again to each image's ``img_shape`` (mmdet clips before NMS, so on padded
 batches a box crossing the padding border can differ slightly; the graph
 with ``--img-shape-input`` is exact).
+
+Nothing is scored that could be wrong: before the runner starts, the graph's
+declared batch, input size and detection count are bounded and its
+metadata's class count must equal the config's; during the run every output
+must be finite, shaped for the batch fed, with labels in the config's
+classes. Any violation stops the evaluation with one line naming the file.
 """
 import json
 import os.path as osp
@@ -29,55 +35,154 @@ from mmdet.models.detectors.base import BaseDetector
 from mmdet.registry import MODELS
 from mmengine.structures import InstanceData
 
+from mmrepvgg.apis.convert import MAX_SIDE
 from mmrepvgg.utils.cli import ToolError
 from . import runtime
-from .metadata import METADATA_KEY, read_metadata
+from .metadata import METADATA_KEY
+from .postprocess import (MAX_NMS_PRE, MAX_PER_IMG, PostProcessError,
+                          check_count, check_fraction, describe_settings)
+
+#: Largest batch a graph may declare (a fixed batch is filled up with zero
+#: images).
+MAX_BATCH = 64
+#: Largest fixed input a graph may declare, in pixels over the batch (the
+#: evaluation pads and fills every batch up to it): MAX_BATCH images of
+#: 1024x1024.
+MAX_INPUT_PIXELS = MAX_BATCH * 1024 * 1024
 
 
 class EvaluateError(ToolError):
     """The ONNX file cannot be evaluated; the message names it."""
 
 
-def check_end2end_graph(onnx_file: str, session=None) -> dict:
-    """The graph inputs (name -> onnxruntime ``NodeArg``) of an end-to-end
-    detector graph: input ``input`` (and optionally ``img_shape``), outputs
-    ``dets`` and ``labels`` first.
+def _settings(onnx_file: str, session) -> dict:
+    """The post-processing settings of the graph's metadata, checked (the
+    export refuses the same values); {} when absent."""
+    meta = session.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in meta:
+        return {}
+    try:
+        s = json.loads(meta[METADATA_KEY])
+        if not isinstance(s, dict):
+            raise ValueError('not a JSON object')
+        check_fraction(s['score_thr'], 'score_thr')
+        check_fraction(s['iou_threshold'], 'iou_threshold')
+        check_count(s['nms_pre'], 'nms_pre', MAX_NMS_PRE)
+        check_count(s['max_per_img'], 'max_per_img', MAX_PER_IMG)
+        check_count(s['num_classes'], 'num_classes', 2**31)
+        describe_settings(s)
+    except PostProcessError as e:
+        raise EvaluateError(f'{onnx_file}: metadata {METADATA_KEY}: '
+                            f'{e}') from None
+    except KeyError as e:
+        raise EvaluateError(f'{onnx_file}: metadata {METADATA_KEY} lacks '
+                            f'{e}') from None
+    except (TypeError, ValueError, IndexError) as e:
+        raise EvaluateError(f'{onnx_file}: metadata {METADATA_KEY} is '
+                            f'malformed ({e})') from None
+    return s
+
+
+def check_end2end_graph(onnx_file: str,
+                        num_classes: Optional[int] = None,
+                        threads: Optional[int] = 1,
+                        providers: Optional[Sequence[str]] = None) -> dict:
+    """What the evaluation needs to know of an end-to-end detector graph
+    (input ``input`` and optionally ``img_shape``, outputs ``dets`` and
+    ``labels`` first), every size and setting it declares checked before
+    anything is allocated for it.
 
     Args:
         onnx_file (str): the graph.
-        session (onnxruntime.InferenceSession, optional): a session of it
-            (one is made otherwise).
+        num_classes (int, optional): the config's class count; the graph's
+            metadata must agree, labels must lie below it. Default: the
+            metadata's.
+        threads (int, optional): onnxruntime intra-op threads.
+        providers (Sequence[str], optional): onnxruntime providers.
+
+    Returns:
+        dict: ``session``, ``with_img_shape``, ``fixed_batch`` (int or
+        None), ``fixed_hw`` (tuple or None), ``settings`` (the metadata's
+        post-processing, {} without), ``num_classes``.
 
     Raises:
-        EvaluateError: any other graph signature (e.g. a raw-output graph
-            exported without ``--postprocess``).
+        EvaluateError: naming the file: another graph signature (e.g. a
+            raw-output graph exported without ``--postprocess``), a
+            declared batch, input size or detection count beyond the
+            bounds, a class count that differs from ``num_classes``.
     """
-    if session is None:
-        session = runtime.make_session(onnx_file, 1, None)
+    session = runtime.make_session(onnx_file, threads, providers)
     inputs = {i.name: i for i in session.get_inputs()}
-    outputs = runtime.output_names(session)
-    if 'input' not in inputs or outputs[:2] != ['dets', 'labels']:
+    outputs = {o.name: o for o in session.get_outputs()}
+    names = runtime.output_names(session)
+    if 'input' not in inputs or names[:2] != ['dets', 'labels']:
         raise EvaluateError(
             f'{onnx_file}: not an end-to-end detector graph (inputs '
-            f'{sorted(inputs)}, outputs {outputs}; expected input and '
+            f'{sorted(inputs)}, outputs {names}; expected input and '
             'dets, labels: export it with tools/export_onnx.py '
             '--postprocess)')
     extra = set(inputs) - {'input', 'img_shape'}
     if extra:
         raise EvaluateError(f'{onnx_file}: unknown graph inputs '
                             f'{sorted(extra)}')
-    return inputs
+    dims = inputs['input'].shape
+    if len(dims) != 4:
+        raise EvaluateError(f'{onnx_file}: input has shape {dims}; '
+                            'expected (N, 3, H, W)')
+    fixed = [d if isinstance(d, int) else None for d in dims]
+    batch, hw = fixed[0], fixed[2:]
+    if batch is not None and not 1 <= batch <= MAX_BATCH:
+        raise EvaluateError(f'{onnx_file}: the graph declares a batch of '
+                            f'{batch}; at most {MAX_BATCH} is accepted')
+    if any(d is not None and not 1 <= d <= MAX_SIDE for d in hw):
+        raise EvaluateError(f'{onnx_file}: the graph declares an input of '
+                            f'{dims[2]}x{dims[3]}; sides up to {MAX_SIDE} '
+                            'are accepted')
+    if None not in fixed[2:] and (batch or 1) * hw[0] * hw[1] > \
+            MAX_INPUT_PIXELS:
+        raise EvaluateError(f'{onnx_file}: the graph declares a fixed input '
+                            f'of {batch}x3x{hw[0]}x{hw[1]}; at most '
+                            f'{MAX_INPUT_PIXELS} pixels per batch are '
+                            'accepted')
+    k = outputs['dets'].shape[1:2]
+    if k and isinstance(k[0], int) and k[0] > MAX_PER_IMG:
+        raise EvaluateError(f'{onnx_file}: the graph declares {k[0]} '
+                            f'detections per image; at most {MAX_PER_IMG} '
+                            'are accepted')
+    settings = _settings(onnx_file, session)
+    if num_classes is None:
+        num_classes = settings.get('num_classes')
+        if num_classes is None:
+            raise EvaluateError(f'{onnx_file}: the number of classes is '
+                                'unknown (no mmrepvgg metadata in the graph '
+                                'and no config given)')
+    elif settings and settings['num_classes'] != num_classes:
+        raise EvaluateError(f'{onnx_file}: the graph detects '
+                            f'{settings["num_classes"]} classes, the config '
+                            f'{num_classes}: export it from this config')
+    return dict(session=session, with_img_shape='img_shape' in inputs,
+                fixed_batch=batch,
+                fixed_hw=None if None in hw else tuple(hw),
+                settings=settings, num_classes=num_classes)
 
 
 @MODELS.register_module()
 class OnnxRuntimeDetector(BaseDetector):
     """A detector whose ``predict`` is an end-to-end ONNX graph.
 
+    Every output is checked before it is scored: ``dets`` (N, K, 5) and
+    ``labels`` (N, K) for the N images fed, K at most :data:`MAX_PER_IMG`,
+    finite boxes and scores, labels ``-1`` (padding) or in
+    ``[0, num_classes)``; anything else stops the evaluation with one line
+    naming the file.
+
     Args:
         onnx_file (str): graph with input ``input`` (and optionally
             ``img_shape``) and outputs ``dets`` (N, K, 5) and ``labels``
             (N, K), as ``tools/export_onnx.py --postprocess`` writes.
         data_preprocessor (dict): the config's ``DetDataPreprocessor``.
+        num_classes (int, optional): the config's class count (default:
+            the graph's metadata).
         threads (int, optional): onnxruntime intra-op threads.
         providers (Sequence[str], optional): onnxruntime providers (CPU by
             default).
@@ -87,26 +192,21 @@ class OnnxRuntimeDetector(BaseDetector):
     def __init__(self,
                  onnx_file: str,
                  data_preprocessor: Optional[dict] = None,
+                 num_classes: Optional[int] = None,
                  threads: Optional[int] = None,
                  providers: Optional[Sequence[str]] = None,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(data_preprocessor=data_preprocessor,
                          init_cfg=init_cfg)
-        if not osp.isfile(onnx_file):
-            raise EvaluateError(f'ONNX file {onnx_file} does not exist')
         self.onnx_file = onnx_file
-        self.session = runtime.make_session(onnx_file, threads, providers)
-        inputs = check_end2end_graph(onnx_file, self.session)
-        self.with_img_shape = 'img_shape' in inputs
-        dims = inputs['input'].shape
-        self.fixed_batch = dims[0] if isinstance(dims[0], int) else None
-        self.fixed_hw = (dims[2], dims[3]) if all(
-            isinstance(d, int) for d in dims[2:4]) else None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        try:
-            self.settings = json.loads(meta.get(METADATA_KEY, '{}'))
-        except ValueError:
-            self.settings = {}
+        info = check_end2end_graph(onnx_file, num_classes, threads,
+                                   providers)
+        self.session = info['session']
+        self.with_img_shape = info['with_img_shape']
+        self.fixed_batch = info['fixed_batch']
+        self.fixed_hw = info['fixed_hw']
+        self.settings = info['settings']
+        self.num_classes = info['num_classes']
         self.clip_border = bool(self.settings.get('clip_border', True))
 
     # the graph replaces every PyTorch path
@@ -119,6 +219,31 @@ class OnnxRuntimeDetector(BaseDetector):
 
     def extract_feat(self, batch_inputs):
         raise EvaluateError('an ONNX detector has no features')
+
+    def _check_outputs(self, d: np.ndarray, lab: np.ndarray,
+                       n: int) -> None:
+        """Refuse outputs that would be scored wrongly (see the class
+        docstring)."""
+        where = f'{self.onnx_file}: the graph returned'
+        if not (d.ndim == 3 and d.shape[2] == 5 and lab.ndim == 2
+                and d.shape[:2] == lab.shape and d.shape[0] == n):
+            raise EvaluateError(
+                f'{where} dets {d.shape} and labels {lab.shape} for a batch '
+                f'of {n}; expected ({n}, K, 5) and ({n}, K)')
+        if d.shape[1] > MAX_PER_IMG:
+            raise EvaluateError(f'{where} {d.shape[1]} detections per '
+                                f'image; at most {MAX_PER_IMG} are accepted')
+        if not np.isfinite(d).all():
+            raise EvaluateError(f'{where} non-finite boxes or scores')
+        if not np.issubdtype(lab.dtype, np.integer):
+            raise EvaluateError(f'{where} labels of type {lab.dtype}; '
+                                'expected integers')
+        bad = (lab != -1) & ((lab < 0) | (lab >= self.num_classes))
+        if bad.any():
+            raise EvaluateError(
+                f'{where} label {int(lab[bad][0])}: labels must be in [0, '
+                f'{self.num_classes}) (the config\'s classes), or -1 for '
+                'padding')
 
     def _run(self, x: np.ndarray, shapes: np.ndarray):
         n, _, h, w = x.shape
@@ -142,7 +267,11 @@ class OnnxRuntimeDetector(BaseDetector):
             feeds = dict(input=xb)
             if self.with_img_shape:
                 feeds['img_shape'] = sb
-            d, lab = runtime.run(self.session, feeds, ['dets', 'labels'])
+            try:
+                d, lab = runtime.run(self.session, feeds, ['dets', 'labels'])
+            except runtime.OnnxRuntimeError as e:
+                raise EvaluateError(f'{self.onnx_file}: {e}') from None
+            self._check_outputs(d, lab, step)
             dets.append(d[:step - fill])
             labels.append(lab[:step - fill])
         return np.concatenate(dets), np.concatenate(labels)
@@ -185,6 +314,7 @@ def onnx_test_config(args):
         ToolError: options that do not apply to an ONNX file, missing files.
     """
     from mmrepvgg.apis.runner import load_runner_config
+    from mmrepvgg.utils.fileio import check_output_paths
     for flag, on in (('--tta', getattr(args, 'tta', False)),
                      ('--deploy', getattr(args, 'deploy', False)),
                      ('--non-strict', getattr(args, 'non_strict', False))):
@@ -197,15 +327,26 @@ def onnx_test_config(args):
     out = getattr(args, 'out', None)
     if out is not None and not out.endswith(('.pkl', '.pickle')):
         raise EvaluateError(f'--out {out}: must be a .pkl or .pickle file')
-    cfg = load_runner_config(args, [(args.checkpoint, 'ONNX file')])
+    runtime.check_model_file(args.checkpoint)
+    cfg = load_runner_config(args)
+    if out is not None:
+        check_output_paths([(args.config, 'config'),
+                            (args.checkpoint, 'ONNX file')], [out],
+                           EvaluateError)
     pre = cfg.model.get('data_preprocessor')
     if pre is None:
         raise EvaluateError(f'{args.config}: model.data_preprocessor is '
                             'missing (the ONNX graph takes the preprocessed '
                             'batch)')
+    num_classes = (cfg.model.get('bbox_head') or {}).get('num_classes')
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) \
+            or num_classes < 1:
+        raise EvaluateError(f'{args.config}: model.bbox_head.num_classes='
+                            f'{num_classes!r}: a positive int is needed to '
+                            'check the ONNX labels')
     cfg.model = dict(type='OnnxRuntimeDetector',
                      onnx_file=osp.abspath(args.checkpoint),
-                     data_preprocessor=pre)
+                     data_preprocessor=pre, num_classes=num_classes)
     cfg.load_from = None
     cfg.resume = False
     hooks = [h for h in cfg.get('custom_hooks', []) or []
@@ -239,10 +380,9 @@ def test_onnx(args) -> int:
         import mmrepvgg  # noqa: F401  (registers modules)
         cfg = onnx_test_config(args)
         # refused before the runner creates its work dir and log
-        check_end2end_graph(cfg.model['onnx_file'])
-        settings = read_metadata(cfg.model['onnx_file'])
+        settings = check_end2end_graph(cfg.model['onnx_file'],
+                                       cfg.model['num_classes'])['settings']
         if settings:
-            from mmrepvgg.export.postprocess import describe_settings
             print(f'ONNX {args.checkpoint}: post-processing in the graph: '
                   f'{describe_settings(settings)}', flush=True)
         run_runner(cfg, args, 'test')

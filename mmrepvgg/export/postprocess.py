@@ -44,6 +44,12 @@ INVALID = -1.0
 #: NonMaxSuppression's own score threshold: below every real score, above
 #: :data:`INVALID`.
 NMS_SCORE_FLOOR = -0.5
+#: Most detections per image a graph may output (``test_cfg.max_per_img``
+#: when exporting, the ``dets`` rows when evaluating).
+MAX_PER_IMG = 1000
+#: Most candidates per level (``test_cfg.nms_pre``): the graph holds
+#: ``nms_pre`` of them per level and image.
+MAX_NMS_PRE = 100000
 
 
 class PostProcessError(ToolError):
@@ -87,6 +93,26 @@ class OnnxNMS(torch.autograd.Function):
                  score_threshold):
         return g.op('NonMaxSuppression', boxes, scores, max_output,
                     iou_threshold, score_threshold, center_point_box_i=0)
+
+
+def check_fraction(value, name: str) -> float:
+    """``value`` as a float if it is a number in [0, 1] (a threshold on
+    scores or IoUs), else :class:`PostProcessError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not 0 <= value <= 1:
+        raise PostProcessError(f'{name}={value!r}: must be a number in '
+                               '[0, 1]')
+    return float(value)
+
+
+def check_count(value, name: str, bound: int) -> int:
+    """``value`` if it is an int in [1, ``bound``], else
+    :class:`PostProcessError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or \
+            not 1 <= value <= bound:
+        raise PostProcessError(f'{name}={value!r}: must be an int in [1, '
+                               f'{bound}]')
+    return value
 
 
 def _cfg_get(cfg, key, default=None):
@@ -133,23 +159,30 @@ def check_head(head: nn.Module) -> None:
     if getattr(head.loss_cls, 'custom_cls_channels', False):
         raise PostProcessError(f'{name}: custom class channels (v3det) are '
                                'not supported')
-    cfg = head.test_cfg
-    if cfg is None:
+    if head.test_cfg is None:
         raise PostProcessError(f'{name} has no test_cfg')
+    check_test_cfg(head.test_cfg)
+
+
+def check_test_cfg(cfg) -> None:
+    """Raise :class:`PostProcessError` naming the key unless the dense
+    head's ``test_cfg`` has an exact in-graph equivalent with sane sizes and
+    thresholds (run on the config before any weights are loaded, and on the
+    built head)."""
     nms_pre = _cfg_get(cfg, 'nms_pre', -1)
     if not (isinstance(nms_pre, int) and nms_pre > 0):
         raise PostProcessError(
             f'test_cfg.nms_pre={nms_pre!r}: must be a positive int (mmdet '
             'keeps nms_pre candidates per level; set it with --cfg-options '
             'model.test_cfg.nms_pre=1000)')
-    max_per_img = _cfg_get(cfg, 'max_per_img', None)
-    if not (isinstance(max_per_img, int) and max_per_img > 0):
-        raise PostProcessError(f'test_cfg.max_per_img={max_per_img!r}: must '
-                               'be a positive int')
+    check_count(nms_pre, 'test_cfg.nms_pre', MAX_NMS_PRE)
+    check_count(_cfg_get(cfg, 'max_per_img', None), 'test_cfg.max_per_img',
+                MAX_PER_IMG)
+    check_fraction(_cfg_get(cfg, 'score_thr', 0), 'test_cfg.score_thr')
     nms = _cfg_get(cfg, 'nms', None)
-    if nms is None:
-        raise PostProcessError('test_cfg.nms is missing (a graph without '
-                               'NMS is not supported)')
+    if not isinstance(nms, dict):
+        raise PostProcessError(f'test_cfg.nms={nms!r}: a dict is needed (a '
+                               'graph without NMS is not supported)')
     if nms.get('type', 'nms') != 'nms':
         raise PostProcessError(
             f'test_cfg.nms.type={nms.get("type")!r}: only "nms" has an ONNX '
@@ -162,6 +195,7 @@ def check_head(head: nn.Module) -> None:
                                'class_agnostic)')
     if 'iou_threshold' not in nms:
         raise PostProcessError('test_cfg.nms.iou_threshold is missing')
+    check_fraction(nms['iou_threshold'], 'test_cfg.nms.iou_threshold')
 
 
 def postprocess_settings(head: nn.Module) -> dict:

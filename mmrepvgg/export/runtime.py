@@ -4,6 +4,7 @@ Reusable by every exported form (FP32, INT8, end-to-end detectors): nothing
 here knows about mmdet.
 """
 import os
+import stat
 import statistics
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
@@ -14,10 +15,41 @@ from mmrepvgg.utils.cli import ToolError
 
 #: The provider every session gets unless told otherwise.
 DEFAULT_PROVIDERS = ('CPUExecutionProvider', )
+#: Largest ``.onnx`` file opened (a protobuf holds at most 2 GiB; larger
+#: weights live in external data files).
+MAX_ONNX_BYTES = 2**31
 
 
 class OnnxRuntimeError(ToolError):
     """onnxruntime cannot load or run a graph; names the file."""
+
+
+def check_model_file(path: Union[str, 'os.PathLike']) -> None:
+    """Refuse, without opening it, anything but a regular file of at most
+    :data:`MAX_ONNX_BYTES`: a folder, a FIFO (reading it would block), a
+    device.
+
+    Raises:
+        OnnxRuntimeError: one line naming ``path``.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise OnnxRuntimeError(f'ONNX file {path} does not exist') from None
+    except OSError as e:
+        raise OnnxRuntimeError(f'ONNX file {path}: cannot read it '
+                               f'({e.strerror})') from None
+    if stat.S_ISDIR(st.st_mode):
+        raise OnnxRuntimeError(f'ONNX file {path} is a folder; expected an '
+                               '.onnx file')
+    if not stat.S_ISREG(st.st_mode):
+        raise OnnxRuntimeError(f'ONNX file {path} is not a regular file (a '
+                               'FIFO, socket or device); expected an .onnx '
+                               'file')
+    if st.st_size > MAX_ONNX_BYTES:
+        raise OnnxRuntimeError(f'ONNX file {path}: {st.st_size} bytes, more '
+                               'than an ONNX protobuf holds '
+                               f'({MAX_ONNX_BYTES})')
 
 
 def make_session(model: Union[str, bytes, 'os.PathLike'],
@@ -41,9 +73,12 @@ def make_session(model: Union[str, bytes, 'os.PathLike'],
             ``basic``, ``extended`` or ``all``.
 
     Raises:
-        OnnxRuntimeError: the graph cannot be loaded (message names it).
+        OnnxRuntimeError: the graph cannot be loaded (message names it);
+            a path that is not a regular file (:func:`check_model_file`).
     """
     import onnxruntime as ort
+    if not isinstance(model, bytes):
+        check_model_file(model)
     levels = dict(disable=ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                   basic=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                   extended=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

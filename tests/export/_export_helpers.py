@@ -85,3 +85,78 @@ def random_detector(name: str, seed: int = 0, extra: dict = None):
     g = torch.Generator().manual_seed(seed + 1)
     calibrate_head_(model, torch.randn(2, 3, 128, 128, generator=g))
     return cfg, model
+
+
+def end2end_graph(path, dets, labels,
+                  input_dims=('batch', 3, 'height', 'width'),
+                  metadata=None, follow_batch=True, label_dtype='int64'):
+    """Write a tiny graph with the end-to-end detector signature (input
+    ``input``; outputs ``dets``, ``labels``) that ignores its image and
+    returns the given values: hostile outputs without a detector.
+
+    Args:
+        path: the ``.onnx`` file written.
+        dets, labels: arrays ``(1, K, 5)`` / ``(1, K)``, or ``(shape,
+            value)`` pairs made at run time by ``ConstantOfShape`` (large
+            outputs from a small file).
+        input_dims: the declared input dims (ints fixed, strings dynamic).
+        metadata (dict, optional): the ``mmrepvgg.postprocess`` metadata.
+        follow_batch (bool): repeat the outputs for every image of the
+            batch (else always one image).
+        label_dtype (str): numpy dtype of ``labels``.
+    """
+    import json
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mmrepvgg.export.metadata import METADATA_KEY
+    nodes, inits = [], []
+
+    def value(name, v, dtype):
+        if isinstance(v, tuple):  # (shape, fill value)
+            shape, fill = v
+            inits.append(numpy_helper.from_array(
+                np.asarray(shape, np.int64), f'{name}_shape'))
+            nodes.append(helper.make_node(
+                'ConstantOfShape', [f'{name}_shape'], [f'{name}_c'],
+                value=numpy_helper.from_array(np.asarray([fill], dtype))))
+        else:
+            inits.append(numpy_helper.from_array(np.asarray(v, dtype),
+                                                 f'{name}_c'))
+        if not follow_batch:
+            nodes.append(helper.make_node('Identity', [f'{name}_c'],
+                                          [name]))
+            return
+        # Tile over the batch: repeats (N, 1, 1...)
+        rank = len(v[0]) if isinstance(v, tuple) else np.ndim(v)
+        inits.append(numpy_helper.from_array(
+            np.ones(rank - 1, np.int64), f'{name}_ones'))
+        nodes.append(helper.make_node('Concat', ['n', f'{name}_ones'],
+                                      [f'{name}_reps'], axis=0))
+        nodes.append(helper.make_node('Tile', [f'{name}_c', f'{name}_reps'],
+                                      [name]))
+
+    inits.append(numpy_helper.from_array(np.asarray([0], np.int64), 'zero'))
+    inits.append(numpy_helper.from_array(np.asarray([1], np.int64), 'one'))
+    nodes.append(helper.make_node('Shape', ['input'], ['shape']))
+    nodes.append(helper.make_node('Slice', ['shape', 'zero', 'one'], ['n']))
+    value('dets', dets, np.float32)
+    value('labels', labels, np.dtype(label_dtype))
+    graph = helper.make_graph(
+        nodes, 'hostile',
+        [helper.make_tensor_value_info('input', TensorProto.FLOAT,
+                                       list(input_dims))],
+        [helper.make_tensor_value_info('dets', TensorProto.FLOAT,
+                                       ['n', 'k', 5]),
+         helper.make_tensor_value_info(
+             'labels', helper.np_dtype_to_tensor_dtype(np.dtype(label_dtype)),
+             ['n', 'k'])],
+        initializer=inits)
+    model = helper.make_model(graph,
+                              opset_imports=[helper.make_opsetid('', 17)])
+    if metadata is not None:
+        helper.set_model_props(model, {METADATA_KEY: json.dumps(metadata)})
+    onnx.save(model, str(path))
+    return path

@@ -256,3 +256,75 @@ def test_every_tool_enters_quietly(tool):
                                    text.find('from mmengine'),
                                    text.find('import torch')) if i >= 0)
     assert entry < first_import, tool
+
+
+# ------------------------------------- tools/test.py MODEL.onnx (issue 19)
+def _hostile_graph(path, **kwargs):
+    sys.path.insert(0, osp.join(ROOT, 'tests', 'export'))
+    from _export_helpers import end2end_graph
+    meta = dict(score_thr=0.05, nms_pre=1000, iou_threshold=0.5,
+                class_agnostic=False, max_per_img=20, min_bbox_size=0.0,
+                num_classes=3, activation='sigmoid',
+                priors='AnchorGenerator', strides=[[8, 8]],
+                coder='DeltaXYWHBBoxCoder', clip_border=True)
+    meta.update(kwargs.pop('meta', {}))
+    box = kwargs.pop('box', [10.0, 10.0, 20.0, 30.0, 0.9])
+    return end2end_graph(path, [[box]], [[kwargs.pop('label', 1)]],
+                         metadata=meta, **kwargs)
+
+
+@pytest.mark.parametrize('case', ['nan_boxes', 'label', 'classes', 'folder',
+                                  'fifo', 'out_is_config'])
+def test_onnx_evaluation_refuses_with_one_line(case, toy_workspace, tmp_path,
+                                               capsys, monkeypatch):
+    """Wrong numbers are never scored: NaN boxes (once mAP 0.214, exit 0),
+    labels outside the config's classes, a file made for 80 classes; a
+    folder or FIFO is named as such (a FIFO is never opened)."""
+    pytest.importorskip('onnxruntime')
+    monkeypatch.chdir(toy_workspace)
+    path, work = tmp_path / 'model.onnx', tmp_path / 'wd'
+    out = tmp_path / 'res.pkl'
+    expect, before_runner = {
+        'nan_boxes': ('non-finite boxes or scores', False),
+        'label': ('label 3: labels must be in [0, 3)', False),
+        'classes': ('the graph detects 80 classes, the config 3', True),
+        'folder': (f'ONNX file {path} is a folder', True),
+        'fifo': (f'ONNX file {path} is not a regular file', True),
+        'out_is_config': ('refusing to overwrite the config', True),
+    }[case]
+    if case == 'nan_boxes':
+        _hostile_graph(path, box=[float('nan')] * 4 + [0.9])
+    elif case == 'label':
+        _hostile_graph(path, label=3)
+    elif case == 'classes':
+        _hostile_graph(path, meta=dict(num_classes=80))
+    elif case == 'folder':
+        path.mkdir()
+    elif case == 'fifo':
+        os.mkfifo(path)
+    config = TOY_CONFIG
+    if case == 'out_is_config':  # --out a hard link of the config
+        _hostile_graph(path)
+        config = tmp_path / 'config.py'
+        config.write_text(open(TOY_CONFIG).read())
+        os.link(config, out)
+    argv = [config, path, '--work-dir', work, '--out', out]
+    code, lines = _test_main(argv, capsys)
+    _assert_one_error(code, lines, expect)
+    if case == 'out_is_config':
+        assert out.read_text() == open(TOY_CONFIG).read()
+    else:
+        assert str(path) in lines[0]
+        assert not out.exists()
+    assert work.exists() != before_runner
+
+
+def test_out_over_the_checkpoint_is_refused(tmp_path, capsys):
+    """--out is checked against the files read by identity: a checkpoint
+    named .pkl is not overwritten by the dumped predictions."""
+    ckpt = tmp_path / 'model.pkl'
+    ckpt.write_bytes(b'weights')
+    code, lines = _test_main([TOY_CONFIG, ckpt, '--out', ckpt], capsys)
+    _assert_one_error(code, lines, f'{ckpt}: refusing to overwrite the '
+                      'checkpoint')
+    assert ckpt.read_bytes() == b'weights'
