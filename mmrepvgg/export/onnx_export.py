@@ -41,21 +41,23 @@ import os.path as osp
 import tempfile
 import warnings
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 from mmengine.config import Config
 
-from mmrepvgg.apis.convert import test_input_shape
+from mmrepvgg.apis.convert import MAX_SIDE, test_input_shape
 from mmrepvgg.deploy import atomic_write
 from mmrepvgg.deploy.verify import NOISE_FACTOR, describe
+from mmrepvgg.utils.fileio import check_output_paths
 from . import runtime
+from .evaluate import MAX_BATCH
 from .loading import ExportError, load_deploy_model
 from .metadata import METADATA_KEY
 from .postprocess import (End2EndDetector, PostProcessError, check_head,
-                          describe_settings)
+                          check_test_cfg, describe_settings)
 from .verify import (SCORE_TOL, box_tolerance, compare_detections,
                      dataset_batch,
                      describe_comparison, judge_raw, make_samples,
@@ -71,6 +73,8 @@ ACTIVATION_OPS = frozenset({
     'HardSwish', 'Clip', 'Tanh', 'Softplus', 'Gelu', 'Mul', 'Mish'})
 #: Export modes.
 MODES = ('backbone', 'raw', 'end2end')
+#: Free bytes below which a failed write counts as a full file system.
+FULL_DISK_BYTES = 2**20
 
 
 def max_torchscript_opset() -> int:
@@ -185,6 +189,12 @@ def check_exportable(cfg: Config, mode: str, config_path: str) -> None:
         raise ExportError(f'{config_path}: --postprocess needs a '
                           'single-stage detector config (the model has no '
                           'backbone/head)')
+    if mode == 'end2end':
+        try:
+            check_test_cfg(cfg.model.get('test_cfg'))
+        except PostProcessError as e:
+            raise ExportError(f'{config_path}: cannot put the '
+                              f'post-processing in the graph: {e}') from None
 
 
 # ----------------------------------------------------------------- export
@@ -277,10 +287,11 @@ def random_input(batch: int, shape: Tuple[int, int],
 def verify_shapes(shape: Tuple[int, int]) -> List[Tuple[int, Tuple[int,
                                                                    int]]]:
     """``[(batch, (H, W)), ...]`` checked: the traced shape with batch 1, and
-    a second one with batch 2, H + 32 and W - 32 (at least 32), to exercise
-    the dynamic axes."""
+    a second one with batch 2, H + 32 (H - 32 beyond ``MAX_SIDE``) and
+    W - 32 (at least 32), to exercise the dynamic axes."""
     h, w = shape
-    return [(1, (h, w)), (2, (h + 32, max(32, w - 32)))]
+    return [(1, (h, w)), (2, (h + 32 if h + 32 <= MAX_SIDE else h - 32,
+                              max(32, w - 32)))]
 
 
 def fusion_leftovers(hist: Counter) -> Dict[str, int]:
@@ -290,10 +301,10 @@ def fusion_leftovers(hist: Counter) -> Dict[str, int]:
 
 
 # ------------------------------------------------------------ checks
-def _check_args(output: str, checkpoint: str, opset: int, device: str,
-                tolerance: Optional[float], factor: float,
-                shape: Optional[Sequence[int]], box_tol: float,
-                score_tol: float, mode: str) -> None:
+def _check_args(output: str, checkpoint: str, config_path: str,
+                opset: int, device: str, tolerance: Optional[float],
+                factor: float, shape: Optional[Sequence[int]],
+                box_tol: float, score_tol: float, mode: str) -> None:
     try:
         import onnx  # noqa: F401  (fail early with the install hint)
         import onnxruntime  # noqa: F401
@@ -304,10 +315,8 @@ def _check_args(output: str, checkpoint: str, opset: int, device: str,
         raise ExportError(f'unknown export mode {mode!r} ({", ".join(MODES)})')
     if not output.endswith('.onnx'):
         raise ExportError(f'{output}: OUTPUT must end with .onnx')
-    if osp.exists(output) and osp.exists(checkpoint) and \
-            osp.samefile(output, checkpoint):
-        raise ExportError(f'{output}: refusing to overwrite the input '
-                          'checkpoint')
+    check_output_paths([(checkpoint, 'input checkpoint'),
+                        (config_path, 'input config')], [output], ExportError)
     max_opset = max_torchscript_opset()
     low = 11 if mode == 'end2end' else 7
     if not low <= opset <= max_opset:
@@ -323,8 +332,50 @@ def _check_args(output: str, checkpoint: str, opset: int, device: str,
         if not device.startswith('cuda') or not torch.cuda.is_available():
             raise ExportError(f'--device {device}: not available (cpu or an '
                               'available cuda device)')
-    if shape is not None and min(shape) < 1:
-        raise ExportError(f'--shape {shape[0]} {shape[1]}: must be positive')
+    if shape is not None and not (len(shape) == 2 and all(
+            isinstance(v, int) and 1 <= v <= MAX_SIDE for v in shape)):
+        raise ExportError(f'--shape must be two integers in [1, {MAX_SIDE}],'
+                          f' got {list(shape)}')
+
+
+def write_output(output: str, write: Callable[[str], None]) -> None:
+    """:func:`~mmrepvgg.deploy.atomic_write` of ``output``, a failure of
+    the file system one line naming ``output``: an ``OSError`` (full disk,
+    quota, file size limit, read-only folder), or any error raised while
+    fewer than :data:`FULL_DISK_BYTES` are free there (onnx and onnxruntime
+    report a failed write or a truncated file from C++, without an errno).
+    """
+
+    def free_bytes(path: str) -> int:
+        try:
+            st = os.statvfs(osp.dirname(osp.abspath(path)))
+        except OSError:
+            return FULL_DISK_BYTES
+        return st.f_bavail * st.f_frsize
+
+    def failure(e: Exception, path: str) -> Optional[ExportError]:
+        if free_bytes(path) < FULL_DISK_BYTES:
+            reason = 'its file system is full'
+        elif isinstance(e, OSError):
+            reason = e.strerror or str(e)
+        else:
+            return None
+        return ExportError(f'{output}: cannot write it ({reason}); nothing '
+                           'written')
+
+    def guarded(tmp: str) -> None:
+        try:  # before the temporary is removed (freeing its space)
+            write(tmp)
+        except Exception as e:
+            err = failure(e, tmp)
+            if err is None:
+                raise
+            raise err from None
+
+    try:
+        atomic_write(output, guarded)
+    except OSError as e:  # creating, syncing or renaming the temporary
+        raise failure(e, output) from None
 
 
 def _raw_failure(checkpoint: str, output: str, verdict: dict,
@@ -396,15 +447,24 @@ def export_onnx(cfg: Config,
     Raises:
         ExportError: one-line message naming the file/argument at fault.
     """
-    _check_args(output, checkpoint, opset, device, tolerance, noise_factor,
-                shape, box_tol, score_tol, mode)
+    _check_args(output, checkpoint, config_path, opset, device, tolerance,
+                noise_factor, shape, box_tol, score_tol, mode)
     if not 0 <= max_differing <= 1:
         raise ExportError(f'--max-differing must be in [0, 1], got '
                           f'{max_differing}')
+    if not 0 <= verify_images <= MAX_BATCH:
+        raise ExportError(f'--verify-images must be in [0, {MAX_BATCH}] (one '
+                          f'batch), got {verify_images}')
+    if not shape:
+        shape = test_input_shape(cfg)
+        if not all(1 <= v <= MAX_SIDE for v in shape):
+            raise ExportError(f'{config_path}: test resize {shape[0]}x'
+                              f'{shape[1]} is beyond [1, {MAX_SIDE}]: give '
+                              '--shape')
     check_exportable(cfg, mode, config_path)
     model, info = load_deploy_model(cfg, config_path, checkpoint,
                                     unsafe_load)
-    shape = tuple(shape) if shape else test_input_shape(cfg)
+    shape = tuple(shape)
     checks = verify_shapes(shape)
     inputs = [random_input(b, hw, seed=i) for i, (b, hw) in enumerate(checks)]
     report = dict(info, output=output, opset=opset, shape=shape, mode=mode,
@@ -447,7 +507,7 @@ def export_onnx(cfg: Config,
                      onnxruntime=lambda: runtime.run_onnx(session, xn)),
                 repeats, warmup, xd, tuple(xd.shape))
 
-    atomic_write(output, write)
+    write_output(output, write)
     report['size'] = osp.getsize(output)
     if mode == 'backbone':
         report['leftovers'] = fusion_leftovers(report['ops'])
@@ -613,6 +673,6 @@ def _export_end2end(model, cfg, config_path, checkpoint, output, inputs,
             report['bench']['input'] = ('random input' if tag.startswith(
                 'random') else 'test-set image')
 
-    atomic_write(output, write)
+    write_output(output, write)
     report['size'] = osp.getsize(output)
     return report

@@ -153,7 +153,10 @@ BAD_CASES = ['missing_checkpoint', 'verification_fails', 'not_onnx',
              'two_stage', 'mismatch', 'malicious', 'missing_config',
              'postprocess_two_stage', 'postprocess_soft_nms',
              'img_shape_without_postprocess', 'postprocess_fails',
-             'bad_cfg_option']
+             'bad_cfg_option', 'score_thr_2', 'score_thr_nan',
+             'iou_above_1', 'max_per_img_200000', 'shape_6000',
+             'test_resize_6000', 'verify_images_100000',
+             'output_is_checkpoint', 'output_is_config']
 
 
 @pytest.mark.parametrize('case', BAD_CASES)
@@ -217,6 +220,41 @@ def test_bad_inputs_exit_1_with_one_line_and_no_output(case, models,
             '--postprocess'
     elif case == 'bad_cfg_option':
         extra, expect = ['--cfg-options', 'model.test_cfg'], '--cfg-options'
+    elif case in ('score_thr_2', 'score_thr_nan', 'iou_above_1',
+                  'max_per_img_200000'):  # refused before loading weights
+        key, value = {
+            'score_thr_2': ('test_cfg.score_thr', '2'),
+            'score_thr_nan': ('test_cfg.score_thr', 'nan'),
+            'iou_above_1': ('test_cfg.nms.iou_threshold', '1.5'),
+            'max_per_img_200000': ('test_cfg.max_per_img', '200000')}[case]
+        monkeypatch.setattr('mmrepvgg.export.onnx_export.load_deploy_model',
+                            None)
+        extra = ['--postprocess', '--cfg-options', f'model.{key}={value}']
+        expect = f'{TOY_CONFIG}: cannot put the post-processing in the ' \
+            f'graph: {key}={value}: must be'
+    elif case == 'shape_6000':
+        extra = ['--shape', '6000', '6000']
+        expect = '--shape must be two integers in [1, 4096], got [6000, 6000]'
+    elif case == 'test_resize_6000':
+        extra = ['--cfg-options', 'test_pipeline.1.scale=(6000,6000)']
+        expect = f'{TOY_CONFIG}: test resize 6016x6016 is beyond [1, 4096]'
+    elif case == 'verify_images_100000':
+        extra = ['--postprocess', '--verify-images', '100000']
+        expect = '--verify-images must be in [0, 64]'
+    elif case in ('output_is_checkpoint', 'output_is_config'):
+        # OUTPUT a hard link of the checkpoint, a symlink to the config
+        src = tmp_path / ('ckpt.pth' if case == 'output_is_checkpoint'
+                          else 'config.py')
+        src.write_bytes(open(ckpt if case == 'output_is_checkpoint'
+                             else config, 'rb').read())
+        if case == 'output_is_checkpoint':
+            ckpt = src
+            os.link(src, out)
+        else:
+            config = src
+            out.symlink_to(src)
+        expect = f'{out}: refusing to overwrite the input ' + (
+            'checkpoint' if case == 'output_is_checkpoint' else 'config')
     code, stdout, err = _run([config, ckpt, out] + extra, capsys) \
         if case != 'bad_cfg_option' else _run_usage(
             [config, ckpt, out] + extra, capsys)
@@ -225,12 +263,56 @@ def test_bad_inputs_exit_1_with_one_line_and_no_output(case, models,
     assert len(lines) == 1 and lines[0].startswith('error: '), err
     assert expect in lines[0], lines[0]
     assert 'Traceback' not in err
-    assert _files(out_dir) == []  # no output, no temporary file
+    if case in ('output_is_checkpoint', 'output_is_config'):
+        assert _files(out_dir) == ['model.onnx']
+        assert out.read_bytes() == open(
+            models['dir'] / 'train.pth' if case == 'output_is_checkpoint'
+            else TOY_CONFIG, 'rb').read()
+    else:
+        assert _files(out_dir) == []  # no output, no temporary file
     if case in ('missing_checkpoint', 'malicious', 'verification_fails',
                 'postprocess_fails'):
         assert str(ckpt) in lines[0]
     if case == 'malicious':
         assert not (tmp_path / 'pwned').exists()
+
+
+@pytest.mark.parametrize('case', ['file_size_limit', 'full_disk'])
+def test_write_failure_names_the_output(case, models, tmp_path, capsys,
+                                        monkeypatch):
+    """A file system that refuses the write is one line naming OUTPUT,
+    never "OSError: File too large" alone or onnx's C++ message."""
+    import resource
+    out_dir = tmp_path / 'out'
+    out_dir.mkdir()
+    out = out_dir / 'model.onnx'
+    argv = [TOY_CONFIG, models['dir'] / 'train.pth', out, '--shape', '32',
+            '32']
+    if case == 'full_disk':  # onnx fails from C++ on a full file system
+        import collections
+
+        def enforce(path, *a, **k):
+            raise RuntimeError('[enforce fail at onnx/checker.cc:1] failed '
+                               'to read\n  second line')
+
+        statvfs = collections.namedtuple('statvfs', 'f_bavail f_frsize')
+        monkeypatch.setattr(onnx.checker, 'check_model', enforce)
+        monkeypatch.setattr(os, 'statvfs', lambda p: statvfs(0, 4096))
+        code, _, err = _run(argv, capsys)
+        expect = 'its file system is full'
+    else:  # the real OSError of torch's writer: [Errno 27] File too large
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**17, hard))
+        try:
+            code, _, err = _run(argv, capsys)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        expect = 'File too large'
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert lines == [f'error: {out}: cannot write it ({expect}); nothing '
+                     'written'], err
+    assert _files(out_dir) == []
 
 
 def test_end2end_toy(models, tmp_path, capsys):
