@@ -18,6 +18,7 @@ from mmengine.config import Config
 from mmrepvgg.utils import allow_cpu_distributed, cpu_model_wrapper_cfg
 from mmrepvgg.utils.cli import (CfgOptionsAction, ToolError, add_cli_args,
                                 error_message, merge_cfg_options, run_cli)
+from mmrepvgg.utils.quiet import process_rank
 
 
 def add_runner_args(parser: argparse.ArgumentParser) -> None:
@@ -45,14 +46,9 @@ def parse_runner_args(parser: argparse.ArgumentParser,
     return args
 
 
-def is_rank_zero() -> bool:
-    """Rank 0 of a distributed launch, or a single process."""
-    return os.environ.get('RANK', '0') in ('0', '')
-
-
 def warn(message: str) -> None:
     """Print ``warning: <message>`` on stderr, from rank 0 only."""
-    if is_rank_zero():
+    if process_rank() == 0:
         print(f'warning: {message}', file=sys.stderr, flush=True)
 
 
@@ -153,7 +149,7 @@ def resolve_resume(cfg: Config, resume: Optional[str],
         return None
     cfg.resume = True
     cfg.load_from = ckpt
-    if is_rank_zero():
+    if process_rank() == 0:
         print(f'resuming from {ckpt}', flush=True)
     return ckpt
 

@@ -44,6 +44,11 @@ def count_reparam_blocks(model: nn.Module) -> dict:
     return dict(total=total, deployed=deployed)
 
 
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def switch_to_deploy(model: nn.Module,
                      inplace: bool = False,
                      test_cfg: Optional[dict] = None,

@@ -26,13 +26,13 @@ tensors.
 """
 import copy
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from mmrepvgg.models.layers.repvgg_block import is_reparam_block
-from mmrepvgg.utils.cli import ToolError
+from mmrepvgg.utils.cli import ToolError, preview
 
 #: One float32 ulp at 1.0 (2**-23): no float32 result is expected closer.
 FP32_EPS = float(torch.finfo(torch.float32).eps)
@@ -51,12 +51,13 @@ class NonFiniteError(ToolError, ValueError):
     batch-norm variance); the message names the first offending key."""
 
 
-def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+def relative_error(reference, other) -> float:
     """``max|a - b| / max|a|`` in float64 (``max|a - b|`` when ``a`` is all
-    zero). Any NaN or infinity in either tensor gives ``inf``: a comparison
-    that could not be measured never reads as a match."""
-    ref = reference.detach().double()
-    oth = other.detach().double()
+    zero) of two tensors or arrays (numpy, or anything ``torch.as_tensor``
+    takes). Any NaN or infinity in either gives ``inf``: a comparison that
+    could not be measured never reads as a match."""
+    ref = torch.as_tensor(reference).detach().double()
+    oth = torch.as_tensor(other).detach().double()
     if ref.shape != oth.shape:
         raise ValueError(f'shapes differ: {tuple(ref.shape)} vs '
                          f'{tuple(oth.shape)}')
@@ -159,7 +160,7 @@ def judge_fp32(truth: Mapping[str, torch.Tensor],
     for what, d in (('reference', reference), ('candidate', candidate)):
         if list(d) != names:
             raise ValueError(f'{what} outputs differ from the truth: '
-                             f'{_preview(list(d))} vs {_preview(names)}')
+                             f'{preview(d, 4)} vs {preview(names, 4)}')
     if not names:
         raise ValueError('nothing to compare: no output tensors')
     check_finite(truth, 'float64 output of the reference form')
@@ -248,9 +249,3 @@ def describe(verdict: Mapping[str, Any], candidate: str = 'converted',
             f' at {verdict["worst"]}; the {reference} model\'s own float32 '
             f'error there {verdict["noise"]:.3g} (ratio '
             f'{verdict["ratio"]:.2f}; criterion: {verdict["criterion"]})')
-
-
-def _preview(keys: Iterable[str], n: int = 4) -> str:
-    keys = list(keys)
-    more = f' ... (+{len(keys) - n} more)' if len(keys) > n else ''
-    return ', '.join(keys[:n]) + more

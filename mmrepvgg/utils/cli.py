@@ -14,11 +14,12 @@ every rank) is reported by rank 0 only; an unexpected error of another rank
 is reported with its rank.
 """
 import argparse
-import os
 import signal
 import sys
 import threading
-from typing import Callable, NoReturn, Optional
+from typing import Callable, Iterable, NoReturn, Optional
+
+from .quiet import INTERRUPT_EXIT_CODE, process_rank
 
 
 class ToolError(Exception):
@@ -26,22 +27,20 @@ class ToolError(Exception):
     and is printed as the tool's single ``error: ...`` line."""
 
 
-#: Exit status of a tool stopped by Ctrl-C (128 + SIGINT).
-INTERRUPT_EXIT_CODE = 130
 #: Exit status of a command line that cannot be parsed (as argparse's).
 USAGE_EXIT_CODE = 2
 
 
-def _rank() -> int:
-    """This process's rank under torchrun/slurm launchers (0 otherwise)."""
-    try:
-        return int(os.environ.get('RANK', '0') or 0)
-    except ValueError:
-        return 0
-
-
 def _one_line(text: str) -> str:
     return ' '.join(text.split())
+
+
+def preview(items: Iterable, n: int = 6) -> str:
+    """The first ``n`` of ``items`` for a one-line message:
+    ``'a, b, c ... (+4 more)'``."""
+    items = [str(k) for k in items]
+    more = f' ... (+{len(items) - n} more)' if len(items) > n else ''
+    return ', '.join(items[:n]) + more
 
 
 def error_message(e: BaseException) -> str:
@@ -92,7 +91,7 @@ def run_cli(body: Callable[[], int],
     """
     import torch
     threads = torch.get_num_threads()
-    rank = _rank()
+    rank = process_rank()
     try:
         with _KeyboardInterruptAsException():
             return body()
@@ -121,14 +120,11 @@ class ToolArgumentParser(argparse.ArgumentParser):
     ``--help`` still prints the usage."""
 
     def error(self, message: str) -> NoReturn:
-        if _rank() == 0:
-            sys.stderr.write(f'error: {_one_line(message)} (see --help)\n')
-        sys.exit(USAGE_EXIT_CODE)
+        _exit_usage(f'{message} (see --help)')
 
 
-def _exit_usage(parser: Optional[argparse.ArgumentParser],
-                message: str) -> NoReturn:
-    if _rank() == 0:
+def _exit_usage(message: str) -> NoReturn:
+    if process_rank() == 0:
         sys.stderr.write(f'error: {_one_line(message)}\n')
     sys.exit(USAGE_EXIT_CODE)
 
@@ -152,16 +148,16 @@ class CfgOptionsAction(argparse.Action):
         for item in values:
             key, sep, raw = item.partition('=')
             if not sep or not key.strip():
-                _exit_usage(parser, f'{opt}: {item!r} is not key=value')
+                _exit_usage(f'{opt}: {item!r} is not key=value')
             if any(not part for part in key.split('.')):
-                _exit_usage(parser, f'{opt}: {item!r}: empty key component')
+                _exit_usage(f'{opt}: {item!r}: empty key component')
             if raw.count('[') != raw.count(']') or \
                     raw.count('(') != raw.count(')'):
-                _exit_usage(parser, f'{opt}: {item!r}: unbalanced brackets')
+                _exit_usage(f'{opt}: {item!r}: unbalanced brackets')
             try:
                 options[key] = DictAction._parse_iterable(raw)
             except Exception as e:  # asserts and ValueErrors of the parser
-                _exit_usage(parser, f'{opt}: cannot parse {item!r} '
+                _exit_usage(f'{opt}: cannot parse {item!r} '
                             f'({error_message(e)})')
         setattr(namespace, self.dest, options)
 

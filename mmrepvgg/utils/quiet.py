@@ -23,7 +23,8 @@ only when it runs as a program (not when tests import it)::
 (``ROOT`` = the repository; keep torch/mmengine/mmrepvgg imports after it,
 or inside functions.)
 
-While the tool's body runs, :func:`mmrepvgg.utils.cli.run_cli` switches
+While the tool's body runs, :func:`mmrepvgg.utils.cli.run_cli` (which takes
+:func:`process_rank` and :data:`INTERRUPT_EXIT_CODE` from here) switches
 Ctrl-C back to Python's ``KeyboardInterrupt`` (so partial outputs are cleaned
 up) and restores the handler installed here afterwards, for the exit phase.
 """
@@ -44,6 +45,16 @@ QUIET_WARNINGS = (
 INTERRUPT_EXIT_CODE = 130
 
 
+def process_rank() -> int:
+    """This process's rank under a distributed launcher (torchrun, slurm,
+    mpi: the ``RANK`` variable); 0 for a single process or an unreadable
+    value."""
+    try:
+        return int(os.environ.get('RANK', '0') or 0)
+    except ValueError:
+        return 0
+
+
 def silence_warnings() -> None:
     """Ignore :data:`QUIET_WARNINGS` (only those: other warnings still show).
 
@@ -55,10 +66,9 @@ def silence_warnings() -> None:
 
 def _exit_interrupted(signum=None, frame=None) -> None:
     """SIGINT handler outside a tool's body: one line, exit 130 at once."""
-    rank_zero = os.environ.get('RANK', '0') in ('0', '')
     for stream in (sys.stdout, sys.stderr):
         try:
-            if stream is sys.stderr and rank_zero:
+            if stream is sys.stderr and process_rank() == 0:
                 stream.write('error: interrupted\n')
             stream.flush()  # os._exit does not flush what was printed
         except Exception:  # a closed stream: still exit with the right code
