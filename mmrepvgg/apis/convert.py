@@ -5,11 +5,10 @@ re-parameterizable block, verify outputs of backbone, neck and heads on random
 inputs, and write the deploy checkpoint and its config atomically.
 """
 import copy
-import os
 import os.path as osp
 import time
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,12 +19,13 @@ from mmengine.structures import InstanceData
 from mmrepvgg.deploy import (count_reparam_blocks, load_checkpoint,
                              make_deploy_config, switch_to_deploy)
 from mmrepvgg.deploy.config import drop_pretrained, walk_dicts
-from mmrepvgg.deploy.switch import deepcopy_model
+from mmrepvgg.deploy.switch import count_params, deepcopy_model
 from mmrepvgg.deploy.verify import (BLOCK_FP64_TOL, NOISE_FACTOR,
                                     NonFiniteError, blockwise_fp64_error,
-                                    check_finite, describe, judge_fp32,
-                                    relative_error)
-from mmrepvgg.utils.cli import ToolError, merge_cfg_options
+                                    check_finite, describe, flatten_outputs,
+                                    judge_fp32, relative_error)
+from mmrepvgg.utils.cli import (ToolError, error_message, merge_cfg_options,
+                                preview)
 from mmrepvgg.utils.fileio import atomic_write_group, check_output_paths
 from mmrepvgg.version import __version__
 
@@ -38,39 +38,60 @@ class ConvertError(ToolError):
 
 
 # ----------------------------------------------------------------- loading
-def extract_state_dict(ckpt, path: str) -> Tuple[Dict[str, torch.Tensor],
-                                                 dict]:
-    """``(state_dict, meta)`` of a loaded checkpoint object."""
-    if not isinstance(ckpt, dict):
-        raise ConvertError(f'{path}: not a checkpoint (a {type(ckpt).__name__}'
-                           ', expected a dict with a state_dict)')
-    meta = ckpt.get('meta', {}) if isinstance(ckpt.get('meta'), dict) else {}
-    for key in ('state_dict', 'model'):
-        if isinstance(ckpt.get(key), dict):
-            sd = ckpt[key]
+def extract_state_dict(obj: Any, error: type = ConvertError
+                       ) -> Tuple['OrderedDict[str, torch.Tensor]', dict]:
+    """The flat state dict of a loaded checkpoint object.
+
+    Removes up to three ``state_dict`` / ``model`` wrappers and ``module.``
+    prefixes (DataParallel). Returns the state dict and what was removed,
+    ``dict(wrapper=[...], stripped_module_prefix=bool)``.
+
+    Raises:
+        error: ``obj`` holds no dict of tensors with string keys, or a key
+            appears both with and without ``module.``.
+    """
+    how = dict(wrapper=[], stripped_module_prefix=False)
+    while True:
+        if not isinstance(obj, dict):
+            raise error(
+                f'not a checkpoint: a {type(obj).__name__}, expected a dict '
+                'of tensors (or a dict with "state_dict" / "model")')
+        if not obj:
+            raise error('empty state dict')
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
             break
-    else:
-        sd = ckpt
-    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ConvertError(f'{path}: no state_dict of tensors found (keys: '
-                           f'{_preview([str(k) for k in ckpt])})')
-    check_tensors(sd, path)
-    if all(k.startswith('module.') for k in sd):
-        sd = OrderedDict((k[len('module.'):], v) for k, v in sd.items())
-    return sd, meta
+        key = next((k for k in ('state_dict', 'model')
+                    if isinstance(obj.get(k), dict)), None)
+        if key is None or len(how['wrapper']) >= 3:
+            raise error('no state dict of tensors found; non-tensor entries: '
+                        + preview(f'{k} ({type(v).__name__})'
+                                  for k, v in obj.items()
+                                  if not isinstance(v, torch.Tensor)))
+        how['wrapper'].append(key)
+        obj = obj[key]
+    sd: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            raise error(f'state dict key {k!r} is not a str')
+        name = k
+        while name.startswith('module.'):
+            name = name[len('module.'):]
+            how['stripped_module_prefix'] = True
+        if name in sd:
+            raise error(f'key {name} appears twice (with and without '
+                        '"module.")')
+        sd[name] = v
+    return sd, how
 
 
 def check_tensors(sd: Dict[str, torch.Tensor], path: str) -> None:
-    """Refuse state dicts that cannot hold trained weights: non-string keys,
-    sparse/meta/complex tensors, NaN or Inf values, negative variances.
+    """Refuse state dicts that cannot hold trained weights: sparse, meta or
+    complex tensors, NaN or Inf values, negative variances.
 
     Raises:
         ConvertError / NonFiniteError: naming ``path`` and the first key.
     """
     for k, v in sd.items():
-        if not isinstance(k, str):
-            raise ConvertError(f'{path}: state_dict key {k!r} is a '
-                               f'{type(k).__name__}, expected str')
         if v.layout != torch.strided:
             raise ConvertError(f'{path}: {k} is a {v.layout} tensor; '
                                'expected a dense tensor')
@@ -90,7 +111,13 @@ def read_state_dict(path: str, unsafe_load: bool = False
         CheckpointError / ConvertError: naming ``path``.
     """
     ckpt = load_checkpoint(path, map_location='cpu', unsafe=unsafe_load)
-    return extract_state_dict(ckpt, path)
+    try:
+        sd, _ = extract_state_dict(ckpt)
+    except ConvertError as e:
+        raise ConvertError(f'{path}: {e}') from None
+    check_tensors(sd, path)
+    meta = ckpt.get('meta')
+    return sd, meta if isinstance(meta, dict) else {}
 
 
 def is_deploy_state_dict(sd: Dict[str, torch.Tensor]) -> bool:
@@ -100,20 +127,14 @@ def is_deploy_state_dict(sd: Dict[str, torch.Tensor]) -> bool:
             and not any('.branch_3x3.' in k for k in keys))
 
 
-def _preview(keys: Sequence[str], n: int = 6) -> str:
-    keys = list(keys)
-    more = f' ... (+{len(keys) - n} more)' if len(keys) > n else ''
-    return ', '.join(keys[:n]) + more
-
-
 def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
     if not osp.isfile(path):
         raise ConvertError(f'{path}: config file does not exist')
     try:
         cfg = Config.fromfile(path)
     except Exception as e:  # syntax errors, missing _base_, bad imports
-        raise ConvertError(f'{path}: cannot load config ({type(e).__name__}: '
-                           f'{str(e).splitlines()[0] if str(e) else ""})')
+        raise ConvertError(f'{path}: cannot load config '
+                           f'({error_message(e)})') from None
     merge_cfg_options(cfg, cfg_options)
     if 'model' not in cfg:
         raise ConvertError(f'{path}: config has no "model"')
@@ -140,11 +161,11 @@ def key_mismatch(own: Dict[str, torch.Tensor],
         getattr(sd[k], 'shape', ()))]
     parts = []
     if missing:
-        parts.append(f'missing keys: {_preview(missing)}')
+        parts.append(f'missing keys: {preview(missing)}')
     if unexpected:
-        parts.append(f'unexpected keys: {_preview(unexpected)}')
+        parts.append(f'unexpected keys: {preview(unexpected)}')
     if shape:
-        parts.append('shape mismatch: ' + _preview(
+        parts.append('shape mismatch: ' + preview(
             [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}'
              for k in shape]))
     return missing, unexpected, shape, '; '.join(parts)
@@ -198,17 +219,6 @@ def make_inputs(shape: Tuple[int, int], batch: int = 1, seed: int = 0,
     return x, samples
 
 
-def _flatten(prefix: str, obj, out: Dict[str, torch.Tensor]) -> None:
-    if isinstance(obj, torch.Tensor):
-        out[prefix] = obj
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _flatten(f'{prefix}.{i}', v, out)
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _flatten(f'{prefix}.{k}', v, out)
-
-
 def _random_proposals(shape, batch, n=64, seed=0, device='cpu',
                       dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
@@ -228,24 +238,23 @@ def _random_proposals(shape, batch, n=64, seed=0, device='cpu',
 def collect_outputs(model: nn.Module, x: torch.Tensor,
                     samples: list) -> Dict[str, torch.Tensor]:
     """Every tensor produced by backbone, neck and heads, by name."""
-    out: Dict[str, torch.Tensor] = OrderedDict()
     if not hasattr(model, 'backbone'):
-        _flatten('output', model(x), out)
-        return out
+        return flatten_outputs(model(x))
     feats = model.backbone(x)
-    _flatten('backbone', feats, out)
+    out = flatten_outputs(feats, 'backbone')
     if getattr(model, 'neck', None) is not None:
         feats = model.neck(feats)
-        _flatten('neck', feats, out)
+        out.update(flatten_outputs(feats, 'neck'))
     for name in ('bbox_head', 'rpn_head'):
         head = getattr(model, name, None)
         if head is not None:
-            _flatten(name, head(feats), out)
+            out.update(flatten_outputs(head(feats), name))
     roi_head = getattr(model, 'roi_head', None)
     if roi_head is not None:
         proposals = _random_proposals(x.shape[2:], x.shape[0],
                                       device=x.device, dtype=x.dtype)
-        _flatten('roi_head', roi_head.forward(feats, proposals, samples), out)
+        out.update(flatten_outputs(
+            roi_head.forward(feats, proposals, samples), 'roi_head'))
     return out
 
 
@@ -257,7 +266,7 @@ def compare_outputs(ref: Dict[str, torch.Tensor],
     non-finite counts as an infinite difference, never as a match."""
     if list(ref) != list(new):
         raise ConvertError('outputs differ: '
-                           f'{_preview(list(ref))} vs {_preview(list(new))}')
+                           f'{preview(list(ref))} vs {preview(list(new))}')
     worst = dict(max_abs=0.0, max_rel=0.0, worst='', num_outputs=len(ref))
     for k, a in ref.items():
         b = new[k]
@@ -303,7 +312,7 @@ def verify_models(model: nn.Module, fused: nn.Module, x: torch.Tensor,
     new = collect_outputs(fused, x, samples)
     if list(ref) != list(new):
         raise ConvertError('converted model produces different outputs: '
-                           f'{_preview(list(ref))} vs {_preview(list(new))}')
+                           f'{preview(list(ref))} vs {preview(list(new))}')
     for k, a in ref.items():
         if a.shape != new[k].shape:
             raise ConvertError(f'output {k} changed shape: {tuple(a.shape)} '
@@ -330,10 +339,6 @@ def verify_models(model: nn.Module, fused: nn.Module, x: torch.Tensor,
 # ------------------------------------------------------------------ summary
 def count_convs(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()

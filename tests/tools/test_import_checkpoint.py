@@ -638,7 +638,7 @@ def test_refuses_qarepvgg_checkpoint(tmp_path, capsys, layout, deploy, key):
 
 
 def test_repvgg_checkpoints_are_not_taken_for_qarepvgg(a0):
-    from mmrepvgg.apis.import_checkpoint import qarepvgg_evidence
+    from mmrepvgg.apis.import_formats import qarepvgg_evidence
     for fmt in LAYOUTS:
         for model in a0:
             assert qarepvgg_evidence(list(to_source(model, fmt))) is None, fmt
