@@ -75,7 +75,7 @@ def fusion_errors(model: nn.Module, x: torch.Tensor) -> dict:
 
     * ``block_fp64``: worst block, each block fed its real input from the
       network and evaluated in float64 before and after fusing: the
-      exactness of the fusion maths (about 1e-15);
+      exactness of the fusion maths (float64 rounding, docs/exactness.md);
     * ``model_fp32``: the deploy form in float32 vs the truth;
     * ``floor_fp32``: the training form in float32 vs the truth: the
       network's own float32 rounding noise on this CPU and thread count;

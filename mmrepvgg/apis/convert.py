@@ -258,21 +258,29 @@ def collect_outputs(model: nn.Module, x: torch.Tensor,
     return out
 
 
+def _check_same_outputs(ref: Dict[str, torch.Tensor],
+                        new: Dict[str, torch.Tensor],
+                        what: str = 'outputs differ') -> None:
+    """Raise :class:`ConvertError` unless both have the same names and
+    shapes."""
+    if list(ref) != list(new):
+        raise ConvertError(f'{what}: {preview(ref)} vs {preview(new)}')
+    for k, a in ref.items():
+        if a.shape != new[k].shape:
+            raise ConvertError(f'output {k} changed shape: {tuple(a.shape)} '
+                               f'-> {tuple(new[k].shape)}')
+
+
 def compare_outputs(ref: Dict[str, torch.Tensor],
                     new: Dict[str, torch.Tensor]) -> dict:
     """Largest absolute and relative (``max|a-b| / max|a|``) differences
     between two sets of outputs, for checks that expect identical results
     (a fused model vs a deploy-built twin holding its weights). Anything
     non-finite counts as an infinite difference, never as a match."""
-    if list(ref) != list(new):
-        raise ConvertError('outputs differ: '
-                           f'{preview(list(ref))} vs {preview(list(new))}')
+    _check_same_outputs(ref, new)
     worst = dict(max_abs=0.0, max_rel=0.0, worst='', num_outputs=len(ref))
     for k, a in ref.items():
         b = new[k]
-        if a.shape != b.shape:
-            raise ConvertError(f'output {k} changed shape: {tuple(a.shape)} '
-                               f'-> {tuple(b.shape)}')
         rel = relative_error(a, b)
         diff = (a.double() - b.double()).abs().max().item() \
             if a.numel() else 0.0
@@ -310,13 +318,8 @@ def verify_models(model: nn.Module, fused: nn.Module, x: torch.Tensor,
             'ref', collect_outputs(model, x, samples)))
     ref = outs['ref']
     new = collect_outputs(fused, x, samples)
-    if list(ref) != list(new):
-        raise ConvertError('converted model produces different outputs: '
-                           f'{preview(list(ref))} vs {preview(list(new))}')
-    for k, a in ref.items():
-        if a.shape != new[k].shape:
-            raise ConvertError(f'output {k} changed shape: {tuple(a.shape)} '
-                               f'-> {tuple(new[k].shape)}')
+    _check_same_outputs(ref, new,
+                        'converted model produces different outputs')
     if x.dtype != torch.float32:
         raise ConvertError(f'verification runs in float32, got {x.dtype}')
     truth = collect_outputs(deepcopy_model(model).double(), x.double(),

@@ -7,19 +7,20 @@ kernels sum in different orders) and on the thread count. What does not
 depend on the machine is the *ratio* between two float32 errors measured in
 the same run against the same float64 truth:
 
-* ``truth``: the training form evaluated in float64 (exact to ~1e-15);
+* ``truth``: the training form evaluated in float64 (exact far beyond
+  float32);
 * ``noise``: the training form in float32 vs ``truth``: how much float32
   rounding alone moves this network's output on this machine;
 * ``error``: the candidate (deploy form, ONNX graph, ...) in float32 vs
   ``truth``.
 
 A correct candidate is one more float32 evaluation of the same function, so
-its error is of the order of the noise (measured ratios 0.5-2); a wrong
-kernel or bias moves the output by orders of magnitude more. The check
-therefore is ``error <= factor * max(noise, FP32_EPS)`` per output tensor,
-with :data:`NOISE_FACTOR` as the default factor. ``FP32_EPS`` (one float32
-ulp at 1.0) keeps a network whose float32 output happens to be exact from
-demanding an exact candidate.
+its error is of the order of the noise (measured ratios in
+``docs/exactness.md``); a wrong kernel or bias moves the output by orders of
+magnitude more. The check therefore is ``error <= factor * max(noise,
+FP32_EPS)`` per output tensor, with :data:`NOISE_FACTOR` as the default
+factor. ``FP32_EPS`` (one float32 ulp at 1.0) keeps a network whose float32
+output happens to be exact from demanding an exact candidate.
 
 Nothing here imports mmdet; every function takes plain tensors or dicts of
 tensors.
@@ -37,8 +38,9 @@ from mmrepvgg.utils.cli import ToolError, preview
 #: One float32 ulp at 1.0 (2**-23): no float32 result is expected closer.
 FP32_EPS = float(torch.finfo(torch.float32).eps)
 
-#: Bound on a single block's fusion error in float64 (the maths is exact to
-#: ~1e-15; any wrong kernel or bias is orders of magnitude above this).
+#: Bound on a single block's fusion error in float64: far above the
+#: rounding of the float64 maths (docs/exactness.md), far below the effect
+#: of any wrong kernel or bias.
 BLOCK_FP64_TOL = 1e-9
 
 #: Default allowed ratio of a candidate's float32 error to the reference
