@@ -34,7 +34,7 @@ class QARepVGGBlock(RepBlockBase):
     the 1x1 and identity branches and controls the variance of the sum with
     ``post_norm``. The paper reports that post-training INT8 quantization
     ruins RepVGG's ImageNet accuracy and barely moves QARepVGG's (figures in
-    ``docs/architecture.md``).
+    ``docs/qarepvgg.md``).
 
     Design decisions (implementations differ):
 
