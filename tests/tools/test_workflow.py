@@ -91,11 +91,13 @@ def test_dist_train_two_processes_gloo(toy_trained):
     assert len(det) == 8 and 'Epoch(test)' in log
 
 
-def test_real_runner_checkpoint_loads_only_with_the_allowlist(toy_trained):
-    """A checkpoint written by mmengine's runner needs exactly our
-    allowlist: plain torch.load(weights_only=True) refuses it, also after
-    ``import mmrepvgg`` (the allowlist is scoped), and it loads inside
-    ``safe_loading()``, with weights_only still on."""
+def test_real_runner_checkpoint_loads_only_through_safe_loading(
+        toy_trained):
+    """A checkpoint written by mmengine's runner: plain
+    torch.load(weights_only=True) refuses it, also after ``import
+    mmrepvgg`` (nothing process-wide is registered); inside
+    ``safe_loading()`` mmengine's own loader reads it through mmrepvgg's
+    restricted unpickler, message hub included."""
     ckpt = str(toy_trained['ckpt'])
     code = ('import torch, pickle, sys\n'
             'import mmrepvgg\n'
@@ -108,10 +110,11 @@ def test_real_runner_checkpoint_loads_only_with_the_allowlist(toy_trained):
     assert 'REFUSED' in proc.stdout, proc.stdout + proc.stderr
 
     from mmengine.logging import HistoryBuffer
+    from mmengine.runner.checkpoint import CheckpointLoader
 
     from mmrepvgg.deploy import safe_loading
     with safe_loading():
-        obj = torch.load(ckpt, weights_only=True)
+        obj = CheckpointLoader.load_checkpoint(ckpt, map_location='cpu')
     scalars = obj['message_hub']['log_scalars']
     assert scalars and all(
         isinstance(v, HistoryBuffer) for v in scalars.values())
