@@ -22,10 +22,7 @@ RANK['version'] = RANK['utils']
 
 #: Known upward imports, ``(importing module, imported module prefix)``,
 #: each waiting for the change that removes it.
-KNOWN_UPWARD = {
-    # export -> benchmark: removed by the timing refactor
-    ('mmrepvgg.export.quantize', 'mmrepvgg.benchmark'),
-}
+KNOWN_UPWARD = set()
 
 
 def _modules():

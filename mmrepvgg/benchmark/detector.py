@@ -2,7 +2,7 @@
 config's test set and end-to-end latency (preprocessed batch in, detections
 out) of the PyTorch training form, the PyTorch deploy form (float32 and
 bfloat16) and exported onnxruntime graphs (FP32, INT8), timed in the same
-rounds with the benchmark's method (:mod:`.timing`); and a picture of the
+rounds (:func:`mmrepvgg.utils.timing.measure`); and a picture of the
 detections of two forms side by side (:func:`side_by_side`).
 
 The bfloat16 form (:func:`to_bf16_detector`) runs backbone, neck and head
@@ -10,15 +10,13 @@ convolutions in bfloat16 and the post-processing (decoding, NMS) in float32,
 like the INT8 graph does.
 """
 import copy
-import statistics
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .timing import (LoadProbe, classify_rounds, ratio_stats, select_rounds,
-                     time_interleaved)
+from mmrepvgg.utils.timing import measure
 
 
 def _to_float32(outs):
@@ -103,37 +101,6 @@ def onnx_fn(path: str, feed: Mapping[str, np.ndarray],
     return lambda: sess.run(None, feed)
 
 
-def time_forms(fns: Mapping[str, Callable[[], object]],
-               repeats: int = 20,
-               warmup: int = 3,
-               settle: int = 1,
-               threads: Optional[int] = None) -> dict:
-    """Median latency of each form and the median per-round ratio of the
-    first form to each (its speed-up), timed interleaved with disturbed
-    rounds dropped (see :mod:`.timing`).
-
-    Returns:
-        dict: ``latency_ms``, ``speedup`` (first form / form, median of
-        per-round ratios), ``rounds``, ``dropped``, ``busy``.
-    """
-    probe = LoadProbe()
-    res = time_interleaved(dict(fns), repeats, warmup, settle=settle,
-                           probe=probe)
-    reasons = classify_rounds(res['rounds'],
-                              threads or torch.get_num_threads(),
-                              probe.ncpu, tick=probe.tick)
-    kept, busy = select_rounds(reasons)
-    times = res['times']
-    first = next(iter(fns))
-    return dict(
-        latency_ms={k: 1e3 * statistics.median(v[i] for i in kept)
-                    for k, v in times.items()},
-        speedup={k: ratio_stats(times[first], v, kept)['median']
-                 for k, v in times.items()},
-        rounds=len(reasons), dropped=sum(bool(r) for r in reasons),
-        busy=busy)
-
-
 def format_summary(rows: Sequence[dict], title: str = '') -> str:
     """The demo's one table: form | toy-val mAP | latency | speed-up.
 
@@ -192,7 +159,7 @@ def demo_summary(cfg,
 
     Returns:
         dict: ``rows`` (for :func:`format_summary`), ``table`` (text),
-        ``timing`` (:func:`time_forms`), ``shape``.
+        ``timing`` (:class:`~mmrepvgg.utils.timing.Timing`), ``shape``.
     """
     from mmengine.dataset import pseudo_collate
 
@@ -226,14 +193,15 @@ def demo_summary(cfg,
             maps['PyTorch deploy bf16'] = metrics.get('coco/bbox_mAP')
     for name, path in onnx_files.items():
         fns[name] = onnx_fn(path, feed, threads)
-    timing = time_forms(fns, repeats, warmup, threads=threads)
-    rows = [dict(form=k, map=maps.get(k), latency_ms=timing['latency_ms'][k],
-                 speedup=timing['speedup'][k]) for k in fns]
+    timing = measure(fns, repeats, warmup,
+                     threads=threads or torch.get_num_threads())
+    first = next(iter(fns))
+    rows = [dict(form=k, map=maps.get(k), latency_ms=1e3 * timing.median(k),
+                 speedup=timing.ratio(first, k)['median']) for k in fns]
     shape = tuple(x.shape)
-    used = timing['rounds'] - (0 if timing['busy'] else timing['dropped'])
     title = (f'input {"x".join(map(str, shape))}, '
-             f'{torch.get_num_threads()} PyTorch threads; median of {used} '
-             'rounds' + (' (busy machine)' if timing['busy'] else ''))
+             f'{torch.get_num_threads()} PyTorch threads; '
+             f'{timing.describe()}')
     return dict(rows=rows, table=format_summary(rows, title), timing=timing,
                 shape=shape)
 

@@ -19,8 +19,7 @@ from .options import (DEFAULT_FORMS, MAX_BATCH, ORT_FORMS, BenchmarkError,
                       check_device_options, parse_forms)
 from .reference import (build_forms, count_params, float32_noise,
                         judge_form, lossy_error)
-from .timing import (LoadProbe, classify_rounds, predecessor_effect,
-                     ratio_stats, select_rounds, time_interleaved)
+from mmrepvgg.utils.timing import measure, predecessor_effect
 
 #: Ratios reported when both forms ran: ``(numerator, denominator)``.
 RATIO_PAIRS = (('deploy', 'reference'), ('training', 'deploy'),
@@ -261,45 +260,37 @@ def bench_row(calls: Dict[str, nn.Module],
             fns[form] = ort.callable(
                 form, x.float().cpu().contiguous().numpy())
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' \
-        else (lambda: None)
-    probe = LoadProbe()
-    with torch.inference_mode():
-        res = time_interleaved(fns, repeats, warmup, settle=settle,
-                               order=order, sync=sync, probe=probe)
+        else None
     threads = torch.get_num_threads() if dev.type == 'cpu' else 1
-    reasons = classify_rounds(res['rounds'], threads, probe.ncpu,
-                              tolerance=tolerance, tick=probe.tick)
-    kept, busy = select_rounds(reasons)
-    times = res['times']
-    lat = {k: statistics.median(v[i] for i in kept) for k, v in times.items()}
-    ratios = {}
-    for a, b in RATIO_PAIRS:
-        if a in times and b in times:
-            ratios[ratio_name(a, b)] = ratio_stats(times[a], times[b], kept)
+    with torch.inference_mode():
+        t = measure(fns, repeats, warmup, settle=settle, order=order,
+                    sync=sync, threads=threads, tolerance=tolerance)
+    lat = {k: t.median(k) for k in t.times}
+    ratios = {ratio_name(a, b): t.ratio(a, b) for a, b in RATIO_PAIRS
+              if a in t.times and b in t.times}
     peak = {}
     for form in forms:
         if form in calls:
             peak[form] = peak_activation_bytes(calls[form], xs[form])
         else:
             peak[form] = None
-    others = [r['others_cpu'] / r['wall'] for r in res['rounds']
+    others = [r['others_cpu'] / r['wall'] for r in t.rounds
               if r['others_cpu'] is not None and r['wall'] > 0]
     return dict(
         height=hw[0], width=hw[1], batch=batch, forms=list(forms),
         latency_ms={k: v * 1e3 for k, v in lat.items()},
         throughput={k: batch / v for k, v in lat.items()},
         ratios=ratios, peak_bytes=peak,
-        rounds=dict(total=len(reasons), kept=len(kept),
-                    dropped=sum(bool(r) for r in reasons), busy=busy,
-                    reasons=reasons,
+        rounds=dict(total=len(t.reasons), kept=len(t.kept),
+                    dropped=t.disturbed, busy=t.busy, reasons=t.reasons,
                     own_cores=[r['own_cpu'] / r['wall'] if r['wall'] else 0
-                               for r in res['rounds']],
+                               for r in t.rounds],
                     others_cores_median=statistics.median(others)
                     if others else None),
-        order_effect=predecessor_effect(times, res['orders'], kept),
+        order_effect=predecessor_effect(t.times, t.orders, t.kept),
         settle=settle, order=order, threads=threads,
-        times_ms={k: [t * 1e3 for t in v] for k, v in times.items()},
-        orders=[list(o) for o in res['orders']])
+        times_ms={k: [x * 1e3 for x in v] for k, v in t.times.items()},
+        orders=[list(o) for o in t.orders])
 
 
 def _dtype(model: nn.Module) -> torch.dtype:

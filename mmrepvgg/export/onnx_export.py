@@ -516,14 +516,13 @@ def export_onnx(cfg: Config,
 
 def _bench(fns: dict, repeats: int, warmup: int, x: torch.Tensor,
            shape: tuple) -> dict:
+    from mmrepvgg.utils.timing import measure
     sync = torch.cuda.synchronize if x.is_cuda else None
     with torch.inference_mode():
-        t = runtime.time_interleaved(fns, repeats, warmup, sync)
-    names = list(fns)
-    return dict(median=t['median'], names=names, repeats=repeats,
-                shape=shape,
-                ratio=runtime.median_ratio(t['samples'], names[-1],
-                                           names[0]))
+        t = measure(fns, repeats, warmup, sync=sync)
+    return dict(median={k: t.median(k) for k in fns}, names=list(fns),
+                repeats=repeats, shape=shape,
+                ratio=t.ratio('onnxruntime', 'pytorch')['median'])
 
 
 def _export_end2end(model, cfg, config_path, checkpoint, output, inputs,

@@ -1065,11 +1065,7 @@ def time_sessions(paths: Mapping[str, str],
         per-round ratios to the first graph), ``rounds``, ``dropped``,
         ``busy`` and ``shape``.
     """
-    import statistics
-
-    from mmrepvgg.benchmark.timing import (LoadProbe, classify_rounds,
-                                           ratio_stats, select_rounds,
-                                           time_interleaved)
+    from mmrepvgg.utils.timing import measure
     from .runtime import input_names, make_session
     fns = {}
     shape = None
@@ -1078,20 +1074,12 @@ def time_sessions(paths: Mapping[str, str],
         (f, ) = _as_feeds([feed], input_names(sess))
         shape = tuple(next(iter(f.values())).shape)
         fns[name] = (lambda s=sess, f=f: s.run(None, f))
-    probe = LoadProbe()
-    res = time_interleaved(fns, repeats, warmup, settle=1, probe=probe)
-    reasons = classify_rounds(res['rounds'], threads or probe.ncpu,
-                              probe.ncpu, tick=probe.tick)
-    kept, busy = select_rounds(reasons)
+    t = measure(fns, repeats, warmup, threads=threads)
     first = next(iter(paths))
-    times = res['times']
-    return dict(
-        latency_ms={k: 1e3 * statistics.median(v[i] for i in kept)
-                    for k, v in times.items()},
-        ratio={k: ratio_stats(times[k], times[first], kept)['median']
-               for k in times},
-        rounds=len(reasons), dropped=sum(bool(r) for r in reasons),
-        busy=busy, shape=shape)
+    return dict(latency_ms={k: 1e3 * t.median(k) for k in t.times},
+                ratio={k: t.ratio(k, first)['median'] for k in t.times},
+                rounds=len(t.reasons), dropped=t.disturbed, busy=t.busy,
+                shape=shape)
 
 
 def quantize_checkpoint(cfg,

@@ -1,13 +1,11 @@
-"""onnxruntime sessions, runs and interleaved timing.
+"""onnxruntime sessions and runs.
 
 Reusable by every exported form (FP32, INT8, end-to-end detectors): nothing
 here knows about mmdet.
 """
 import os
 import stat
-import statistics
-import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -139,50 +137,6 @@ def run_onnx(session, x: np.ndarray, **extra: np.ndarray
              ) -> List[np.ndarray]:
     """Run a graph whose image input is named ``input``."""
     return run(session, dict(input=x, **extra))
-
-
-def time_interleaved(fns: Mapping[str, Callable[[], object]],
-                     repeats: int = 20,
-                     warmup: int = 3,
-                     sync: Optional[Callable[[], None]] = None) -> dict:
-    """Median seconds of each callable, run interleaved so that machine load
-    affects all alike; the order is reversed every other round (A B C, C B
-    A, ...), so that no callable always runs right after the same other one
-    (a callable timed after onnxruntime ran a few per cent slower here).
-
-    Args:
-        fns: name -> callable, timed in this order (reversed on odd
-            rounds).
-        repeats (int): timed rounds.
-        warmup (int): untimed rounds first.
-        sync (callable, optional): called before and after every timed call
-            (e.g. ``torch.cuda.synchronize``).
-
-    Returns:
-        dict: ``median`` (name -> seconds), ``samples`` (name -> list),
-        ``repeats``.
-    """
-    if repeats < 1 or warmup < 0:
-        raise ToolError('repeats must be >= 1 and warmup >= 0')
-    samples: Dict[str, List[float]] = {k: [] for k in fns}
-    order = list(fns.items())
-    for i in range(warmup + repeats):
-        for name, fn in (order if i % 2 == 0 else order[::-1]):
-            if sync:
-                sync()
-            t0 = time.perf_counter()
-            fn()
-            if sync:
-                sync()
-            if i >= warmup:
-                samples[name].append(time.perf_counter() - t0)
-    return dict(median={k: statistics.median(v) for k, v in samples.items()},
-                samples=samples, repeats=repeats)
-
-
-def median_ratio(samples: Mapping[str, List[float]], a: str, b: str) -> float:
-    """Median over rounds of ``time(a) / time(b)``."""
-    return statistics.median(x / y for x, y in zip(samples[a], samples[b]))
 
 
 def _first_line(e: BaseException) -> str:

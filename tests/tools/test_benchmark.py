@@ -1,7 +1,6 @@
 """tools/benchmark.py and mmrepvgg.benchmark: tiny in-process runs, the
-reference builder, the equivalence check, the timing method (schedule,
-settle calls, disturbed rounds) and bad options (no speed assertion)."""
-import itertools
+reference builder, the equivalence check and bad options (no speed
+assertion; the timing method is tested in tests/utils/test_timing.py)."""
 import json
 import os
 
@@ -11,7 +10,6 @@ import torch.nn as nn
 from _toolkit import load_tool
 
 from mmrepvgg import benchmark as bm
-from mmrepvgg.benchmark import timing
 from mmrepvgg.testing import relative_error
 
 bench_tool = load_tool('benchmark')
@@ -198,13 +196,6 @@ def test_peak_memory_counts_the_activations():
     assert peak < 100 * 2**20
 
 
-def test_ratios():
-    assert bm.paired_ratio([2, 20, 4], [1, 10, 4]) == 2
-    assert bm.paired_ratio([2, 20, 4, 9], [1, 10, 4, 1], keep=[0, 2]) == 1.5
-    s = bm.ratio_stats([1, 2, 3, 4, 5], [1, 1, 1, 1, 1])
-    assert (s['median'], s['q1'], s['q3'], s['n']) == (3, 2, 4, 5)
-
-
 @pytest.mark.parametrize('argv,expect', [
     (['--half'], '--half (form deploy-fp16) needs --device cuda'),
     (['--device', 'cuda:0'] if not torch.cuda.is_available() else
@@ -251,88 +242,6 @@ def test_bad_options_exit_1_with_one_line(argv, expect, tmp_path, capsys):
     assert not out_dir.exists()
 
 
-@pytest.mark.parametrize('n', [2, 3, 4, 5, 6])
-def test_balanced_schedule_is_a_williams_design(n):
-    names = [f'f{i}' for i in range(n)]
-    schedule = bm.balanced_schedule(names)
-    assert len(schedule) == (n if n % 2 == 0 else 2 * n)
-    assert all(sorted(o) == names for o in schedule)
-    # every form at every position equally often
-    for pos in range(n):
-        counts = {f: sum(o[pos] == f for o in schedule) for f in names}
-        assert len(set(counts.values())) == 1
-    # within rounds, every form right after every other form equally often
-    pairs = [(o[i - 1], o[i]) for o in schedule for i in range(1, n)]
-    counts = {(a, b): pairs.count((a, b)) for a in names for b in names
-              if a != b}
-    assert len(set(counts.values())) == 1 and min(counts.values()) >= 1
-    if n == 3:
-        assert sorted(schedule) == sorted(itertools.permutations(names))
-
-
-def test_interleaving_with_settle_calls():
-    forms = ('training', 'deploy', 'reference')
-    schedule = bm.balanced_schedule(forms)
-    calls = []
-    fns = {k: (lambda k=k: calls.append(k)) for k in forms}
-    res = bm.time_interleaved(fns, repeats=7, warmup=2, settle=1)
-    assert {k: len(v) for k, v in res['times'].items()} == dict.fromkeys(
-        forms, 7)
-    assert len(res['rounds']) == 7 and res['orders'][:6] == schedule
-    # warm-up rounds, then timed rounds from the schedule's start, every
-    # timed call right after an untimed call of the same form
-    expect = [n for i in range(2) for n in schedule[i]]
-    expect += [n for i in range(7) for n in schedule[i % 6] for _ in (0, 1)]
-    assert calls == expect
-    calls.clear()
-    res = bm.time_interleaved(fns, repeats=5, warmup=0, settle=0,
-                              order='random', seed=3)
-    assert calls == [n for o in res['orders'] for n in o]
-    assert res['orders'] == bm.round_orders(forms, 5, 'random', seed=3)
-    assert all(sorted(o) == sorted(forms) for o in res['orders'])
-
-
-def _round(total, others=0.0, wall=None):
-    return dict(total=total, wall=wall or total, own_cpu=2 * total,
-                others_cpu=others)
-
-
-def test_disturbed_rounds_are_detected_and_dropped():
-    rounds = [_round(1.0), _round(1.02), _round(0.99), _round(1.4),
-              _round(1.01, others=0.6), _round(1.0, others=0.01)]
-    reasons = bm.classify_rounds(rounds, threads=2, ncpu=2)
-    assert reasons[0] == reasons[1] == reasons[2] == reasons[5] == ''
-    assert reasons[3].startswith('slow round +')
-    assert reasons[4] == 'other load 0.6 cores'
-    kept, busy = bm.select_rounds(reasons)
-    assert kept == [0, 1, 2, 5] and not busy
-    # a free core absorbs one other process
-    assert bm.classify_rounds([_round(1.0, others=0.6)], threads=1,
-                              ncpu=2) == ['']
-    # more than half disturbed: everything kept, flagged busy
-    kept, busy = bm.select_rounds(['', 'slow', 'slow'])
-    assert kept == [0, 1, 2] and busy
-    # one contended round cannot move the ratio
-    a = [1.0, 1.0, 1.0, 1.0, 5.0]
-    b = [2.0, 2.0, 2.0, 2.0, 2.0]
-    rs = [_round(x + y) for x, y in zip(a, b)]
-    kept, _ = bm.select_rounds(bm.classify_rounds(rs, 2, 2))
-    assert kept == [0, 1, 2, 3]
-    assert bm.paired_ratio(a, b, kept) == 0.5
-
-
-def test_load_probe_measures_this_process():
-    probe = timing.LoadProbe()
-    w0, c0, b0 = probe.sample()
-    x = 0
-    for i in range(200000):
-        x += i * i
-    w1, c1, b1 = probe.sample()
-    assert w1 > w0 and c1 > c0
-    if b0 is not None:
-        assert b1 >= b0
-
-
 def test_detector_forms_summary(toy_workspace, monkeypatch):
     """The demo's summary helpers: a bfloat16 toy detector predicts like
     the float32 one (boxes in float32), forms are timed together."""
@@ -359,13 +268,6 @@ def test_detector_forms_summary(toy_workspace, monkeypatch):
         assert relative_error(a, b) < 0.1  # bfloat16: 8-bit mantissa
     metrics = det.evaluate_model(cfg, m16)
     assert 0 <= metrics['coco/bbox_mAP'] <= 1
-    calls = []
-    timing = det.time_forms({'a': lambda: calls.append('a'),
-                             'b': lambda: calls.append('b')}, repeats=3,
-                            warmup=1)
-    assert len(calls) == 2 * (1 + 3 * 2)  # warm-up, then settle + timed
-    assert set(timing['speedup']) == {'a', 'b'}
-    assert timing['speedup']['a'] == 1.0
     table = det.format_summary([
         dict(form='PyTorch training', map=0.5, latency_ms=10.0, speedup=1.0),
         dict(form='ONNX INT8', map=None, latency_ms=2.5, speedup=4.0)],
@@ -376,17 +278,15 @@ def test_detector_forms_summary(toy_workspace, monkeypatch):
         '| ONNX INT8 | n/a | 2.50 | 4.00x |']
 
 
-def test_predecessor_effect():
-    # 'b' runs 20% slower right after 'a'; 'a' does not care
-    orders = bm.balanced_schedule(['a', 'b', 'c'])  # 6 rounds
+def test_order_effects_are_reported():
+    from mmrepvgg.utils.timing import balanced_schedule, predecessor_effect
+    orders = balanced_schedule(['a', 'b', 'c'])  # 'b' 20% slower after 'a'
     times = {'a': [], 'b': [], 'c': []}
     for o in orders:
         for i, f in enumerate(o):
-            slow = f == 'b' and i > 0 and o[i - 1] == 'a'
-            times[f].append(1.2 if slow else 1.0)
-    eff = bm.predecessor_effect(times, orders)
-    assert eff['b']['a'] == pytest.approx(1.2) and eff['b']['c'] == 1.0
-    assert set(eff['a'].values()) == {1.0}
+            times[f].append(1.2 if f == 'b' and i and o[i - 1] == 'a'
+                            else 1.0)
+    eff = predecessor_effect(times, orders)
     lines = bm.report.format_order_effects([dict(
         arch='x', height=8, width=8, batch=1, settle=0, order_effect=eff)])
     assert lines == ['x 8x8 batch 1 (settle 0): b after a 1.200, '

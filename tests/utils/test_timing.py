@@ -1,0 +1,136 @@
+"""mmrepvgg.utils.timing: the schedule, settle calls, disturbed rounds,
+ratios and the Timing summary (no speed assertion)."""
+import itertools
+
+import pytest
+
+from mmrepvgg.utils import timing
+
+
+@pytest.mark.parametrize('n', [2, 3, 4, 5, 6])
+def test_balanced_schedule_is_a_williams_design(n):
+    names = [f'f{i}' for i in range(n)]
+    schedule = timing.balanced_schedule(names)
+    assert len(schedule) == (n if n % 2 == 0 else 2 * n)
+    assert all(sorted(o) == names for o in schedule)
+    # every form at every position equally often
+    for pos in range(n):
+        counts = {f: sum(o[pos] == f for o in schedule) for f in names}
+        assert len(set(counts.values())) == 1
+    # within rounds, every form right after every other form equally often
+    pairs = [(o[i - 1], o[i]) for o in schedule for i in range(1, n)]
+    counts = {(a, b): pairs.count((a, b)) for a in names for b in names
+              if a != b}
+    assert len(set(counts.values())) == 1 and min(counts.values()) >= 1
+    if n == 3:
+        assert sorted(schedule) == sorted(itertools.permutations(names))
+
+
+def test_interleaving_with_settle_calls():
+    forms = ('training', 'deploy', 'reference')
+    schedule = timing.balanced_schedule(forms)
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in forms}
+    res = timing.time_interleaved(fns, repeats=7, warmup=2, settle=1)
+    assert {k: len(v) for k, v in res['times'].items()} == dict.fromkeys(
+        forms, 7)
+    assert len(res['rounds']) == 7 and res['orders'][:6] == schedule
+    # warm-up rounds, then timed rounds from the schedule's start, every
+    # timed call right after an untimed call of the same form
+    expect = [n for i in range(2) for n in schedule[i]]
+    expect += [n for i in range(7) for n in schedule[i % 6] for _ in (0, 1)]
+    assert calls == expect
+    calls.clear()
+    res = timing.time_interleaved(fns, repeats=5, warmup=0, settle=0,
+                                  order='random', seed=3)
+    assert calls == [n for o in res['orders'] for n in o]
+    assert res['orders'] == timing.round_orders(forms, 5, 'random', seed=3)
+    assert all(sorted(o) == sorted(forms) for o in res['orders'])
+    with pytest.raises(ValueError, match='repeats >= 1'):
+        timing.time_interleaved(fns, repeats=0, warmup=0)
+    with pytest.raises(ValueError, match='balanced or random'):
+        timing.round_orders(forms, 2, 'up')
+
+
+def _round(total, others=0.0, wall=None):
+    return dict(total=total, wall=wall or total, own_cpu=2 * total,
+                others_cpu=others)
+
+
+def test_disturbed_rounds_are_detected_and_dropped():
+    rounds = [_round(1.0), _round(1.02), _round(0.99), _round(1.4),
+              _round(1.01, others=0.6), _round(1.0, others=0.01)]
+    reasons = timing.classify_rounds(rounds, threads=2, ncpu=2)
+    assert reasons[0] == reasons[1] == reasons[2] == reasons[5] == ''
+    assert reasons[3].startswith('slow round +')
+    assert reasons[4] == 'other load 0.6 cores'
+    kept, busy = timing.select_rounds(reasons)
+    assert kept == [0, 1, 2, 5] and not busy
+    # a free core absorbs one other process
+    assert timing.classify_rounds([_round(1.0, others=0.6)], threads=1,
+                                  ncpu=2) == ['']
+    # more than half disturbed: everything kept, flagged busy
+    kept, busy = timing.select_rounds(['', 'slow', 'slow'])
+    assert kept == [0, 1, 2] and busy
+    # one contended round cannot move the ratio
+    a = [1.0, 1.0, 1.0, 1.0, 5.0]
+    b = [2.0, 2.0, 2.0, 2.0, 2.0]
+    rs = [_round(x + y) for x, y in zip(a, b)]
+    kept, _ = timing.select_rounds(timing.classify_rounds(rs, 2, 2))
+    assert kept == [0, 1, 2, 3]
+    assert timing.ratio_stats(a, b, kept)['median'] == 0.5
+
+
+def test_ratios():
+    assert timing.ratio_stats([2, 20, 4], [1, 10, 4])['median'] == 2
+    assert timing.ratio_stats([2, 20, 4, 9], [1, 10, 4, 1],
+                              keep=[0, 2])['median'] == 1.5
+    s = timing.ratio_stats([1, 2, 3, 4, 5], [1, 1, 1, 1, 1])
+    assert (s['median'], s['q1'], s['q3'], s['n']) == (3, 2, 4, 5)
+    with pytest.raises(ValueError, match='no rounds'):
+        timing.ratio_stats([1.0], [1.0], keep=[])
+
+
+def test_load_probe_measures_this_process():
+    probe = timing.LoadProbe()
+    w0, c0, b0 = probe.sample()
+    x = 0
+    for i in range(200000):
+        x += i * i
+    w1, c1, b1 = probe.sample()
+    assert w1 > w0 and c1 > c0
+    if b0 is not None:
+        assert b1 >= b0
+
+
+def test_predecessor_effect():
+    # 'b' runs 20% slower right after 'a'; 'a' does not care
+    orders = timing.balanced_schedule(['a', 'b', 'c'])  # 6 rounds
+    times = {'a': [], 'b': [], 'c': []}
+    for o in orders:
+        for i, f in enumerate(o):
+            slow = f == 'b' and i > 0 and o[i - 1] == 'a'
+            times[f].append(1.2 if slow else 1.0)
+    eff = timing.predecessor_effect(times, orders)
+    assert eff['b']['a'] == pytest.approx(1.2) and eff['b']['c'] == 1.0
+    assert set(eff['a'].values()) == {1.0}
+
+
+def test_measure_summarises_the_kept_rounds():
+    calls = []
+    t = timing.measure({'a': lambda: calls.append('a'),
+                        'b': lambda: calls.append('b')}, repeats=3,
+                       warmup=1)
+    assert len(calls) == 2 * (1 + 3 * 2)  # warm-up, then settle + timed
+    assert set(t.times) == {'a', 'b'} and len(t.reasons) == 3
+    assert t.ratio('a', 'a')['median'] == 1.0
+    assert t.median('a') > 0
+    assert t.describe().startswith(f'median of {len(t.kept)} of 3 rounds')
+    # a fixed record: the medians and ratios use the kept rounds only
+    t = timing.Timing(times=dict(a=[1.0, 2.0, 9.0], b=[2.0, 2.0, 3.0]),
+                      orders=[('a', 'b')] * 3, rounds=[{}] * 3,
+                      reasons=['', '', 'slow round +80%'], kept=[0, 1],
+                      busy=False)
+    assert t.median('a') == 1.5 and t.ratio('a', 'b')['median'] == 0.75
+    assert t.disturbed == 1
+    assert t.describe() == 'median of 2 of 3 rounds (1 disturbed)'
