@@ -122,7 +122,6 @@ class QARepVGGBlock(RepBlockBase):
             raise ValueError('post_norm_init needs a norm_cfg: without norms '
                              'there is no post_norm')
         self.post_norm_init = float(post_norm_init)
-        self._build_act_se()
         if deploy:
             self._build_deploy()
             return

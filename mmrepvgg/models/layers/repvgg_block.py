@@ -169,11 +169,9 @@ class RepBlockBase(BaseModule):
                              and padding == dilation)
         if norm_cfg is not None:
             check_norm_cfg(norm_cfg, out_channels)
-
-    def _build_act_se(self) -> None:
-        self.act = build_act(self.act_cfg)
-        self.se = SELayer(self.out_channels, **self.se_cfg) \
-            if self.se_cfg is not None else nn.Identity()
+        self.act = build_act(act_cfg)
+        self.se = SELayer(out_channels, **se_cfg) \
+            if se_cfg is not None else nn.Identity()
 
     def _build_branches(self, norm_1x1: bool) -> None:
         """``branch_3x3`` (conv + norm), ``branch_1x1`` (conv + norm, or with
@@ -380,7 +378,6 @@ class RepVGGBlock(RepBlockBase):
         if not without_branch_norm and norm_cfg is None:
             raise ValueError('without_branch_norm=False needs a norm_cfg: the '
                              'identity branch is a norm layer')
-        self._build_act_se()
         if deploy:
             self._build_deploy()
             return
