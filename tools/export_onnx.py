@@ -110,66 +110,61 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def print_report(r: dict) -> None:
-    print(f'exported {r["exported"]} -> {r["output"]} '
-          f'({r["size"] / 2**20:.2f} MiB, opset {r["opset"]})')
-    print(f'  checkpoint       : {r["checkpoint_form"]} form, '
-          f'{r["blocks"]} RepVGG block(s)')
-    if 'postprocess' in r:
-        print(f'  inputs           : {", ".join(r["inputs"])} (dynamic '
+def print_report(r) -> None:
+    """The :class:`~mmrepvgg.export.onnx_export.ExportReport` as text."""
+    from mmrepvgg.export.verify import describe_comparison
+    print(f'exported {r.exported} -> {r.output} '
+          f'({r.size / 2**20:.2f} MiB, opset {r.opset})')
+    print(f'  checkpoint       : {r.checkpoint_form} form, '
+          f'{r.blocks} RepVGG block(s)')
+    if r.settings:
+        k = r.settings['max_per_img']
+        print(f'  inputs           : {", ".join(r.inputs)} (dynamic '
               'batch, height, width)')
-        print(f'  outputs          : dets (N, {r["settings"]["max_per_img"]}'
-              f', 5), labels (N, {r["settings"]["max_per_img"]}); padding: '
-              'zero rows, label -1')
-        print(f'  test_cfg in graph: {r["postprocess"]}')
-    v = r['verdict']
-    shapes = '; '.join(r['batches']) if 'batches' in r else ', '.join(
-        f'{b}x3x{hw[0]}x{hw[1]}' for b, hw in r['checks'])
-    print(f'  verification     : onnxruntime vs PyTorch on {shapes}')
-    print(f'    raw tensors    : {r["raw_tensors"]} outputs, error vs '
+        print(f'  outputs          : dets (N, {k}, 5), labels (N, {k}); '
+              'padding: zero rows, label -1')
+        print(f'  test_cfg in graph: {r.postprocess}')
+    v = r.verdict
+    print(f'  verification     : onnxruntime vs PyTorch on '
+          f'{", ".join(r.batches)}')
+    print(f'    raw tensors    : {r.raw_tensors} outputs, error vs '
           f'float64 {v["error"]:.3g}, PyTorch float32 error '
           f'{v["noise"]:.3g} at {v["worst"]} (ratio {v["ratio"]:.2f}; '
           f'criterion: {v["criterion"]})')
-    if 'postprocess_check' in r:
-        from mmrepvgg.export.verify import describe_comparison
+    if r.postprocess_check:
         print(f'    detections     : same label, box within '
-              f'{r["box_tol"]:.2g} px, score within {r["score_tol"]:.2g}')
+              f'{r.box_tol:.2g} px, score within {r.score_tol:.2g}')
         print('    ' + describe_comparison(
-            r['postprocess_check'], 'post-processing vs mmdet '
+            r.postprocess_check, 'post-processing vs mmdet '
             'predict_by_feat on the same head outputs'))
         print('    ' + describe_comparison(
-            r['predict_check'], "detections vs mmdet's model.predict "
+            r.predict_check, "detections vs mmdet's model.predict "
             '(PyTorch float32)'))
-        for img, text in r['predict_check']['differing'][1:5]:
+        for img, text in r.predict_check['differing'][1:5]:
             print(f'      image {img}: {text}')
-        if 'dataset_note' in r and not any('test-set' in b
-                                           for b in r['batches']):
-            print(f'    (no test-set images: {r["dataset_note"]})')
-    ops = ', '.join(f'{op} {n}' for op, n in r['ops'].most_common())
+        if not any('test-set' in b for b in r.batches):
+            print(f'    (no test-set images: {r.dataset_note})')
+    ops = ', '.join(f'{op} {n}' for op, n in r.ops.most_common())
     print(f'  operators        : {ops}')
-    if 'leftovers' in r:
-        if r['leftovers']:
-            print('  backbone ops     : not only Conv + activation: ' +
-                  ', '.join(f'{k} {v}' for k, v in r['leftovers'].items()))
-        else:
-            print('  backbone ops     : Conv + activation only (no '
-                  'BatchNormalization, no Add)')
-    if 'bench' in r:
-        b = r['bench']
-        shape = 'x'.join(str(s) for s in b['shape'])
-        med = b['median']
-        torch_name = ('PyTorch deploy + mmdet post-processing'
-                      if 'postprocess' in r else 'PyTorch')
-        ort_name = 'onnxruntime end to end' if 'postprocess' in r \
-            else 'onnxruntime'
-        n = r.get('threads')
+    if r.leftovers:
+        print('  backbone ops     : not only Conv + activation: ' +
+              ', '.join(f'{k} {v}' for k, v in r.leftovers.items()))
+    elif r.leftovers is not None:
+        print('  backbone ops     : Conv + activation only (no '
+              'BatchNormalization, no Add)')
+    if r.bench:
+        t, e2e = r.bench['timing'], bool(r.settings)
+        torch_name = ('PyTorch deploy + mmdet post-processing' if e2e
+                      else 'PyTorch')
+        ort_name = 'onnxruntime end to end' if e2e else 'onnxruntime'
+        n = r.threads
         threads = f', {n} thread{"s" if n > 1 else ""}' if n else ''
-        source = f'{b["input"]} ' if b.get('input') else ''
-        print(f'  bench ({source}{shape}{threads}, median of '
-              f'{b["repeats"]}): '
-              f'{torch_name} {med["pytorch"] * 1e3:.2f} ms, {ort_name} '
-              f'{med["onnxruntime"] * 1e3:.2f} ms, onnxruntime/PyTorch '
-              f'{b["ratio"]:.2f}')
+        print(f'  bench ({r.bench["input"]} '
+              f'{"x".join(map(str, r.bench["shape"]))}{threads}, '
+              f'{t.describe()}): {torch_name} '
+              f'{t.median("pytorch") * 1e3:.2f} ms, {ort_name} '
+              f'{t.median("onnxruntime") * 1e3:.2f} ms, onnxruntime/PyTorch '
+              f'{t.ratio("onnxruntime", "pytorch")["median"]:.2f}')
 
 
 def run(args) -> int:
@@ -177,13 +172,10 @@ def run(args) -> int:
 
     import mmrepvgg  # noqa: F401  (registers modules)
     from mmrepvgg.apis.convert import load_config
-    from mmrepvgg.deploy.verify import NOISE_FACTOR
-    from mmrepvgg.export.onnx_export import ExportError, export_onnx
-    from mmrepvgg.export.verify import SCORE_TOL
+    from mmrepvgg.export.onnx_export import (ExportError, ExportOptions,
+                                             export_onnx)
     from mmrepvgg.utils.cli import merge_cfg_options
 
-    if args.repeats < 1 or args.warmup < 0:
-        raise ExportError('--repeats must be >= 1 and --warmup >= 0')
     if args.tolerance is not None and args.noise_factor is not None:
         raise ExportError('--tolerance and --noise-factor exclude each '
                           'other: give one criterion')
@@ -193,30 +185,27 @@ def run(args) -> int:
                             ('--score-tol', args.score_tol)):
             if value not in (None, False):
                 raise ExportError(f'{flag} needs --postprocess')
-    if args.verify_images < 0:
-        raise ExportError(f'--verify-images must be >= 0, got '
-                          f'{args.verify_images}')
     if args.threads is not None:
         if args.threads < 1:
             raise ExportError(f'--threads must be >= 1, got {args.threads}')
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     merge_cfg_options(cfg, args.cfg_options)
-    mode = 'end2end' if args.postprocess else (
-        'backbone' if args.backbone_only else 'raw')
-    report = export_onnx(
-        cfg, args.config, args.checkpoint, args.output, mode=mode,
-        img_shape_input=args.img_shape_input, shape=args.shape,
-        opset=args.opset, device=args.device, tolerance=args.tolerance,
-        noise_factor=(NOISE_FACTOR if args.noise_factor is None
-                      else args.noise_factor),
-        box_tol=args.box_tol,
-        score_tol=SCORE_TOL if args.score_tol is None else args.score_tol,
-        max_differing=args.max_differing,
-        verify_images=args.verify_images, unsafe_load=args.unsafe_load,
-        bench=args.bench, repeats=args.repeats, warmup=args.warmup,
-        threads=args.threads)
-    print_report(report)
+    opts = ExportOptions(
+        mode='end2end' if args.postprocess else (
+            'backbone' if args.backbone_only else 'raw'),
+        img_shape_input=args.img_shape_input,
+        shape=tuple(args.shape) if args.shape else None, opset=args.opset,
+        device=args.device, tolerance=args.tolerance,
+        max_differing=args.max_differing, verify_images=args.verify_images,
+        unsafe_load=args.unsafe_load, bench=args.bench, repeats=args.repeats,
+        warmup=args.warmup, threads=args.threads, box_tol=args.box_tol)
+    if args.noise_factor is not None:
+        opts.noise_factor = args.noise_factor
+    if args.score_tol is not None:
+        opts.score_tol = args.score_tol
+    print_report(export_onnx(cfg, args.config, args.checkpoint, args.output,
+                             opts))
     return 0
 
 

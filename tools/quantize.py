@@ -170,13 +170,11 @@ def print_report(r: dict, against: Optional[dict] = None) -> None:
               f'{d["score_tol"]:g}); INT8 has {d["detections"]}, '
               f'{len(d["differing"])} image(s) differ')
     if 'bench' in r:
-        b = r['bench']
-        lat = b['latency_ms']
-        busy = ' (busy machine)' if b['busy'] else ''
-        print(f'  onnxruntime    : {"x".join(map(str, b["shape"]))}: FP32 '
-              f'{lat["fp32"]:.2f} ms, INT8 {lat["int8"]:.2f} ms, INT8/FP32 '
-              f'{b["ratio"]["int8"]:.3f} (median of {b["rounds"]} rounds, '
-              f'{b["dropped"]} disturbed){busy}')
+        t = r['bench']['timing']
+        print(f'  onnxruntime    : {"x".join(map(str, r["bench"]["shape"]))}: '
+              f'FP32 {t.median("fp32") * 1e3:.2f} ms, INT8 '
+              f'{t.median("int8") * 1e3:.2f} ms, INT8/FP32 '
+              f'{t.ratio("int8", "fp32")["median"]:.3f} ({t.describe()})')
     if 'layers' in r:
         from mmrepvgg.export.quantize import format_layer_table
         print()

@@ -38,9 +38,9 @@ from mmengine.structures import InstanceData
 from mmrepvgg.apis.convert import MAX_SIDE
 from mmrepvgg.utils.cli import ToolError
 from . import runtime
-from .metadata import METADATA_KEY
-from .postprocess import (MAX_NMS_PRE, MAX_PER_IMG, PostProcessError,
-                          check_count, check_fraction, describe_settings)
+from .postprocess import (MAX_NMS_PRE, MAX_PER_IMG, METADATA_KEY,
+                          PostProcessError, check_count, check_fraction,
+                          describe_settings)
 
 #: Largest batch a graph may declare (a fixed batch is filled up with zero
 #: images).

@@ -50,6 +50,10 @@ MAX_PER_IMG = 1000
 #: Most candidates per level (``test_cfg.nms_pre``): the graph holds
 #: ``nms_pre`` of them per level and image.
 MAX_NMS_PRE = 100000
+#: ``metadata_props`` key of an exported end-to-end graph holding the
+#: baked-in settings (:func:`postprocess_settings`) as JSON; the ONNX
+#: evaluation checks them against the config.
+METADATA_KEY = 'mmrepvgg.postprocess'
 
 
 class PostProcessError(ToolError):
@@ -179,6 +183,12 @@ def check_test_cfg(cfg) -> None:
     check_count(_cfg_get(cfg, 'max_per_img', None), 'test_cfg.max_per_img',
                 MAX_PER_IMG)
     check_fraction(_cfg_get(cfg, 'score_thr', 0), 'test_cfg.score_thr')
+    size = _cfg_get(cfg, 'min_bbox_size', -1)
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or \
+            not math.isfinite(size):
+        raise PostProcessError(
+            f'test_cfg.min_bbox_size={size!r}: must be a finite number (a '
+            'negative one keeps every box, as in mmdet)')
     nms = _cfg_get(cfg, 'nms', None)
     if not isinstance(nms, dict):
         raise PostProcessError(f'test_cfg.nms={nms!r}: a dict is needed (a '

@@ -111,7 +111,7 @@ def end2end_graph(path, dets, labels,
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from mmrepvgg.export.metadata import METADATA_KEY
+    from mmrepvgg.export.postprocess import METADATA_KEY
     nodes, inits = [], []
 
     def value(name, v, dtype):

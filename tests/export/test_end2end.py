@@ -16,8 +16,8 @@ import onnx  # noqa: E402
 
 from mmrepvgg.deploy import switch_to_deploy  # noqa: E402
 from mmrepvgg.export import runtime  # noqa: E402
-from mmrepvgg.export.metadata import METADATA_KEY  # noqa: E402
 from mmrepvgg.export.onnx_export import ExportError, export_onnx  # noqa
+from mmrepvgg.export.postprocess import METADATA_KEY  # noqa: E402
 from mmrepvgg.export.verify import (box_tolerance,  # noqa: E402
                                     compare_detections, make_samples,
                                     mmdet_predict, split_dets)
@@ -40,13 +40,13 @@ def test_a0_detectors_export_end_to_end(name, img_shape, detectors,
                                         tmp_path):
     cfg, model, out, report = _export(name, detectors, tmp_path,
                                       img_shape_input=img_shape)
-    assert report['verdict']['passed']
-    post, pred = report['postprocess_check'], report['predict_check']
+    assert report.verdict['passed']
+    post, pred = report.postprocess_check, report.predict_check
     assert post['images'] == pred['images'] == 3  # batches of 1 and 2
     assert post['differing'] == [] and pred['differing'] == []
     assert pred['detections'] == pred['matched'] >= 30
     inputs = ['input', 'img_shape'] if img_shape else ['input']
-    assert report['inputs'] == inputs
+    assert report.inputs == inputs
     model_proto = onnx.load(str(out))
     graph = model_proto.graph
     assert [i.name for i in graph.input] == inputs
@@ -107,3 +107,25 @@ def test_failed_verification_writes_nothing(case, detectors, tmp_path,
     else:
         assert 'post-processing differs' in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == ['toy.pth']
+
+
+def test_intermediate_graph_lives_in_a_scratch_folder(detectors, tmp_path,
+                                                       monkeypatch):
+    """The verification graph goes to a private scratch folder (removed by
+    the next run after a SIGKILL), never next to OUTPUT."""
+    import os.path as osp
+
+    from mmrepvgg.export import onnx_export
+    seen, real = [], onnx_export.build_graph
+
+    def build_graph(graph, path, opts):
+        seen.append(path)
+        return real(graph, path, opts)
+
+    monkeypatch.setattr(onnx_export, 'build_graph', build_graph)
+    _export('toy', detectors, tmp_path, shape=(64, 64))
+    (path, ) = seen
+    assert osp.basename(osp.dirname(path)).startswith('.mmrepvgg-export.')
+    assert not osp.exists(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['toy.onnx',
+                                                          'toy.pth']

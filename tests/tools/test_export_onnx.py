@@ -154,7 +154,8 @@ BAD_CASES = ['missing_checkpoint', 'verification_fails', 'not_onnx',
              'postprocess_two_stage', 'postprocess_soft_nms',
              'img_shape_without_postprocess', 'postprocess_fails',
              'bad_cfg_option', 'score_thr_2', 'score_thr_nan',
-             'iou_above_1', 'max_per_img_200000', 'shape_6000',
+             'iou_above_1', 'max_per_img_200000', 'min_bbox_size_nan',
+             'shape_6000',
              'test_resize_6000', 'verify_images_100000',
              'output_is_checkpoint', 'output_is_config']
 
@@ -221,8 +222,9 @@ def test_bad_inputs_exit_1_with_one_line_and_no_output(case, models,
     elif case == 'bad_cfg_option':
         extra, expect = ['--cfg-options', 'model.test_cfg'], '--cfg-options'
     elif case in ('score_thr_2', 'score_thr_nan', 'iou_above_1',
-                  'max_per_img_200000'):  # refused before loading weights
-        key, value = {
+                  'max_per_img_200000', 'min_bbox_size_nan'):
+        key, value = {  # refused before loading weights
+            'min_bbox_size_nan': ('test_cfg.min_bbox_size', 'nan'),
             'score_thr_2': ('test_cfg.score_thr', '2'),
             'score_thr_nan': ('test_cfg.score_thr', 'nan'),
             'iou_above_1': ('test_cfg.nms.iou_threshold', '1.5'),

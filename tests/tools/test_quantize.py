@@ -13,6 +13,7 @@ from _toolkit import TOY_CONFIG, load_tool
 pytest.importorskip('onnxruntime')
 
 from mmrepvgg.export import quantize as qz  # noqa: E402
+from mmrepvgg.export.graph import op_histogram  # noqa: E402
 
 quantize_tool = load_tool('quantize')
 
@@ -123,6 +124,31 @@ def test_layer_errors(tiny_graphs):
     lines = table.splitlines()
     assert lines[0].startswith('| layer | A SQNR dB | A act dB |')
     assert len(lines) == 2 + len(rows) and lines[-1].endswith('n/a |')
+
+
+def test_layer_errors_agree_with_onnxruntime_debug(tiny_graphs):
+    """The accumulated SQNR equals onnxruntime's qdq_loss_debug
+    ``xmodel_err`` (weights come from its ``create_weight_matching``)."""
+    from onnxruntime.quantization import qdq_loss_debug as dbg
+    inputs = _calib(2, seed=9)
+    rows = qz.layer_errors(tiny_graphs['fp32'], tiny_graphs['int8'], inputs)
+    acts = {}
+    for key in ('fp32', 'int8'):
+        aug = tiny_graphs[key] + '.aug.onnx'
+        dbg.modify_model_output_intermediate_tensors(tiny_graphs[key], aug)
+        acts[key] = dbg.collect_activations(aug, [dict(input=x)
+                                                  for x in inputs])
+    errors = dbg.compute_activation_error(
+        dbg.create_activation_matching(acts['int8'], acts['fp32']))
+    import onnx
+    fp32 = onnx.load(tiny_graphs['fp32']).graph
+    after = {n.input[0]: n.output[0] for n in fp32.node
+             if n.op_type == 'Relu'}
+    convs = {n.name: after.get(n.output[0], n.output[0]) for n in fp32.node
+             if n.op_type == 'Conv'}
+    for r in rows:
+        assert r['sqnr_db'] == pytest.approx(
+            errors[convs[r['node']]]['xmodel_err'], abs=0.01)
 
 
 def test_weight_outlier_shows_in_its_layer(tiny_graphs, tmp_path):
@@ -239,7 +265,7 @@ def test_tool_backbone_only(toy_workspace, random_toy_ckpt, tmp_path,
     assert rows[0]['layer'] == 'stem.conv_reparam'
     assert all(r['sqnr_db'] > 10 for r in rows)
     # the written graph runs, and is INT8
-    ops = qz.op_histogram(str(out))
+    ops = op_histogram(str(out))
     assert ops['QuantizeLinear'] >= 1 and ops['DequantizeLinear'] >= 1
     from mmrepvgg.export.runtime import make_session
     sess = make_session(str(out), 1)
@@ -265,7 +291,7 @@ def test_tool_end_to_end_detector(toy_trained, tmp_path, capsys,
     meta_q = {p.key: p.value for p in q.metadata_props}
     assert {p.key for p in f.metadata_props} <= set(meta_q)  # settings kept
     assert 'MinMax' in json.loads(meta_q[qz.QUANT_METADATA_KEY])['config']
-    n_convs = qz.op_histogram(f)['Conv']
+    n_convs = op_histogram(f)['Conv']
     ops = qz.optimized_op_types(str(out))
     assert ops['QLinearConv'] == n_convs and 'Conv' not in ops
     # the post-processing runs in float: no QDQ pair feeds the NMS or TopK

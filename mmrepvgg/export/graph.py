@@ -1,0 +1,203 @@
+"""The exported function and its ONNX graph: what is traced
+(:class:`TensorForward`, :func:`export_target`), ``torch.onnx.export`` with
+dynamic batch, height and width (:func:`export_to`), and small checks of a
+graph file.
+
+``torch.onnx.export(..., dynamo=False)``: the TorchScript-based exporter
+traces data-dependent shapes (top-k, NMS results) into dynamic ONNX ops and
+lets a ``torch.autograd.Function`` emit ``NonMaxSuppression``; the dynamo
+exporter cannot export the data-dependent NMS output without a custom op.
+"""
+import os
+import warnings
+from collections import Counter
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from mmrepvgg.apis.convert import MAX_SIDE
+from .loading import ExportError
+
+#: Default opset: widely consumed (TensorRT >= 8.6, onnxruntime >= 1.14) and
+#: enough for every op these models use (NonMaxSuppression needs >= 10).
+DEFAULT_OPSET = 17
+#: ONNX ops an activation of mmcv's registry exports to.
+ACTIVATION_OPS = frozenset({
+    'Relu', 'LeakyRelu', 'PRelu', 'Elu', 'Selu', 'Sigmoid', 'HardSigmoid',
+    'HardSwish', 'Clip', 'Tanh', 'Softplus', 'Gelu', 'Mul', 'Mish'})
+
+
+def max_torchscript_opset() -> int:
+    """Highest opset of the TorchScript-based exporter of this torch."""
+    try:
+        from torch.onnx import _constants
+        return int(_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return 17
+
+
+# ---------------------------------------------------------------- modules
+def _flatten(obj, prefix: str, out: List[Tuple[str, torch.Tensor]]) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append((prefix, obj))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _flatten(v, f'{prefix}_{i}' if prefix else f'{i}', out)
+    else:
+        raise ExportError(f'cannot export an output of type '
+                          f'{type(obj).__name__} (tensors, lists and tuples '
+                          'only)')
+
+
+class TensorForward(nn.Module):
+    """The exported function: ``x -> flat tuple of output tensors`` of a
+    module (``mode='module'``: ``model(x)``) or of a single-stage detector
+    (``mode='single_stage'``: ``bbox_head(extract_feat(x))``)."""
+
+    def __init__(self, model: nn.Module, mode: str) -> None:
+        super().__init__()
+        self.model = model
+        self.mode = mode
+
+    def raw(self, x: torch.Tensor):
+        if self.mode == 'single_stage':
+            return self.model.bbox_head(self.model.extract_feat(x))
+        return self.model(x)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        out: List[Tuple[str, torch.Tensor]] = []
+        _flatten(self.raw(x), '', out)
+        return tuple(t for _, t in out)
+
+    @torch.no_grad()
+    def output_names(self, x: torch.Tensor) -> List[str]:
+        raw = self.raw(x)
+        if isinstance(raw, torch.Tensor):
+            return ['out']
+        out: List[Tuple[str, torch.Tensor]] = []
+        _flatten(raw, '', out)
+        base = 'feat' if self.mode == 'module' else 'out'
+        return [f'{base}{name}' for name, _ in out]
+
+
+def is_single_stage(model_or_cls) -> bool:
+    from mmdet.models.detectors import SingleStageDetector
+    if isinstance(model_or_cls, type):
+        return issubclass(model_or_cls, SingleStageDetector)
+    return isinstance(model_or_cls, SingleStageDetector)
+
+
+def not_single_stage(config_path: str, name: str) -> ExportError:
+    return ExportError(
+        f'{config_path}: {name} is not a single-stage detector; its RoI head '
+        'needs proposals selected by post-processing (not exported): use '
+        '--backbone-only')
+
+
+def parts(model: nn.Module) -> str:
+    return ' + '.join(['backbone'] + (['neck'] if model.with_neck else []) +
+                      ['bbox_head'])
+
+
+def export_target(model: nn.Module, mode: str,
+                  config_path: str) -> Tuple[TensorForward, str]:
+    """``(TensorForward, description)`` for the ``'backbone'`` and ``'raw'``
+    modes."""
+    is_detector = hasattr(model, 'backbone')
+    if mode == 'backbone':
+        target = model.backbone if is_detector else model
+        return TensorForward(target, 'module'), \
+            f'backbone ({type(target).__name__})'
+    if not is_detector:
+        return TensorForward(model, 'module'), type(model).__name__
+    if is_single_stage(model):
+        return TensorForward(model, 'single_stage'), \
+            f'{type(model).__name__} ({parts(model)}, raw outputs)'
+    raise not_single_stage(config_path, type(model).__name__)
+
+
+def export_to(module: nn.Module,
+              x: torch.Tensor,
+              path: str,
+              opset: int,
+              extra_inputs: Sequence[Tuple[str, torch.Tensor]] = (),
+              output_names: Optional[Sequence[str]] = None) -> List[str]:
+    """Export ``module`` traced on ``x`` (input ``input``, dynamic batch,
+    height and width; ``extra_inputs`` ``(name, tensor)`` with a dynamic
+    batch) to ``path``; returns the output names (default: the module's
+    ``output_names(x)``)."""
+    names = list(output_names) if output_names else module.output_names(x)
+    args = (x, ) + tuple(t for _, t in extra_inputs)
+    with torch.no_grad():
+        sample = module(*args)
+    if isinstance(sample, torch.Tensor):
+        sample = (sample, )
+    dynamic = {'input': {0: 'batch', 2: 'height', 3: 'width'}}
+    for name, _ in extra_inputs:
+        dynamic[name] = {0: 'batch'}
+    for name, t in zip(names, sample):
+        if t.dim() == 4:
+            dynamic[name] = {0: 'batch', 2: f'{name}_height',
+                             3: f'{name}_width'}
+        elif t.dim() >= 1:
+            dynamic[name] = {0: 'batch'}
+    with warnings.catch_warnings():
+        # the TorchScript exporter is deprecated in favour of dynamo=True;
+        # tracer warnings about Python values are expected here.
+        warnings.simplefilter('ignore')
+        with torch.no_grad():
+            torch.onnx.export(
+                module, args, path, dynamo=False, opset_version=opset,
+                input_names=['input'] + [n for n, _ in extra_inputs],
+                output_names=names, dynamic_axes=dynamic,
+                do_constant_folding=True, export_params=True)
+    return names
+
+
+def op_histogram(path_or_model) -> Counter:
+    """``Counter`` of the op types of the graph's nodes."""
+    import onnx
+    model = onnx.load(path_or_model) if isinstance(
+        path_or_model, (str, os.PathLike)) else path_or_model
+    return Counter(node.op_type for node in model.graph.node)
+
+
+def check_onnx(path: str) -> None:
+    import onnx
+    try:
+        onnx.checker.check_model(path)
+    except Exception as e:  # onnx raises ValidationError and others
+        raise ExportError(f'exported graph fails onnx.checker: '
+                          f'{str(e).splitlines()[0]}') from None
+
+
+def keep_outputs(src: str, dst: str, names: Sequence[str],
+                 metadata: Optional[Dict[str, str]] = None) -> None:
+    """Copy the graph ``src`` to ``dst`` with only the outputs ``names``
+    (the verification graph also exposes the raw head tensors) and the
+    ``metadata`` entries added to its ``metadata_props``."""
+    import onnx
+    model = onnx.load(src)
+    keep = [o for o in model.graph.output if o.name in names]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, dst)
+
+
+def verify_shapes(shape: Tuple[int, int]) -> List[Tuple[int, Tuple[int,
+                                                                   int]]]:
+    """``[(batch, (H, W)), ...]`` checked: the traced shape with batch 1, and
+    a second one with batch 2, H + 32 (H - 32 beyond ``MAX_SIDE``) and
+    W - 32 (at least 32), to exercise the dynamic axes."""
+    h, w = shape
+    return [(1, (h, w)), (2, (h + 32 if h + 32 <= MAX_SIDE else h - 32,
+                              max(32, w - 32)))]
+
+
+def fusion_leftovers(hist: Counter) -> Dict[str, int]:
+    """Ops of a backbone graph that are neither Conv nor an activation."""
+    return {op: n for op, n in sorted(hist.items())
+            if op != 'Conv' and op not in ACTIVATION_OPS}
