@@ -132,7 +132,8 @@ def demo_summary(cfg,
                  repeats: int = 20,
                  warmup: int = 3,
                  threads: Optional[int] = None,
-                 unsafe_load: bool = False) -> dict:
+                 unsafe_load: bool = False,
+                 network_batch: int = 0) -> dict:
     """Time the forms of a toy detector side by side and build the summary.
 
     Forms, in table order: ``PyTorch training``, ``PyTorch deploy``,
@@ -156,15 +157,21 @@ def demo_summary(cfg,
         threads (int, optional): onnxruntime threads (PyTorch's are set by
             the caller).
         unsafe_load (bool): unpickle the checkpoint freely.
+        network_batch (int): also time the training and deploy networks
+            alone (tensor forward, no post-processing) on a random batch of
+            this size (0: not).
 
     Returns:
         dict: ``rows`` (for :func:`format_summary`), ``table`` (text),
-        ``timing`` (:class:`~mmrepvgg.utils.timing.Timing`), ``shape``.
+        ``timing`` (:class:`~mmrepvgg.utils.timing.Timing`), ``shape``;
+        ``network`` (``timing`` of the forms ``training`` and ``deploy``,
+        ``shape``, ``threads``) with ``network_batch``.
     """
     from mmengine.dataset import pseudo_collate
 
     from mmrepvgg.apis.convert import (build_model, load_weights,
-                                       read_state_dict)
+                                       make_inputs, read_state_dict,
+                                       test_input_shape)
     from mmrepvgg.deploy import switch_to_deploy
     from mmrepvgg.export.quantize import build_split
     from .options import cpu_has_bf16
@@ -202,8 +209,17 @@ def demo_summary(cfg,
     title = (f'input {"x".join(map(str, shape))}, '
              f'{torch.get_num_threads()} PyTorch threads; '
              f'{timing.describe()}')
-    return dict(rows=rows, table=format_summary(rows, title), timing=timing,
-                shape=shape)
+    out = dict(rows=rows, table=format_summary(rows, title), timing=timing,
+               shape=shape)
+    if network_batch:
+        xb, sb = make_inputs(test_input_shape(cfg), batch=network_batch)
+        with torch.inference_mode():
+            net = measure({'training': lambda: training._forward(xb, sb),
+                           'deploy': lambda: deploy._forward(xb, sb)},
+                          repeats, warmup, threads=torch.get_num_threads())
+        out['network'] = dict(timing=net, shape=tuple(xb.shape),
+                              threads=torch.get_num_threads())
+    return out
 
 
 def side_by_side(results: Mapping[str, str],
@@ -229,18 +245,16 @@ def side_by_side(results: Mapping[str, str],
     Returns:
         str: ``out_file``.
     """
-    import pickle
-
     import mmcv
     from mmdet.structures import DetDataSample
     from mmdet.visualization import DetLocalVisualizer
     from mmengine.structures import InstanceData
+
+    from mmrepvgg.export.verify import dumped_detections
     if not results:
         raise ValueError('no detection results to draw')
-    loaded = {}
-    for title, path in results.items():
-        with open(path, 'rb') as f:
-            loaded[title] = pickle.load(f)  # written by our tools/test.py
+    loaded = {title: dumped_detections(path)
+              for title, path in results.items()}
     n = min(num_images, *(len(v) for v in loaded.values()))
     vis = DetLocalVisualizer(name=f'side_by_side_{id(loaded)}',
                              line_width=2)
@@ -260,7 +274,7 @@ def side_by_side(results: Mapping[str, str],
             sample = DetDataSample()
             inst = InstanceData()
             for key in ('bboxes', 'scores', 'labels'):
-                inst[key] = torch.as_tensor(r['pred_instances'][key])
+                inst[key] = torch.as_tensor(r[key])
             inst.bboxes = inst.bboxes.float() * k
             sample.pred_instances = inst
             vis.add_datasample(title, image, sample, draw_gt=False,

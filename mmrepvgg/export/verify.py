@@ -161,6 +161,22 @@ def instances_to_numpy(results: Sequence[Any]) -> List[Dict[str, np.ndarray]]:
     return out
 
 
+def dumped_detections(path: str) -> List[Dict[str, Any]]:
+    """Per image ``img_path`` and float64/int64 ``bboxes``/``scores``/
+    ``labels`` of a ``tools/test.py --out`` pickle (mmdet's
+    ``DumpDetResults``; a file our own run wrote, unpickled as such)."""
+    import pickle
+    with open(path, 'rb') as f:
+        results = pickle.load(f)
+    return [dict(img_path=r['img_path'],
+                 bboxes=np.asarray(r['pred_instances']['bboxes'],
+                                   np.float64).reshape(-1, 4),
+                 scores=np.asarray(r['pred_instances']['scores'],
+                                   np.float64).reshape(-1),
+                 labels=np.asarray(r['pred_instances']['labels'],
+                                   np.int64).reshape(-1)) for r in results]
+
+
 def _match_image(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
                  box_tol: float, score_tol: float):
     """Greedy one-to-one matching of ``a``'s detections (best first) to
