@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     speed = demo_summary(cfg, CONFIG, ckpt, {ONNX_FORM: onnx_file,
                                              INT8_FORM: int8_file},
                          {'PyTorch training': map_a, 'PyTorch deploy': map_b,
-                          ONNX_FORM: map_c, INT8_FORM: map_d}, bf16=False,
+                          ONNX_FORM: map_c, INT8_FORM: map_d},
                          repeats=args.repeats, network_batch=8)
 
     ok_equal = f'{map_a:.3f}' == f'{map_b:.3f}'

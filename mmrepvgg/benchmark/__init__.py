@@ -18,8 +18,7 @@ from .options import (ALL_FORMS, DEFAULT_FORMS, BenchmarkError,
                       check_device_options, parse_arch, parse_forms,
                       parse_size)
 from .reference import (PlainReference, PlainSE, build_forms,
-                        build_reference, count_params, max_relative_error,
-                        plain_block)
+                        build_reference, plain_block)
 from .report import (check_targets, columns, environment, format_accuracy,
                      format_markdown, format_table, plot, report_paths,
                      summary_title, write_report)
@@ -29,9 +28,9 @@ __all__ = [
     'ALL_FORMS', 'BenchmarkError', 'DEFAULT_FORMS', 'PlainReference',
     'PlainSE', 'RATIO_PAIRS', 'bench_row',
     'build_forms', 'build_reference', 'check_device_options',
-    'check_targets', 'columns', 'count_params',
+    'check_targets', 'columns',
     'environment', 'format_accuracy', 'format_markdown', 'format_table',
-    'make_input', 'max_relative_error', 'parse_arch',
+    'make_input', 'parse_arch',
     'parse_forms', 'parse_size', 'peak_activation_bytes',
     'peak_from_memory_events', 'plain_block', 'plot', 'report_paths',
     'run_benchmark', 'summary_title', 'write_report'

@@ -15,7 +15,9 @@ import torch
 from mmrepvgg.apis.convert import MAX_SIDE
 from mmrepvgg.utils.cli import ToolError
 
-#: Largest batch size (``--batch-sizes``).
+#: Largest batch size a user may ask to time (``--batch-sizes``: one random
+#: input of a backbone). Not :data:`mmrepvgg.export.evaluate.MAX_BATCH`,
+#: which bounds what an untrusted ONNX file may declare.
 MAX_BATCH = 1024
 #: Most blocks of a JSON arch, all stages together (the published archs
 #: have at most 47).

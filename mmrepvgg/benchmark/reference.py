@@ -146,11 +146,6 @@ def build_reference(backbone: nn.Module) -> PlainReference:
     return PlainReference(stages, backbone.out_indices).eval()
 
 
-def count_params(model: nn.Module) -> int:
-    """Number of parameter elements of ``model``."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def build_forms(arch: Union[str, dict], seed: int = 0,
                 **backbone_kwargs) -> Dict[str, nn.Module]:
     """The three PyTorch float32 forms of one backbone.
@@ -171,21 +166,6 @@ def build_forms(arch: Union[str, dict], seed: int = 0,
     deploy = switch_to_deploy(training, inplace=False, verbose=False)
     reference = build_reference(deploy)
     return dict(training=training, deploy=deploy, reference=reference)
-
-
-@torch.inference_mode()
-def max_relative_error(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
-    """Largest :func:`relative_error` over the outputs of ``a`` and ``b``."""
-    outs_a, outs_b = a(x), b(x)
-    if len(outs_a) != len(outs_b):
-        raise BenchmarkError(f'{len(outs_a)} vs {len(outs_b)} outputs')
-    worst = 0.0
-    for oa, ob in zip(outs_a, outs_b):
-        if oa.shape != ob.shape:
-            raise BenchmarkError(f'output shapes differ: {tuple(oa.shape)} vs '
-                                 f'{tuple(ob.shape)}')
-        worst = max(worst, relative_error(oa, ob))
-    return worst
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """One benchmark run: every (arch, size, batch) row, every form timed
-interleaved (:mod:`.timing`), checked equal first (:mod:`.reference`).
+side by side (:mod:`mmrepvgg.utils.timing`), checked equal first
+(:mod:`.reference`).
 
 Forms (:data:`.options.ALL_FORMS`): PyTorch ``training``, ``deploy`` and
 ``reference`` in float32, optionally ``deploy-bf16`` / ``deploy-fp16`` (the
@@ -14,12 +15,12 @@ from typing import Callable, Dict, List, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from mmrepvgg.deploy.switch import count_params
+from mmrepvgg.utils.timing import measure, predecessor_effect
 from .memory import peak_activation_bytes
 from .options import (DEFAULT_FORMS, MAX_BATCH, ORT_FORMS, BenchmarkError,
                       check_device_options, parse_forms)
-from .reference import (build_forms, count_params, float32_noise,
-                        judge_form, lossy_error)
-from mmrepvgg.utils.timing import measure, predecessor_effect
+from .reference import build_forms, float32_noise, judge_form, lossy_error
 
 #: Ratios reported when both forms ran: ``(numerator, denominator)``.
 RATIO_PAIRS = (('deploy', 'reference'), ('training', 'deploy'),
@@ -103,7 +104,7 @@ def run_benchmark(archs: Sequence[Tuple[str, Union[str, dict]]],
         compile (bool): ``torch.compile`` the PyTorch forms.
         ort_spinning (bool): onnxruntime threads busy-wait between runs.
         tolerance (float): a round slower than the median round by more
-            than this fraction is disturbed (:func:`.timing.classify_rounds`).
+            than this fraction is disturbed.
         log (callable): progress lines.
 
     Returns:

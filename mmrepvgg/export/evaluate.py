@@ -43,7 +43,9 @@ from .postprocess import (MAX_NMS_PRE, MAX_PER_IMG, METADATA_KEY,
                           describe_settings)
 
 #: Largest batch a graph may declare (a fixed batch is filled up with zero
-#: images).
+#: images): bounds what an untrusted file makes the evaluation allocate, and
+#: the one batch of ``export_onnx --verify-images``. Not the benchmark's
+#: bound on a batch size a user asks to time.
 MAX_BATCH = 64
 #: Largest fixed input a graph may declare, in pixels over the batch (the
 #: evaluation pads and fills every batch up to it): MAX_BATCH images of

@@ -1,16 +1,14 @@
-"""tools/benchmark.py and mmrepvgg.benchmark: tiny in-process runs, the
-reference builder, the equivalence check and bad options (no speed
-assertion; the timing method is tested in tests/utils/test_timing.py)."""
+"""tools/benchmark.py, in process: tiny runs, the files written, bad options
+(no speed assertion). The package is tested in tests/benchmark, the timing
+method in tests/utils/test_timing.py."""
 import json
 import os
 
 import pytest
 import torch
-import torch.nn as nn
 from _toolkit import load_tool
 
 from mmrepvgg import benchmark as bm
-from mmrepvgg.testing import relative_error
 
 bench_tool = load_tool('benchmark')
 
@@ -130,72 +128,6 @@ def test_threads_restored(tmp_path, capsys):
     assert torch.get_num_threads() == before
 
 
-@pytest.mark.parametrize('arch', [
-    TINY,
-    dict(TINY, group_layer_map={2: 2, 4: 2}),
-    dict(TINY, se_cfg=dict(ratio=4)),
-])
-def test_reference_equals_deploy(arch):
-    forms = bm.build_forms(arch)
-    ref = forms['reference']
-    # only plain modules: Conv2d, activations, SE from plain modules
-    kinds = {type(m) for m in ref.modules()} - {
-        bm.PlainReference, nn.ModuleList, nn.Sequential}
-    assert nn.Conv2d in kinds and nn.ReLU in kinds
-    assert not any('RepVGG' in k.__name__ or 'BatchNorm' in k.__name__
-                   for k in kinds)
-    assert bm.count_params(ref) == bm.count_params(forms['deploy'])
-    ref_ptrs = {p.data_ptr() for p in ref.parameters()}
-    assert not ref_ptrs & {p.data_ptr() for p in forms['deploy'].parameters()}
-    x = torch.randn(2, 3, 48, 40)
-    with torch.inference_mode():
-        outs_d, outs_r = forms['deploy'](x), ref(x)
-        outs_t = forms['training'](x)
-    assert len(outs_d) == len(outs_r) == 4
-    for d, r, t in zip(outs_d, outs_r, outs_t):
-        assert d.shape == r.shape
-        assert relative_error(d, r) <= 1e-6
-        assert relative_error(t, d) <= 1e-4
-    assert bm.max_relative_error(forms['deploy'], ref, x) <= 1e-6
-    truth, noise_ref = bm.reference.float32_noise(forms['training'], x)
-    for name in ('deploy', 'reference'):
-        with torch.inference_mode():
-            cand = bm.reference.flatten_outputs(forms[name](x))
-        v = bm.reference.judge_form('tiny', name, truth, noise_ref, cand)
-        assert v['passed'] and v['num_outputs'] == 4
-
-
-def test_equivalence_failure_names_both_errors():
-    forms = bm.build_forms(TINY)
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():  # a wrong bias in one fused conv
-        forms['deploy'].stage_2[0].conv_reparam.bias.add_(0.05)
-    truth, ref = bm.reference.float32_noise(forms['training'], x)
-    with torch.inference_mode():
-        cand = bm.reference.flatten_outputs(forms['deploy'](x))
-    with pytest.raises(bm.BenchmarkError) as e:
-        bm.reference.judge_form('tiny 32x32', 'deploy', truth, ref, cand)
-    msg = str(e.value)
-    assert 'tiny 32x32' in msg and 'deploy model error vs float64 truth' in msg
-    assert "training model's own float32 error" in msg
-
-
-def test_reference_refuses_training_form():
-    from mmrepvgg.models import RepVGG
-    with pytest.raises(ValueError, match='not in deploy form'):
-        bm.build_reference(RepVGG(arch=TINY))
-
-
-def test_peak_memory_counts_the_activations():
-    assert bm.peak_from_memory_events([(0, 10), (2, -10), (1, 5),
-                                       (3, 4)]) == 15
-    conv = nn.Conv2d(3, 8, 3, padding=1).eval()
-    x = torch.randn(1, 3, 64, 64)
-    peak = bm.peak_activation_bytes(conv, x)
-    assert peak >= 8 * 64 * 64 * 4  # at least its output
-    assert peak < 100 * 2**20
-
-
 @pytest.mark.parametrize('argv,expect', [
     (['--half'], '--half (form deploy-fp16) needs --device cuda'),
     (['--device', 'cuda:0'] if not torch.cuda.is_available() else
@@ -240,87 +172,6 @@ def test_bad_options_exit_1_with_one_line(argv, expect, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith('error: '), err
     assert expect in lines[0]
     assert not out_dir.exists()
-
-
-def test_detector_forms_summary(toy_workspace, monkeypatch):
-    """The demo's summary helpers: a bfloat16 toy detector predicts like
-    the float32 one (boxes in float32), forms are timed together."""
-    from _toolkit import TOY_CONFIG
-
-    from mmrepvgg.apis.convert import build_model, load_config
-    from mmrepvgg.benchmark import detector as det
-    from mmrepvgg.deploy import switch_to_deploy
-    from mmrepvgg.testing import randomize_
-    monkeypatch.chdir(toy_workspace)
-    cfg = load_config(TOY_CONFIG)
-    model = build_model(cfg)
-    randomize_(model, seed=0)
-    model = switch_to_deploy(model.eval(), inplace=False, verbose=False)
-    m16 = det.to_bf16_detector(model)
-    assert next(m16.backbone.parameters()).dtype == torch.bfloat16
-    assert next(model.backbone.parameters()).dtype == torch.float32
-    x = torch.randn(1, 3, 64, 64)
-    with torch.inference_mode():
-        raw32 = model.bbox_head(model.extract_feat(x))
-        raw16 = m16.bbox_head(m16.extract_feat(x))
-    for a, b in zip(raw32[0] + raw32[1], raw16[0] + raw16[1]):
-        assert b.dtype == torch.float32
-        assert relative_error(a, b) < 0.1  # bfloat16: 8-bit mantissa
-    metrics = det.evaluate_model(cfg, m16)
-    assert 0 <= metrics['coco/bbox_mAP'] <= 1
-    table = det.format_summary([
-        dict(form='PyTorch training', map=0.5, latency_ms=10.0, speedup=1.0),
-        dict(form='ONNX INT8', map=None, latency_ms=2.5, speedup=4.0)],
-        title='input 1x3x128x128')
-    assert table.splitlines() == [
-        'input 1x3x128x128', '| form | toy-val mAP | latency ms | speed-up |',
-        '|---|---:|---:|---:|', '| PyTorch training | 0.500 | 10.00 | 1.00x |',
-        '| ONNX INT8 | n/a | 2.50 | 4.00x |']
-
-
-def test_order_effects_are_reported():
-    from mmrepvgg.utils.timing import balanced_schedule, predecessor_effect
-    orders = balanced_schedule(['a', 'b', 'c'])  # 'b' 20% slower after 'a'
-    times = {'a': [], 'b': [], 'c': []}
-    for o in orders:
-        for i, f in enumerate(o):
-            times[f].append(1.2 if f == 'b' and i and o[i - 1] == 'a'
-                            else 1.0)
-    eff = predecessor_effect(times, orders)
-    lines = bm.report.format_order_effects([dict(
-        arch='x', height=8, width=8, batch=1, settle=0, order_effect=eff)])
-    assert lines == ['x 8x8 batch 1 (settle 0): b after a 1.200, '
-                     'c after b 1.000, c after a 1.000']
-
-
-def test_side_by_side_picture(toy_workspace, tmp_path):
-    import pickle
-
-    import cv2
-
-    from mmrepvgg.benchmark.detector import side_by_side
-    images = sorted((toy_workspace / 'data' / 'toy' / 'val').iterdir())[:3]
-    h, w = cv2.imread(str(images[0])).shape[:2]
-
-    def dump(path, shift):
-        res = [dict(img_path=str(p), pred_instances=dict(
-            bboxes=torch.tensor([[4.0 + shift, 4.0, 40.0, 40.0]]),
-            scores=torch.tensor([0.9]), labels=torch.tensor([1])))
-            for p in images]
-        with open(path, 'wb') as f:
-            pickle.dump(res, f)
-
-    dump(tmp_path / 'a.pkl', 0)
-    dump(tmp_path / 'b.pkl', 3)
-    out = tmp_path / 'side.png'
-    assert side_by_side({'deploy': tmp_path / 'a.pkl',
-                         'INT8': tmp_path / 'b.pkl'}, str(out),
-                        ('square', 'circle', 'triangle'), num_images=2,
-                        scale=2) == str(out)
-    pic = cv2.imread(str(out))
-    assert pic.shape == (2 * (2 * h + 24), 2 * 2 * w, 3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        'a.pkl', 'b.pkl', 'side.png']
 
 
 @pytest.mark.parametrize('sub', ['', 'sub'])
