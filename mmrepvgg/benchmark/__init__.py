@@ -22,11 +22,12 @@ from .reference import (PlainReference, PlainSE, build_forms,
 from .report import (check_targets, columns, environment, format_accuracy,
                      format_markdown, format_table, plot, report_paths,
                      summary_title, write_report)
-from .run import RATIO_PAIRS, bench_row, make_input, run_benchmark
+from .run import (RATIO_PAIRS, BenchOptions, bench_row, make_input,
+                  run_benchmark)
 
 __all__ = [
     'ALL_FORMS', 'BenchmarkError', 'DEFAULT_FORMS', 'PlainReference',
-    'PlainSE', 'RATIO_PAIRS', 'bench_row',
+    'PlainSE', 'RATIO_PAIRS', 'BenchOptions', 'bench_row',
     'build_forms', 'build_reference', 'check_device_options',
     'check_targets', 'columns',
     'environment', 'format_accuracy', 'format_markdown', 'format_table',

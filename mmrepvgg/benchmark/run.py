@@ -1,5 +1,5 @@
-"""One benchmark run: every (arch, size, batch) row, every form timed
-side by side (:mod:`mmrepvgg.utils.timing`), checked equal first
+"""One benchmark run: every (arch, size, batch) row, every form timed side
+by side (:mod:`mmrepvgg.utils.timing`), checked equal first
 (:mod:`.reference`).
 
 Forms (:data:`.options.ALL_FORMS`): PyTorch ``training``, ``deploy`` and
@@ -10,13 +10,16 @@ run in the same rounds, so every ratio is a median of per-round ratios.
 """
 import copy
 import statistics
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from mmrepvgg.deploy.switch import count_params
-from mmrepvgg.utils.timing import measure, predecessor_effect
+from mmrepvgg.deploy.verify import flatten_outputs
+from mmrepvgg.utils.timing import (ORDERS, ROUND_TOLERANCE, measure,
+                                   predecessor_effect)
 from .memory import peak_activation_bytes
 from .options import (DEFAULT_FORMS, MAX_BATCH, ORT_FORMS, BenchmarkError,
                       check_device_options, parse_forms)
@@ -30,6 +33,55 @@ RATIO_PAIRS = (('deploy', 'reference'), ('training', 'deploy'),
 #: Forms judged by the float32-noise criterion (the others are lossy).
 FP32_FORMS = ('deploy', 'reference', 'ort-fp32')
 LOW_PRECISION = {'deploy-bf16': torch.bfloat16, 'deploy-fp16': torch.float16}
+
+
+@dataclass
+class BenchOptions:
+    """How :func:`run_benchmark` times (the options of
+    ``tools/benchmark.py`` of the same names).
+
+    Args:
+        forms (Sequence[str]): forms to time (:data:`.options.ALL_FORMS`).
+        repeats (int): timed rounds per row.
+        warmup (int): untimed rounds per row first.
+        settle (int): untimed calls of a form before each timed call.
+        order (str): ``balanced`` or ``random`` order of forms per round.
+        device (str): ``cpu`` or ``cuda[:N]``.
+        channels_last (bool): PyTorch models and inputs in channels_last.
+        compile (bool): ``torch.compile`` the PyTorch forms.
+        ort_spinning (bool): onnxruntime threads busy-wait between runs.
+        tolerance (float): a round slower than the median round by more
+            than this fraction is disturbed.
+    """
+    forms: Sequence[str] = DEFAULT_FORMS
+    repeats: int = 24
+    warmup: int = 3
+    settle: int = 1
+    order: str = 'balanced'
+    device: str = 'cpu'
+    channels_last: bool = False
+    compile: bool = False
+    ort_spinning: bool = False
+    tolerance: float = ROUND_TOLERANCE
+
+    def check(self, batch_sizes: Sequence[int]) -> torch.device:
+        """Refuse bad options (the message names the option); returns the
+        device."""
+        self.forms = parse_forms(self.forms)
+        for name, value, low in (('repeats', self.repeats, 1),
+                                 ('warmup', self.warmup, 0),
+                                 ('settle', self.settle, 0)):
+            if value < low:
+                raise BenchmarkError(f'--{name} must be >= {low}, got '
+                                     f'{value}')
+        if not batch_sizes or min(batch_sizes) < 1 or \
+                max(batch_sizes) > MAX_BATCH:
+            raise BenchmarkError(f'--batch-sizes must be >= 1 and <= '
+                                 f'{MAX_BATCH}, got {list(batch_sizes)}')
+        if self.order not in ORDERS:
+            raise BenchmarkError(f'--order must be balanced or random, got '
+                                 f'{self.order!r}')
+        return check_device_options(self.device, self.forms)
 
 
 def ratio_name(a: str, b: str) -> str:
@@ -47,46 +99,12 @@ def make_input(batch: int, hw: Tuple[int, int], device: torch.device,
     return x
 
 
-def _prepare(model: nn.Module, device: torch.device, dtype: torch.dtype,
-             channels_last: bool) -> nn.Module:
-    model = model.to(device=device, dtype=dtype)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model.eval()
-
-
-def check_row_options(repeats: int, warmup: int, settle: int,
-                      batch_sizes: Sequence[int], order: str) -> None:
-    """Refuse bad timing options (the message names the option)."""
-    if repeats < 1:
-        raise BenchmarkError(f'--repeats must be >= 1, got {repeats}')
-    if warmup < 0:
-        raise BenchmarkError(f'--warmup must be >= 0, got {warmup}')
-    if settle < 0:
-        raise BenchmarkError(f'--settle must be >= 0, got {settle}')
-    if not batch_sizes or min(batch_sizes) < 1 or \
-            max(batch_sizes) > MAX_BATCH:
-        raise BenchmarkError(f'--batch-sizes must be >= 1 and <= '
-                             f'{MAX_BATCH}, got {list(batch_sizes)}')
-    if order not in ('balanced', 'random'):
-        raise BenchmarkError(f'--order must be balanced or random, got '
-                             f'{order!r}')
-
-
 def run_benchmark(archs: Sequence[Tuple[str, Union[str, dict]]],
                   sizes: Sequence[Tuple[int, int]],
                   batch_sizes: Sequence[int],
-                  forms: Sequence[str] = DEFAULT_FORMS,
-                  repeats: int = 24,
-                  warmup: int = 3,
-                  settle: int = 1,
-                  order: str = 'balanced',
-                  device: str = 'cpu',
-                  channels_last: bool = False,
-                  compile: bool = False,
-                  ort_spinning: bool = False,
-                  tolerance: float = 0.15,
-                  log: Callable[[str], None] = print) -> List[dict]:
+                  options: Optional[BenchOptions] = None,
+                  log: Callable[[str], None] = print,
+                  **overrides) -> List[dict]:
     """Benchmark every (arch, size, batch); returns one dict per row.
 
     Args:
@@ -94,17 +112,8 @@ def run_benchmark(archs: Sequence[Tuple[str, Union[str, dict]]],
             (:func:`.options.parse_arch`).
         sizes (Sequence[tuple]): input ``(H, W)``.
         batch_sizes (Sequence[int]): batch sizes.
-        forms (Sequence[str]): forms to time (:data:`.options.ALL_FORMS`).
-        repeats (int): timed rounds per row.
-        warmup (int): untimed rounds per row first.
-        settle (int): untimed calls of a form before each timed call.
-        order (str): ``balanced`` or ``random`` order of forms per round.
-        device (str): ``cpu`` or ``cuda[:N]``.
-        channels_last (bool): PyTorch models and inputs in channels_last.
-        compile (bool): ``torch.compile`` the PyTorch forms.
-        ort_spinning (bool): onnxruntime threads busy-wait between runs.
-        tolerance (float): a round slower than the median round by more
-            than this fraction is disturbed.
+        options (BenchOptions, optional): how; ``overrides`` replace its
+            fields.
         log (callable): progress lines.
 
     Returns:
@@ -116,70 +125,65 @@ def run_benchmark(archs: Sequence[Tuple[str, Union[str, dict]]],
         BenchmarkError: bad options, or a float32 form that does not compute
             the training form's function.
     """
-    forms = parse_forms(forms)
-    check_row_options(repeats, warmup, settle, batch_sizes, order)
-    dev = check_device_options(device, forms)
-    if compile and warmup < 1:
+    opts = replace(options or BenchOptions(), **overrides)
+    dev = opts.check(batch_sizes)
+    if opts.compile and opts.warmup < 1:
         log('note: --compile: warmup raised to 1 (compilation happens on '
             'the first call)')
-        warmup = 1
+        opts.warmup = 1
     rows = []
     cudnn_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = dev.type == 'cuda'
     try:
         for label, arch in archs:
-            rows += _bench_arch(label, arch, sizes, batch_sizes, forms, dev,
-                                repeats, warmup, settle, order,
-                                channels_last, compile, ort_spinning,
-                                tolerance, log)
+            rows += _bench_arch(label, arch, sizes, batch_sizes, opts, dev,
+                                log)
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark
     return rows
 
 
-def _bench_arch(label, arch, sizes, batch_sizes, forms, dev, repeats, warmup,
-                settle, order, channels_last, compile, ort_spinning,
-                tolerance, log) -> List[dict]:
-    from .onnx_forms import OrtForms, ort_threads
-    base = {k: _prepare(m, dev, torch.float32, channels_last)
-            for k, m in build_forms(arch).items()}
+def _bench_arch(label: str, arch, sizes, batch_sizes, opts: BenchOptions,
+                dev: torch.device, log) -> List[dict]:
+    from .onnx_forms import OrtForms, describe_ops, ort_threads
+    base = {}
+    for k, m in build_forms(arch).items():
+        m = m.to(device=dev)
+        base[k] = (m.to(memory_format=torch.channels_last)
+                   if opts.channels_last else m).eval()
     params = {k: count_params(m) for k, m in base.items()}
     if params['deploy'] != params['reference']:
         raise BenchmarkError(f'{label}: reference has {params["reference"]} '
                              f'parameters, deploy {params["deploy"]}')
-    torch_models: Dict[str, nn.Module] = {}
-    for form in forms:
-        if form in ('training', 'deploy', 'reference'):
-            torch_models[form] = base[form]
-        elif form in LOW_PRECISION:
-            torch_models[form] = copy.deepcopy(base['deploy']).to(
-                dtype=LOW_PRECISION[form])
+    models: Dict[str, nn.Module] = {
+        f: copy.deepcopy(base['deploy']).to(dtype=LOW_PRECISION[f])
+        if f in LOW_PRECISION else base[f]
+        for f in opts.forms if f not in ORT_FORMS}
     ort = None
-    if any(f in ORT_FORMS for f in forms):
+    if any(f in ORT_FORMS for f in opts.forms):
         ort = OrtForms(copy.deepcopy(base['deploy']).cpu(), sizes,
-                       [f for f in forms if f in ORT_FORMS], ort_threads(),
-                       spinning=ort_spinning)
-        for line in _ort_lines(ort):
-            log(line)
+                       [f for f in opts.forms if f in ORT_FORMS],
+                       ort_threads(), spinning=opts.ort_spinning)
+        for info in ort.info.values():
+            for line in describe_ops(info):
+                log(line)
     try:
-        accuracy = {hw: _check(label, hw, base, torch_models, ort, forms,
-                               dev, channels_last, log) for hw in sizes}
-        calls = {k: (torch.compile(m, dynamic=False) if compile else m)
-                 for k, m in torch_models.items()}
+        accuracy = {hw: _check(f'{label} {hw[0]}x{hw[1]}', hw,
+                               base['training'], models, ort, opts, dev, log)
+                    for hw in sizes}
+        calls = {k: (torch.compile(m, dynamic=False) if opts.compile else m)
+                 for k, m in models.items()}
         rows = []
         for hw in sizes:
             for batch in batch_sizes:
-                row = bench_row(calls, ort, forms, batch, hw, dev,
-                                channels_last, repeats, warmup, settle,
-                                order, tolerance)
-                row.update(arch=label, params=dict(
-                    training=params['training'], deploy=params['deploy']),
-                    accuracy=accuracy[hw])
+                row = bench_row(calls, ort, batch, hw, opts, dev)
+                row.update(arch=label, accuracy=accuracy[hw], params=dict(
+                    training=params['training'], deploy=params['deploy']))
                 if ort is not None and 'ort-int8' in ort.info:
+                    info = ort.info['ort-int8']
                     row['int8_graph'] = dict(
-                        config=ort.info['ort-int8']['config'],
-                        optimized_ops=dict(
-                            ort.info['ort-int8']['optimized_ops']))
+                        config=info['config'],
+                        optimized_ops=dict(info['optimized_ops']))
                 rows.append(row)
                 log(row_line(row))
     finally:
@@ -188,24 +192,36 @@ def _bench_arch(label, arch, sizes, batch_sizes, forms, dev, repeats, warmup,
     return rows
 
 
-def _ort_lines(ort) -> List[str]:
-    from .onnx_forms import describe_ops
-    return [ln for info in ort.info.values() for ln in describe_ops(info)]
+def _inputs(models, ort, opts, x):
+    """Per form the zero-argument call on ``x`` (cast to the form's dtype;
+    a numpy copy for onnxruntime) and, for PyTorch forms, ``(model,
+    input)``."""
+    fns, torch_inputs = {}, {}
+    for form in opts.forms:
+        if form in models:
+            m = models[form]
+            xi = x.to(next(m.parameters()).dtype)
+            fns[form] = (lambda m=m, xi=xi: m(xi))
+            torch_inputs[form] = (m, xi)
+        elif ort is not None and form in ORT_FORMS:
+            fns[form] = ort.callable(form,
+                                     x.float().cpu().contiguous().numpy())
+    return fns, torch_inputs
 
 
-def _check(label, hw, base, torch_models, ort, forms, dev, channels_last,
-           log) -> dict:
+def _check(name: str, hw, training: nn.Module, models, ort,
+           opts: BenchOptions, dev, log) -> dict:
     """Float32-noise verdicts of the float32 forms and the error of the
     lossy ones, at batch 1; returns ``form -> accuracy dict``."""
-    name = f'{label} {hw[0]}x{hw[1]}'
-    x = make_input(1, hw, dev, torch.float32, channels_last)
-    truth, ref = float32_noise(base['training'], x)
+    x = make_input(1, hw, dev, torch.float32, opts.channels_last)
+    truth, ref = float32_noise(training, x)
     out: Dict[str, dict] = {}
     with torch.inference_mode():
-        for form in forms:
-            if form in torch_models and form != 'training':
-                m = torch_models[form]
-                cand = _flat(m(x.to(_dtype(m))))
+        for form in opts.forms:
+            if form in models and form != 'training':
+                m = models[form]
+                cand = {k: v.float().cpu() for k, v in flatten_outputs(
+                    m(x.to(next(m.parameters()).dtype))).items()}
             elif ort is not None and form in ORT_FORMS:
                 cand = ort.outputs(form, x.float().cpu().contiguous().numpy())
             else:
@@ -217,71 +233,42 @@ def _check(label, hw, base, torch_models, ort, forms, dev, channels_last,
                                  passed=v['passed'])
             else:
                 out[form] = dict(kind='lossy', **lossy_error(truth, cand))
-    parts = []
-    for form, a in out.items():
-        if a['kind'] == 'fp32':
-            parts.append(f'{form} {a["error"]:.2g} ({a["ratio"]:.2f}x noise)')
-        else:
-            parts.append(f'{form} SQNR {a["sqnr_db"]:.1f} dB')
-    noise = max(
-        (a['noise'] for a in out.values() if a['kind'] == 'fp32'),
-        default=None)
+    parts = [f'{form} {a["error"]:.2g} ({a["ratio"]:.2f}x noise)'
+             if a['kind'] == 'fp32' else f'{form} SQNR {a["sqnr_db"]:.1f} dB'
+             for form, a in out.items()]
+    noise = max((a['noise'] for a in out.values() if a['kind'] == 'fp32'),
+                default=None)
     log(f'check {name}: error vs float64 truth: ' + ', '.join(parts) +
         (f'; training float32 noise {noise:.2g}' if noise is not None
          else ''))
     return out
 
 
-def _flat(outs) -> Dict[str, torch.Tensor]:
-    from mmrepvgg.deploy.verify import flatten_outputs
-    return {k: v.float().cpu() for k, v in flatten_outputs(outs).items()}
-
-
-def bench_row(calls: Dict[str, nn.Module],
-              ort,
-              forms: Sequence[str],
-              batch: int,
-              hw: Tuple[int, int],
-              dev: torch.device,
-              channels_last: bool,
-              repeats: int,
-              warmup: int,
-              settle: int = 1,
-              order: str = 'balanced',
-              tolerance: float = 0.15) -> dict:
+def bench_row(calls: Dict[str, nn.Module], ort, batch: int,
+              hw: Tuple[int, int], opts: BenchOptions,
+              dev: torch.device) -> dict:
     """Latency, throughput, ratios and peak memory of the forms on one
     input (see :func:`run_benchmark`)."""
-    x = make_input(batch, hw, dev, torch.float32, channels_last)
-    xs = {k: x.to(_dtype(m)) for k, m in calls.items()}
-    fns = {}
-    for form in forms:
-        if form in calls:
-            fns[form] = (lambda m=calls[form], xi=xs[form]: m(xi))
-        elif ort is not None and form in ORT_FORMS:
-            fns[form] = ort.callable(
-                form, x.float().cpu().contiguous().numpy())
+    x = make_input(batch, hw, dev, torch.float32, opts.channels_last)
+    fns, torch_inputs = _inputs(calls, ort, opts, x)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' \
         else None
     threads = torch.get_num_threads() if dev.type == 'cpu' else 1
     with torch.inference_mode():
-        t = measure(fns, repeats, warmup, settle=settle, order=order,
-                    sync=sync, threads=threads, tolerance=tolerance)
+        t = measure(fns, opts.repeats, opts.warmup, settle=opts.settle,
+                    order=opts.order, sync=sync, threads=threads,
+                    tolerance=opts.tolerance)
     lat = {k: t.median(k) for k in t.times}
-    ratios = {ratio_name(a, b): t.ratio(a, b) for a, b in RATIO_PAIRS
-              if a in t.times and b in t.times}
-    peak = {}
-    for form in forms:
-        if form in calls:
-            peak[form] = peak_activation_bytes(calls[form], xs[form])
-        else:
-            peak[form] = None
     others = [r['others_cpu'] / r['wall'] for r in t.rounds
               if r['others_cpu'] is not None and r['wall'] > 0]
     return dict(
-        height=hw[0], width=hw[1], batch=batch, forms=list(forms),
+        height=hw[0], width=hw[1], batch=batch, forms=list(opts.forms),
         latency_ms={k: v * 1e3 for k, v in lat.items()},
         throughput={k: batch / v for k, v in lat.items()},
-        ratios=ratios, peak_bytes=peak,
+        ratios={ratio_name(a, b): t.ratio(a, b) for a, b in RATIO_PAIRS
+                if a in t.times and b in t.times},
+        peak_bytes={f: peak_activation_bytes(*torch_inputs[f])
+                    if f in torch_inputs else None for f in opts.forms},
         rounds=dict(total=len(t.reasons), kept=len(t.kept),
                     dropped=t.disturbed, busy=t.busy, reasons=t.reasons,
                     own_cores=[r['own_cpu'] / r['wall'] if r['wall'] else 0
@@ -289,13 +276,9 @@ def bench_row(calls: Dict[str, nn.Module],
                     others_cores_median=statistics.median(others)
                     if others else None),
         order_effect=predecessor_effect(t.times, t.orders, t.kept),
-        settle=settle, order=order, threads=threads,
-        times_ms={k: [x * 1e3 for x in v] for k, v in t.times.items()},
+        settle=opts.settle, order=opts.order, threads=threads,
+        times_ms={k: [s * 1e3 for s in v] for k, v in t.times.items()},
         orders=[list(o) for o in t.orders])
-
-
-def _dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
 
 
 def row_name(r: dict) -> str:

@@ -127,10 +127,6 @@ class LoadProbe:
         return time.perf_counter(), self.own_cpu(), self.machine_busy()
 
 
-def _no_sync() -> None:
-    pass
-
-
 def time_interleaved(fns: Mapping[str, Callable[[], object]],
                      repeats: int,
                      warmup: int,
@@ -139,20 +135,8 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]],
                      seed: int = 0,
                      sync: Optional[Callable[[], None]] = None,
                      probe: Optional[LoadProbe] = None) -> dict:
-    """Time every ``fns[name]()``, one timed call of each form per round
-    (see the module docstring); the raw samples behind :func:`measure`.
-
-    Args:
-        fns (Mapping): form name -> zero-argument callable.
-        repeats (int): timed rounds.
-        warmup (int): untimed rounds first.
-        settle (int): untimed calls of a form right before each of its
-            timed calls.
-        order (str): ``balanced`` or ``random`` (:func:`round_orders`).
-        seed (int): seed of the random order.
-        sync (callable, optional): called before starting and stopping each
-            clock (``torch.cuda.synchronize`` on GPU).
-        probe (LoadProbe, optional): load measurement; a new one by default.
+    """The raw samples behind :func:`measure` (same arguments; ``probe``:
+    the load measurement, a new :class:`LoadProbe` by default).
 
     Returns:
         dict: ``times`` (form -> seconds per timed call, in round order),
@@ -163,7 +147,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]],
     if repeats < 1 or warmup < 0 or settle < 0:
         raise ValueError(f'need repeats >= 1, warmup >= 0 and settle >= 0, '
                          f'got {repeats}, {warmup}, {settle}')
-    sync = sync or _no_sync
+    sync = sync or (lambda: None)
     probe = probe or LoadProbe()
     names = list(fns)
     times: Dict[str, List[float]] = {name: [] for name in names}
@@ -292,17 +276,11 @@ def predecessor_effect(times: Mapping[str, Sequence[float]],
 
 @dataclass
 class Timing:
-    """What :func:`measure` measured.
-
-    Attributes:
-        times (dict): form -> seconds of each timed call, in round order.
-        orders (list): the form order of each timed round.
-        rounds (list): per round ``wall``, ``total``, ``own_cpu``,
-            ``others_cpu`` (see :func:`time_interleaved`).
-        reasons (list): per round why it is disturbed (``''``: it is not).
-        kept (list): the rounds every median uses.
-        busy (bool): more than half the rounds were disturbed (all kept).
-    """
+    """What :func:`measure` measured: the raw ``times`` (form -> seconds of
+    each timed call), ``orders`` and ``rounds`` of :func:`time_interleaved`,
+    per round why it is disturbed (``reasons``, ``''``: it is not), the
+    rounds every median uses (``kept``) and whether more than half were
+    disturbed (``busy``: then all are kept)."""
     times: Dict[str, List[float]]
     orders: List[Tuple[str, ...]]
     rounds: List[dict]

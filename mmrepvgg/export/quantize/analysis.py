@@ -96,19 +96,24 @@ def _run_pairs(fp32_model, int8_model, ftensors: Sequence[str],
         yield fsess.run(list(ftensors), feed), qsess.run(list(qtensors), feed)
 
 
-def dequantized_name(int8_model, tensor: str) -> Optional[str]:
-    """Name of the dequantized copy of float ``tensor`` in a QDQ graph
-    (``DequantizeLinear(QuantizeLinear(tensor))``), or of the tensor itself
-    where it stays float; ``None`` if the graph has neither."""
-    graph = load(int8_model).graph
-    read_by = consumers(graph)
+def _qdq_after(read_by, tensor: str):
+    """``(QuantizeLinear, its DequantizeLinear's output)`` reading
+    ``tensor`` in a QDQ graph, or ``(None, None)``."""
     for qn in read_by.get(tensor, []):
-        if qn.op_type != 'QuantizeLinear':
-            continue
-        for dq in read_by.get(qn.output[0], []):
+        for dq in read_by.get(qn.output[0], []) \
+                if qn.op_type == 'QuantizeLinear' else []:
             if dq.op_type == 'DequantizeLinear':
-                return dq.output[0]
-    return tensor if tensor in producers(graph) else None
+                return qn, dq.output[0]
+    return None, None
+
+
+def dequantized_name(int8_model, tensor: str) -> Optional[str]:
+    """Name of the dequantized copy of float ``tensor`` in a QDQ graph, or
+    of the tensor itself where it stays float; ``None`` if the graph has
+    neither."""
+    graph = load(int8_model).graph
+    name = _qdq_after(consumers(graph), tensor)[1]
+    return name or (tensor if tensor in producers(graph) else None)
 
 
 def compare_sessions(fp32_model,
@@ -244,21 +249,14 @@ def _fake_quant(x: np.ndarray, scale: np.ndarray,
 
 
 def _quantized_output(read_by, conv) -> Tuple[object, Optional[str]]:
-    """``(QuantizeLinear, dequantized tensor name)`` of a QDQ graph's conv
-    output, after its activation when the quantizer kept one; ``(None,
-    None)`` when the output is not quantized. Follows the graph from the
-    conv node, so the quantizer's renaming of outputs does not matter."""
+    """:func:`_qdq_after` the conv's output, or after its activation when
+    the quantizer kept one (followed from the conv node, so the
+    quantizer's renaming of outputs does not matter)."""
     tensor = conv.output[0]
     nxt = read_by.get(tensor, [])
     if len(nxt) == 1 and nxt[0].op_type in FOLDED_ACTIVATIONS:
         tensor = nxt[0].output[0]
-    for qn in read_by.get(tensor, []):
-        if qn.op_type != 'QuantizeLinear':
-            continue
-        for dq in read_by.get(qn.output[0], []):
-            if dq.op_type == 'DequantizeLinear':
-                return qn, dq.output[0]
-    return None, None
+    return _qdq_after(read_by, tensor)
 
 
 def _weight_errors(fp32_path: str, int8_path: str) -> dict:
