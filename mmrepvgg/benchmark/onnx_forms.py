@@ -23,13 +23,6 @@ from .options import BenchmarkError
 CALIB_PER_SIZE = 4
 
 
-def export_backbone(backbone: nn.Module, x: torch.Tensor, path: str) -> None:
-    """Export a deploy-form backbone (CPU, float32) to ``path`` with dynamic
-    batch, height and width (the export package's exporter)."""
-    from mmrepvgg.export.quantize import export_module
-    export_module(backbone, x, path)
-
-
 class OrtForms:
     """The ``ort-fp32`` and ``ort-int8`` sessions of one backbone.
 
@@ -62,7 +55,7 @@ class OrtForms:
                           int8=osp.join(self.dir, 'backbone_int8.onnx'))
         model = backbone.float().cpu().eval()
         h, w = sizes[0]
-        export_backbone(model, torch.zeros(1, 3, h, w), self.paths['fp32'])
+        qz.export_module(model, torch.zeros(1, 3, h, w), self.paths['fp32'])
         self.sessions = {}
         self.info: Dict[str, dict] = {}
         if 'ort-fp32' in forms:

@@ -133,12 +133,6 @@ def run(session, feeds: Mapping[str, np.ndarray],
                                f'{_first_line(e)}') from None
 
 
-def run_onnx(session, x: np.ndarray, **extra: np.ndarray
-             ) -> List[np.ndarray]:
-    """Run a graph whose image input is named ``input``."""
-    return run(session, dict(input=x, **extra))
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
