@@ -174,13 +174,30 @@ def test_no_pkg_resources_warnings_and_one_line(deployed, toy_trained):
     assert 'this is a deploy checkpoint' in lines[0]
 
 
+def _wait_until_mapped(proc, lib: str, timeout: float = 120) -> None:
+    """Return once the child has mapped ``lib`` (it is importing it): the
+    child's own memory map reports the event, no fixed sleep guesses it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with open(f'/proc/{proc.pid}/maps') as f:
+                if lib in f.read():
+                    return
+        except OSError:
+            break
+        time.sleep(0.005)
+    pytest.fail(f'the child never loaded {lib} (exit {proc.poll()})')
+
+
+@pytest.mark.skipif(not osp.exists('/proc/self/maps'),
+                    reason='needs /proc/<pid>/maps')
 def test_sigint_while_importing_exits_130_with_one_line(toy_trained):
     proc = subprocess.Popen(
         [sys.executable, osp.join(TOOLS, 'test.py'), TOY_CONFIG,
          str(toy_trained['ckpt'])], cwd=toy_trained['ws'],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=_env_without_warning_filters())
-    time.sleep(1.0)  # python is up, torch/mmdet are being imported
+    _wait_until_mapped(proc, 'libtorch')  # torch/mmdet are being imported
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
