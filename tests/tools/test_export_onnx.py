@@ -371,16 +371,18 @@ def _test_tool(ws, config, ckpt, out, extra=()):
         proc.stdout
 
 
-def test_onnx_file_in_mmdet_test_loop(toy_trained, tmp_path):
-    """tools/test.py CONFIG MODEL.onnx: the same detections (rescaled to the
-    original images) and the same metrics as the PyTorch deploy model."""
+def test_onnx_file_in_mmdet_test_loop(toy_trained, tmp_path, capsys,
+                                      monkeypatch):
+    """tools/test.py CONFIG MODEL.onnx (its command line, in a process of
+    its own): the same detections (rescaled to the original images) and the
+    same metrics as the PyTorch deploy model."""
     ws, ckpt = toy_trained['ws'], toy_trained['ckpt']
-    onnx_file = ws / 'toy_e2e.onnx'
-    proc = run_tool([sys.executable, osp.join(TOOLS, 'export_onnx.py'),
-                     TOY_CONFIG, str(ckpt), str(onnx_file), '--postprocess',
-                     '--verify-images', '8'], cwd=ws)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert '8 test-set image(s) 8x3x128x128' in proc.stdout
+    onnx_file = tmp_path / 'toy_e2e.onnx'
+    monkeypatch.chdir(ws)
+    code, stdout, err = _run([TOY_CONFIG, ckpt, onnx_file, '--postprocess',
+                              '--verify-images', '8'], capsys)
+    assert code == 0, err
+    assert '8 test-set image(s) 8x3x128x128' in stdout
     torch_dets, torch_map, _ = _test_tool(ws, TOY_CONFIG, ckpt,
                                           tmp_path / 'torch.pkl',
                                           ['--deploy'])
