@@ -67,23 +67,20 @@ def demo_summary(cfg,
         ``network`` (``timing`` of the forms ``training`` and ``deploy``,
         ``shape``, ``threads``) with ``network_batch``.
     """
-    from mmengine.dataset import pseudo_collate
-
     from mmrepvgg.apis.convert import (build_model, load_weights,
                                        make_inputs, read_state_dict,
                                        test_input_shape)
     from mmrepvgg.deploy import switch_to_deploy
-    from mmrepvgg.export.quantize import build_split
     from mmrepvgg.export.runtime import input_names, make_session
+    from mmrepvgg.export.verify import dataset_batch
     training = build_model(cfg)
     sd, _ = read_state_dict(checkpoint, unsafe_load)
     load_weights(training, sd, checkpoint, config_path)
     training.eval()
     deploy = switch_to_deploy(training, inplace=False, verbose=False)
-    ds = build_split(cfg, 'test')
-    data = training.data_preprocessor(
-        pseudo_collate([ds[i] for i in range(min(batch, len(ds)))]), False)
-    x, samples = data['inputs'], data['data_samples']
+    x, samples, note = dataset_batch(cfg, training, batch)
+    if x is None:
+        raise ValueError(f'{config_path}: {note}')
     feed = dict(input=x.numpy(), img_shape=np.asarray(
         [s.metainfo['img_shape'][:2] for s in samples], np.int64))
 
