@@ -109,8 +109,8 @@ def test_failed_verification_writes_nothing(case, detectors, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ['toy.pth']
 
 
-def test_intermediate_graph_lives_in_a_scratch_folder(detectors, tmp_path,
-                                                       monkeypatch):
+def test_intermediate_graph_lives_in_a_scratch_folder(
+        detectors, tmp_path, monkeypatch):
     """The verification graph goes to a private scratch folder (removed by
     the next run after a SIGKILL), never next to OUTPUT."""
     import os.path as osp
