@@ -6,7 +6,6 @@ inputs, and write the deploy checkpoint and its config atomically.
 """
 import copy
 import os.path as osp
-import time
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -345,29 +344,6 @@ def count_convs(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def measure_latency(models: Sequence[nn.Module], x: torch.Tensor,
-                    samples: list, repeats: int = 5,
-                    warmup: int = 2) -> List[float]:
-    """Median seconds of one tensor-mode forward (no post-processing) of
-    each model, measured interleaved (A B A B ...) so that machine load
-    affects every model alike."""
-    fns = [_tensor_forward(m) for m in models]
-    for _ in range(warmup):
-        for fn in fns:
-            fn(x, samples)
-    times: List[List[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, t in zip(fns, times):
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn(x, samples)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            t.append(time.perf_counter() - t0)
-    return [sorted(t)[len(t) // 2] for t in times]
-
-
 def _tensor_forward(model):
     if hasattr(model, '_forward'):
         return lambda x, s: model._forward(x, s)
@@ -465,8 +441,13 @@ def convert_checkpoint(cfg: Config,
                 f'{checkpoint}: conversion check failed: '
                 f'{describe(verdict)}; nothing written')
     if latency_repeats > 0:
-        report['latency_before'], report['latency_after'] = measure_latency(
-            [model, fused], x, samples, latency_repeats)
+        from mmrepvgg.utils.timing import measure
+        forms = {name: (lambda f=_tensor_forward(m): f(x, samples))
+                 for name, m in (('before', model), ('after', fused))}
+        timing = measure(forms, latency_repeats, warmup=2, sync=(
+            torch.cuda.synchronize if x.is_cuda else None))
+        report['latency_before'] = timing.median('before')
+        report['latency_after'] = timing.median('after')
 
     # The deploy config must rebuild exactly this model (strict load).
     from mmdet.registry import MODELS
