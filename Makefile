@@ -10,7 +10,7 @@ setup:
 	MMREPVGG_VENV=$(abspath $(VENV)) bash scripts/setup_env.sh
 
 demo: setup
-	$(PY) tools/demo.py
+	$(PY) tools/misc/demo.py
 
 # The suite runs on every core (at most 4 workers, each with its share of the
 # cores as torch threads; see tests/conftest.py): XDIST= runs it in one process.
@@ -42,7 +42,7 @@ noise-table: setup
 	  if [ $$isa = default ]; then unset ONEDNN_MAX_CPU_ISA; \
 	  else export ONEDNN_MAX_CPU_ISA=$$isa; fi; \
 	  if [ $$first = 1 ]; then h=; first=0; else h=--no-header; fi; \
-	  OMP_NUM_THREADS=$$t $(PY) tools/noise_table.py --toy $$h; \
+	  OMP_NUM_THREADS=$$t $(PY) tools/analysis_tools/noise_table.py --toy $$h; \
 	done; done
 
 # Speed of the forms of RepVGG backbones, timed in the same rounds: training,
@@ -51,4 +51,4 @@ noise-table: setup
 # Run on a quiet machine, e.g. BENCH_ARGS='--threads 2 --sizes 224 --bf16 --repeats 36'.
 BENCH_ARGS ?=
 benchmark: setup
-	$(PY) tools/benchmark.py --out-dir work_dirs/benchmark $(BENCH_ARGS)
+	$(PY) tools/analysis_tools/benchmark.py --out-dir work_dirs/benchmark $(BENCH_ARGS)

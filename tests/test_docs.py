@@ -1,12 +1,15 @@
 """Every command shown in README.md and docs/ runs as written: the fast checks.
 
-Running every training command of the docs would take hours, so this checks what can be checked
-in seconds and fails whenever a shown command is wrong: the ```bash blocks of README.md and
-docs/ are parsed; every ``make TARGET`` must be a Makefile target; every ``python tools/X.py``
-(or ``bash tools/X.sh``) must exist and every ``--option`` it is shown with must appear in that
-tool's ``--help`` (run once per tool, in parallel); every ``configs/...py`` argument must exist.
-Also: the README is at most 250 lines and opens with its two commands, LICENSE exists, and every
-relative link of README.md and docs/ points to an existing file (and heading, for ``#anchor``).
+Running every training command of the docs would take hours, so this checks
+what can be checked in seconds and fails whenever a shown command is wrong:
+the ```bash blocks of README.md and docs/ are parsed; every ``make TARGET``
+must be a Makefile target; every ``python tools/X.py`` (or ``bash
+tools/X.sh``) must exist and every ``--option`` it is shown with must appear
+in that tool's ``--help`` (run once per tool, in parallel); every
+``configs/...py`` argument must exist. Also: the README is at most 250 lines
+and opens with its two commands, LICENSE exists, and every relative link of
+README.md and docs/ points to an existing file (and heading, for
+``#anchor``).
 """
 import glob
 import os
@@ -36,7 +39,8 @@ SHELL_VAR = re.compile(r'\$\{?\w+\}?')
 PYTHON = re.compile(r'^(\S*/)?python(3(\.\d+)?)?$')
 SHELL_WORDS = {'do', 'done', 'then', 'else', 'fi', 'time', 'exec', 'env'}
 SHELL_LOOPS = {'for', 'while', 'if', 'case', 'until'}
-# dist_train.sh / dist_test.sh pass their options through to train.py / test.py.
+# dist_train.sh / dist_test.sh pass their options through to train.py and
+# test.py.
 SCRIPT_PASSES_TO = {'tools/dist_train.sh': 'tools/train.py',
                     'tools/dist_test.sh': 'tools/test.py'}
 
@@ -54,7 +58,8 @@ def _read(path: str) -> str:
 
 
 def shell_lines(path: str) -> Iterator[Tuple[Where, str]]:
-    """Logical lines (backslash continuations joined) of the page's ```bash blocks."""
+    """Logical lines (backslash continuations joined) of the page's
+    ```bash blocks."""
     text = _read(path)
     for block in BASH_BLOCK.finditer(text):
         first = text.count('\n', 0, block.start(1)) + 1
@@ -173,7 +178,8 @@ def test_readme_is_short_and_opens_with_its_two_commands():
 
 def test_license_exists():
     path = osp.join(ROOT, 'LICENSE')
-    assert osp.isfile(path), 'LICENSE is missing (setup.py declares Apache-2.0)'
+    assert osp.isfile(path), \
+        'LICENSE is missing (setup.py declares Apache-2.0)'
     assert 'Apache License' in _read(path)
 
 
@@ -256,7 +262,8 @@ def test_every_relative_link_exists(page):
             continue  # http:, https:, mailto:
         where = f'{_rel(page)}:{text.count(chr(10), 0, m.start()) + 1}'
         path, _, anchor = target.partition('#')
-        full = osp.normpath(osp.join(osp.dirname(page), path)) if path else page
+        full = osp.normpath(osp.join(osp.dirname(page), path)) \
+            if path else page
         if not osp.exists(full):
             bad.append(f'{where}: {target}: {_rel(full)} does not exist')
         elif anchor and full.endswith('.md') and \

@@ -17,15 +17,11 @@ and checked for collisions before anything is written; then every good
 checkpoint is converted, each bad one is reported on its own `error:` line,
 and the tool exits 1 with a summary if any failed.
 """
+import importlib.util
 import os
 import os.path as osp
+import runpy
 import sys
-
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
-    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
-                                          'quiet.py'))['enter_tool']()
 
 
 def parse_args(argv=None):
@@ -159,5 +155,6 @@ def main(argv=None) -> int:
     return run_cli(lambda: run(args), debug=args.debug)
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py
+    PKG = importlib.util.find_spec('mmrepvgg').submodule_search_locations[0]
+    runpy.run_path(osp.join(PKG, 'utils', 'quiet.py'))['run_tool'](main)

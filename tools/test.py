@@ -11,14 +11,9 @@ Same arguments as mmdet's tools/test.py, plus:
   training checkpoint with a deploy config, missing/unexpected keys);
   ``--non-strict`` restores mmengine's lenient loading.
 """
+import importlib.util
 import os.path as osp
-import sys
-
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
-    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
-                                          'quiet.py'))['enter_tool']()
+import runpy
 
 
 def parse_args(argv=None):
@@ -126,5 +121,6 @@ def main(argv=None) -> int:
                     interrupted='interrupted')
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py
+    PKG = importlib.util.find_spec('mmrepvgg').submodule_search_locations[0]
+    runpy.run_path(osp.join(PKG, 'utils', 'quiet.py'))['run_tool'](main)

@@ -6,7 +6,7 @@
 # for RepVGG).
 #
 # Pretrained weights: QARepVGG ImageNet weights are not published in a layout
-# tools/import_checkpoint.py maps (it refuses QARepVGG checkpoints); the file
+# tools/model_converters/import_checkpoint.py maps (it refuses QARepVGG checkpoints); the file
 # below must hold this backbone's own state dict, i.e. of
 # RepVGG(arch='A0', block_cfg=dict(type='QARepVGGBlock')), e.g. from an
 # ImageNet pre-training with it. Set init_cfg=None to start from scratch

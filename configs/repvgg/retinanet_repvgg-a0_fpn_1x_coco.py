@@ -1,6 +1,6 @@
 # RetinaNet with a RepVGG-A0 backbone, 1x schedule on COCO.
 # Pretrained ImageNet weights: convert them once with
-#   python tools/import_checkpoint.py RepVGG-A0-train.pth checkpoints/repvgg-a0_in1k.pth
+#   python tools/model_converters/import_checkpoint.py RepVGG-A0-train.pth checkpoints/repvgg-a0_in1k.pth
 # (official, mmpretrain or timm formats). Deploy twin: deploy/<same name>.
 _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 

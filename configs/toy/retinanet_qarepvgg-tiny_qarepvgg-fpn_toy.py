@@ -4,7 +4,7 @@
 #
 # Two training settings compensate for what a QARepVGG block lacks compared
 # with a RepVGG block in this 288-iteration schedule (mean mAP over 6 seeds
-# with tools/seed_sweep.py, see the README): a RepVGG block's per-channel
+# with tools/analysis_tools/seed_sweep.py, see the README): a RepVGG block's per-channel
 # output affine is the sum of three batch-norm affines (3x3, 1x1, identity),
 # so the optimizer moves it about 3x faster than QARepVGG's single post-sum
 # norm (hence lr_mult=3 on post_norm), and its initial output is about

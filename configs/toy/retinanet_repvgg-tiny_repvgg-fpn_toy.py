@@ -1,5 +1,5 @@
 # The demo detector: a tiny RepVGG backbone + RepVGGFPN neck + RetinaNet head
-# on the toy shapes dataset (tools/make_toy_dataset.py). Trains on 2 CPU cores
+# on the toy shapes dataset (tools/misc/make_toy_dataset.py). Trains on 2 CPU cores
 # in about two minutes; every 3x3 conv of backbone and neck is a RepVGG block.
 _base_ = [
     'mmdet::_base_/models/retinanet_r50_fpn.py',

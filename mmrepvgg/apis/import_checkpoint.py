@@ -1,7 +1,7 @@
 """Import ImageNet RepVGG weights as :class:`mmrepvgg.RepVGG` state dicts.
 
-Behind ``tools/import_checkpoint.py``. Supported source layouts (detected
-from the keys, or forced with ``fmt``):
+Behind ``tools/model_converters/import_checkpoint.py``. Supported source
+layouts (detected from the keys, or forced with ``fmt``):
 
 * ``official``: DingXiaoH/RepVGG ``repvgg.py``: ``stage0`` (the stem),
   ``stage1..4.M`` blocks with ``rbr_dense.{conv,bn}``, ``rbr_1x1.{conv,bn}``,

@@ -2,8 +2,9 @@
 
 One training run of a small detector moves by several mAP points from seed to
 seed (the toy set has 32 validation images), so two configs are compared by
-their means over seeds, with the spread. ``tools/seed_sweep.py`` is the
-command line; this module holds the parts that do not train:
+their means over seeds, with the spread.
+``tools/analysis_tools/seed_sweep.py`` is the command line; this module holds
+the parts that do not train:
 
 - :func:`final_metric` reads the last value of a metric that mmengine logged
   in a work dir (``<timestamp>/vis_data/scalars.json``);

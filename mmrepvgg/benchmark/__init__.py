@@ -1,5 +1,5 @@
 """Speed and memory benchmark of RepVGG backbones (behind
-``tools/benchmark.py``), one module per concern:
+``tools/analysis_tools/benchmark.py``), one module per concern:
 
 * :mod:`.options`: forms, option parsing and validation;
 * :mod:`.reference`: the forms of a backbone, the plain-conv reference and

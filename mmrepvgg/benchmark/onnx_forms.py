@@ -7,7 +7,8 @@ The benchmark's backbones have random weights, so the INT8 graph is
 calibrated on random normal inputs of the benchmarked sizes (the same
 distribution as the timed input); INT8 kernels cost the same whatever the
 values, and the reported SQNR is that of this synthetic setting, not of a
-trained detector on real images (``tools/quantize.py`` measures that).
+trained detector on real images (``tools/deployment/quantize.py``
+measures that).
 """
 import os.path as osp
 import tempfile

@@ -38,7 +38,7 @@ LOW_PRECISION = {'deploy-bf16': torch.bfloat16, 'deploy-fp16': torch.float16}
 @dataclass
 class BenchOptions:
     """How :func:`run_benchmark` times (the options of
-    ``tools/benchmark.py`` of the same names).
+    ``tools/analysis_tools/benchmark.py`` of the same names).
 
     Args:
         forms (Sequence[str]): forms to time (:data:`.options.ALL_FORMS`).

@@ -9,8 +9,8 @@ One module per concern:
   tensor code (decoding, score threshold, top-k, class-aware NMS) and the
   settings an end-to-end graph records;
 - :mod:`.graph`: the traced function and ``torch.onnx.export``;
-- :mod:`.onnx_export`: the export workflow behind ``tools/export_onnx.py``
-  (check, build, verify, write, time);
+- :mod:`.onnx_export`: the export workflow behind
+  ``tools/deployment/export_onnx.py`` (check, build, verify, write, time);
 - :mod:`.runtime`: onnxruntime sessions and runs;
 - :mod:`.verify`: exported graph vs PyTorch (raw tensors by float32 noise,
   detections vs mmdet's ``predict``);

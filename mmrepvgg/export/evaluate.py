@@ -121,7 +121,7 @@ def check_end2end_graph(onnx_file: str,
         raise EvaluateError(
             f'{onnx_file}: not an end-to-end detector graph (inputs '
             f'{sorted(inputs)}, outputs {names}; expected input and '
-            'dets, labels: export it with tools/export_onnx.py '
+            'dets, labels: export it with tools/deployment/export_onnx.py '
             '--postprocess)')
     extra = set(inputs) - {'input', 'img_shape'}
     if extra:
@@ -181,7 +181,8 @@ class OnnxRuntimeDetector(BaseDetector):
     Args:
         onnx_file (str): graph with input ``input`` (and optionally
             ``img_shape``) and outputs ``dets`` (N, K, 5) and ``labels``
-            (N, K), as ``tools/export_onnx.py --postprocess`` writes.
+            (N, K), as ``tools/deployment/export_onnx.py --postprocess``
+            writes.
         data_preprocessor (dict): the config's ``DetDataPreprocessor``.
         num_classes (int, optional): the config's class count (default:
             the graph's metadata).

@@ -1,5 +1,5 @@
 """ONNX export of deployed (fused) RepVGG models behind
-``tools/export_onnx.py``.
+``tools/deployment/export_onnx.py``.
 
 What is exported (:attr:`ExportOptions.mode`)
     * ``'backbone'``: the backbone alone (``model.backbone``, or the model
@@ -123,7 +123,7 @@ class ExportOptions:
 @dataclass
 class ExportReport:
     """What :func:`export_onnx` did and measured (printed by
-    ``tools/export_onnx.py``).
+    ``tools/deployment/export_onnx.py``).
 
     ``batches`` names the verified inputs; ``verdict`` is the raw tensors'
     :func:`~.verify.merge_verdicts`; the end2end fields (``settings`` ...

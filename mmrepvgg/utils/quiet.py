@@ -12,16 +12,9 @@ that
   traceback.
 
 Because ``import mmrepvgg.utils.quiet`` would first run the package's
-``__init__`` (which imports torch and mmdet), a tool runs this file by path,
-as its first statements after putting the repository on ``sys.path``, and
-only when it runs as a program (not when tests import it)::
-
-    if __name__ == '__main__':  # stdlib only, before torch/mmengine
-        __import__('runpy').run_path(osp.join(
-            ROOT, 'mmrepvgg', 'utils', 'quiet.py'))['enter_tool']()
-
-(``ROOT`` = the repository; keep torch/mmengine/mmrepvgg imports after it,
-or inside functions.)
+``__init__`` (which imports torch and mmdet), a tool runs this file by path
+from its ``__main__`` block (see :func:`run_tool`), and keeps every heavy
+import inside functions.
 
 While the tool's body runs, :func:`mmrepvgg.utils.cli.run_cli` (which takes
 :func:`process_rank` and :data:`INTERRUPT_EXIT_CODE` from here) switches
@@ -87,6 +80,28 @@ def exit_on_interrupt() -> bool:
         return False
     signal.signal(signal.SIGINT, _exit_interrupted)
     return True
+
+
+def run_tool(main, exit_on_ctrl_c: bool = True) -> None:
+    """Run a tool as a program: quiet start, then ``sys.exit(main())``.
+
+    A tool calls it from its ``__main__`` block, found without importing
+    the package (whose ``__init__`` imports torch and mmdet)::
+
+        if __name__ == '__main__':  # stdlib-only quiet start
+            pkg = importlib.util.find_spec('mmrepvgg')
+            runpy.run_path(osp.join(pkg.submodule_search_locations[0],
+                                    'utils', 'quiet.py'))['run_tool'](main)
+
+    Args:
+        main: the tool's ``main()``, returning its exit code.
+        exit_on_ctrl_c (bool): also :func:`exit_on_interrupt` (a tool that
+            handles Ctrl-C itself passes False).
+    """
+    silence_warnings()
+    if exit_on_ctrl_c:
+        exit_on_interrupt()
+    sys.exit(main())
 
 
 def enter_tool() -> None:

@@ -1,4 +1,5 @@
 """Shared helpers of the tool tests (imported by conftest and tests)."""
+import glob
 import importlib.util
 import os
 import os.path as osp
@@ -10,10 +11,18 @@ TOY_CONFIG = osp.join(ROOT, 'configs', 'toy',
                       'retinanet_repvgg-tiny_repvgg-fpn_toy.py')
 
 
+def tool_path(name):
+    """tools/<name>.py or tools/<folder>/<name>.py."""
+    found = glob.glob(osp.join(TOOLS, f'{name}.py')) + glob.glob(
+        osp.join(TOOLS, '*', f'{name}.py'))
+    assert len(found) == 1, (name, found)
+    return found[0]
+
+
 def load_tool(name):
-    """Import tools/<name>.py as a module (to call its main() in-process)."""
-    spec = importlib.util.spec_from_file_location(
-        f'_tool_{name}', osp.join(TOOLS, f'{name}.py'))
+    """Import a tool as a module (to call its main() in-process)."""
+    spec = importlib.util.spec_from_file_location(f'_tool_{name}',
+                                                  tool_path(name))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -2,14 +2,15 @@ import os.path as osp
 import sys
 
 import pytest
-from _toolkit import TOOLS, TOY_CONFIG, run_tool, toy_train_options
+from _toolkit import (TOOLS, TOY_CONFIG, run_tool, tool_path,
+                      toy_train_options)
 
 
 @pytest.fixture(scope='session')
 def toy_workspace(tmp_path_factory):
     """A folder holding data/toy (small) where the toy config runs."""
     ws = tmp_path_factory.mktemp('toy')
-    proc = run_tool([sys.executable, osp.join(TOOLS, 'make_toy_dataset.py'),
+    proc = run_tool([sys.executable, tool_path('make_toy_dataset'),
                      '--out', 'data/toy', '--train', '16', '--val', '8',
                      '--size', '96'], cwd=ws)
     assert proc.returncode == 0, proc.stderr

@@ -1,4 +1,5 @@
-"""tools/benchmark.py, in process: tiny runs, the files written, bad options
+"""tools/analysis_tools/benchmark.py, in process: tiny runs, the files
+written, bad options
 (no speed assertion). The package is tested in tests/benchmark, the timing
 method in tests/utils/test_timing.py."""
 import json
@@ -48,7 +49,8 @@ def test_tiny_run_writes_table_and_plot(tmp_path, capsys):
                     'peak MiB training', 'peak MiB deploy', 'rounds used']
     header = '| ' + ' | '.join(cols) + ' |'
     assert header in md and header in out  # file and stdout
-    assert 'python tools/benchmark.py --archs' in md  # the command line
+    # the command line
+    assert 'python tools/analysis_tools/benchmark.py --archs' in md
     assert f'torch: {torch.__version__}' in md
     assert 'settle calls: 1' in md and 'order: balanced' in md
     (cells, ) = [c for c in _cells(md) if len(c) == len(cols)]

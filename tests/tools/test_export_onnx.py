@@ -1,4 +1,5 @@
-"""tools/export_onnx.py: end-to-end, raw-head and backbone export, dynamic
+"""tools/deployment/export_onnx.py: end-to-end, raw-head and backbone export,
+dynamic
 shapes, training and deploy checkpoints, onnxruntime verification, bad
 inputs; tools/test.py on an exported file (mmdet's test loop)."""
 import json

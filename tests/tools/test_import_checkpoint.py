@@ -1,4 +1,5 @@
-"""tools/import_checkpoint.py: official / mmpretrain / timm RepVGG weights ->
+"""tools/model_converters/import_checkpoint.py: official / mmpretrain / timm
+RepVGG weights ->
 mmrepvgg RepVGG backbone weights.
 
 Source checkpoints are built here, without downloads:
@@ -33,7 +34,8 @@ from mmrepvgg.deploy import load_checkpoint
 from mmrepvgg.testing import assert_fp32_equivalent, randomize_
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOL = osp.join(ROOT, 'tools', 'import_checkpoint.py')
+TOOL = osp.join(ROOT, 'tools', 'model_converters',
+                'import_checkpoint.py')
 #: Tiny arch with groups and SE (hidden = channels // 16 >= 1 everywhere).
 SE_ARCH = dict(num_blocks=(1, 2, 2, 1), width_factor=(0.25, 0.25, 0.25, 0.5),
                group_layer_map={2: 2, 4: 4}, se_cfg=dict(ratio=16))

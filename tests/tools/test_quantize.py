@@ -1,4 +1,5 @@
-"""tools/quantize.py on the toy dataset (random weights: no training):
+"""tools/deployment/quantize.py on the toy dataset (random weights: no
+training):
 outputs, reports, refusals; the library is tested in
 tests/export/test_quantize.py."""
 import json

@@ -1,4 +1,5 @@
-"""tools/seed_sweep.py: seeds trained once, results recorded and reused, a
+"""tools/analysis_tools/seed_sweep.py: seeds trained once, results recorded
+and reused, a
 changed config or options refused, the metric of the newest run only."""
 import json
 import math
@@ -162,8 +163,8 @@ def test_bad_arguments_are_one_line(argv, code, match, tmp_path, capsys,
 def test_failed_training_names_the_run_and_log(tmp_path):
     """A real tools/train.py refusal surfaces as one line with its log."""
     work = tmp_path / 'sweep'
-    proc = run_tool([sys.executable,
-                     osp.join(ROOT, 'tools', 'seed_sweep.py'),
+    tool = osp.join(ROOT, 'tools', 'analysis_tools', 'seed_sweep.py')
+    proc = run_tool([sys.executable, tool,
                      '--seeds', '0', '--work-dir', str(work),
                      '--run', 'bad', TOY_CONFIG, 'train_cfg.max_epochs.x=1'],
                     cwd=str(tmp_path), timeout=300)

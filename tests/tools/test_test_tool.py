@@ -255,24 +255,30 @@ def test_non_strict_loads_anyway(deployed, toy_trained, tmp_path):
 
 
 @pytest.mark.parametrize(
-    'tool', sorted(glob.glob(osp.join(TOOLS, '*.py'))), ids=osp.basename)
+    'tool', sorted(glob.glob(osp.join(TOOLS, '**', '*.py'), recursive=True)),
+    ids=lambda p: osp.relpath(p, TOOLS))
 def test_every_tool_enters_quietly(tool):
-    """Every tool that imports mmengine (directly or through mmrepvgg) runs
-    mmrepvgg/utils/quiet.py first, as its own ``__main__`` block, before any
-    such import: otherwise mmengine's pkg_resources deprecation warnings
-    reach the user (quantize.py and benchmark.py once lacked it)."""
+    """Every tool that uses mmrepvgg imports nothing heavy at module level and
+    runs as a program through ``utils/quiet.py``'s ``run_tool`` (quiet start,
+    Ctrl-C exits 130) before its ``main()`` imports torch or mmengine:
+    otherwise mmengine's pkg_resources warnings reach the user."""
+    import ast
     with open(tool) as f:
-        text = f.read()
-    if 'mmrepvgg' not in text and 'mmengine' not in text:
+        tree = ast.parse(f.read())
+    heavy = ('mmrepvgg', 'mmengine', 'mmdet', 'mmcv', 'torch', 'onnx')
+    for node in tree.body:
+        names = [a.name for a in node.names] if isinstance(
+            node, ast.Import) else [node.module or ''] if isinstance(
+                node, ast.ImportFrom) else []
+        assert not any(n.split('.')[0] in heavy for n in names), (tool, names)
+    text = ast.unparse(tree)
+    if 'mmrepvgg' not in text:
         return  # stdlib/numpy/PIL only (make_toy_dataset.py)
-    entry = text.find("__import__('runpy').run_path(")
-    assert entry > 0 and 'quiet.py' in text[entry:entry + 200], tool
-    first_import = min(i for i in (text.find('import mmrepvgg'),
-                                   text.find('from mmrepvgg'),
-                                   text.find('import mmengine'),
-                                   text.find('from mmengine'),
-                                   text.find('import torch')) if i >= 0)
-    assert entry < first_import, tool
+    main_block = [n for n in tree.body if isinstance(n, ast.If)
+                  and "__name__ == '__main__'" in ast.unparse(n.test)]
+    assert len(main_block) == 1, tool
+    body = ast.unparse(main_block[0])
+    assert "'quiet.py'" in body and "['run_tool'](main" in body, body
 
 
 # ------------------------------------- tools/test.py MODEL.onnx (issue 19)

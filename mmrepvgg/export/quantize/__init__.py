@@ -5,7 +5,7 @@ module per concern:
 - :mod:`.static`: onnxruntime's static quantization of the conv region;
 - :mod:`.analysis`: INT8 vs FP32 per output, per detection, per layer;
 - :mod:`.workflow`: config + checkpoint -> verified INT8 file
-  (``tools/quantize.py``).
+  (``tools/deployment/quantize.py``).
 
 Nothing here imports mmdet at module level: the functions that read a
 config's dataset (:func:`.calibration.preprocessed_images`) import it when

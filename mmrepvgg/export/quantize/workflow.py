@@ -1,6 +1,6 @@
 """From a config and a checkpoint to a verified INT8 graph (behind
-``tools/quantize.py``): export the fused model, calibrate on real images,
-quantize, compare with FP32 on other real images, write."""
+``tools/deployment/quantize.py``): export the fused model, calibrate on real
+images, quantize, compare with FP32 on other real images, write."""
 import json
 import os.path as osp
 import shutil
@@ -142,7 +142,8 @@ def quantize_checkpoint(cfg,
     intermediate graphs live in a private scratch folder.
 
     Returns:
-        dict: what was done and measured (printed by ``tools/quantize.py``).
+        dict: what was done and measured (printed by
+        ``tools/deployment/quantize.py``).
 
     Raises:
         QuantizeError / ExportError: bad arguments, unreadable data, a

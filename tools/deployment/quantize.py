@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Quantize a fused RepVGG model to INT8 for onnxruntime on CPUs.
 
-    python tools/quantize.py CONFIG CHECKPOINT OUT.onnx              # detector
-    python tools/quantize.py CONFIG CHECKPOINT OUT.onnx --backbone-only \\
+    python tools/deployment/quantize.py CONFIG CHECKPOINT OUT.onnx  # detector
+    python tools/deployment/quantize.py CONFIG CHECKPOINT OUT.onnx \\
+        --backbone-only \\
         --layers --bench 30
 
 Exports the deploy-form model (a training checkpoint is fused first) to ONNX
@@ -23,18 +24,13 @@ end; any bad input exits 1 with one ``error: ...`` line (2 for a command
 line that does not parse) and writes nothing. Intermediate graphs live in a
 private temporary folder that the next run removes if this one was killed.
 """
+import importlib.util
 import json
 import os
 import os.path as osp
+import runpy
 import stat
-import sys
 from typing import Optional
-
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
-    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
-                                          'quiet.py'))['enter_tool']()
 
 
 def parse_args(argv=None):
@@ -58,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument('--img-shape-input', action='store_true',
                    help='detector graph with the img_shape input (boxes '
                    'clipped to each image inside the padded batch, as '
-                   'tools/export_onnx.py --img-shape-input)')
+                   'tools/deployment/export_onnx.py --img-shape-input)')
     p.add_argument('--calib-images', type=int, default=DEFAULT_CALIB_IMAGES,
                    help='calibration images, spread evenly over the split '
                    f'(all if fewer); default {DEFAULT_CALIB_IMAGES}')
@@ -291,5 +287,6 @@ def main(argv=None) -> int:
     return run_cli(lambda: run(args), debug=args.debug)
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py
+    PKG = importlib.util.find_spec('mmrepvgg').submodule_search_locations[0]
+    runpy.run_path(osp.join(PKG, 'utils', 'quiet.py'))['run_tool'](main)

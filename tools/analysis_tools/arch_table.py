@@ -2,7 +2,8 @@
 """Print the RepVGG arch table: parameters (both forms) vs the published
 totals, and the fusion error of each whole backbone.
 
-    python tools/arch_table.py [--equivalence] [--size 64] [--archs A0 ...]
+    python tools/analysis_tools/arch_table.py [--equivalence] [--size 64] \\
+        [--archs A0 ...]
                                [--block RepVGGBlock|QARepVGGBlock]
 
 Parameter counts are taken on the meta device (instant). With
@@ -25,14 +26,9 @@ QARepVGG blocks (``RepVGG(arch, block_cfg=dict(type='QARepVGGBlock'))``);
 their deploy form, hence the deploy parameter count, is the same as RepVGG's.
 """
 import argparse
+import importlib.util
 import os.path as osp
-import sys
-
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
-    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
-                                          'quiet.py'))['enter_tool']()
+import runpy
 
 #: Published totals (deploy form, 1000-class classifier included), millions,
 #: RepVGG paper / official repository. B2g2 and B3g2 have none.
@@ -101,5 +97,6 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py
+    PKG = importlib.util.find_spec('mmrepvgg').submodule_search_locations[0]
+    runpy.run_path(osp.join(PKG, 'utils', 'quiet.py'))['run_tool'](main)

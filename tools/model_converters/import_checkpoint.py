@@ -2,8 +2,10 @@
 """Import ImageNet RepVGG weights (official, mmpretrain, timm) as RepVGG
 backbone weights.
 
-    python tools/import_checkpoint.py RepVGG-A0-train.pth repvgg_a0.pth
-    python tools/import_checkpoint.py repvgg_b1g4.pth out.pth --arch B1g4
+    python tools/model_converters/import_checkpoint.py RepVGG-A0-train.pth \\
+        repvgg_a0.pth
+    python tools/model_converters/import_checkpoint.py repvgg_b1g4.pth \\
+        out.pth --arch B1g4
 
 Writes OUT = {'meta': {'mmrepvgg': {...}}, 'state_dict': backbone keys (no
 'backbone.' prefix unless --prefix)}, usable as
@@ -14,17 +16,11 @@ backbone and the result must load strictly into a fresh RepVGG. Exits 1 with
 one line naming the keys or file at fault, and writes nothing, on any error.
 """
 import argparse
+import importlib.util
 import json
 import os.path as osp
-import sys
+import runpy
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
-    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
-                                          'quiet.py'))['enter_tool']()
-
-from mmrepvgg.utils.cli import ToolError  # noqa: E402
 
 FORMAT_NAMES = ('official', 'mmpretrain', 'timm', 'mmrepvgg')
 
@@ -60,6 +56,7 @@ MAX_STAGE_BLOCKS = 64
 
 def parse_arch(value):
     """``--arch``: a published name or a JSON dict (None if not given)."""
+    from mmrepvgg.utils.cli import ToolError
     if value is None:
         return None
     from mmrepvgg import ARCH_SETTINGS
@@ -93,6 +90,7 @@ def parse_arch(value):
 
 
 def run(args) -> int:
+    from mmrepvgg.utils.cli import ToolError
     import mmrepvgg  # noqa: F401  (registers modules and safe globals)
     from mmrepvgg.apis.import_checkpoint import (CheckpointImportError,
                                                  import_state_dict,
@@ -150,5 +148,6 @@ def main(argv=None) -> int:
     return run_cli(lambda: run(args), debug=args.debug)
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py
+    PKG = importlib.util.find_spec('mmrepvgg').submodule_search_locations[0]
+    runpy.run_path(osp.join(PKG, 'utils', 'quiet.py'))['run_tool'](main)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train configs under several seeds and print their metrics side by side.
 
-    python tools/seed_sweep.py --seeds 0 1 2 3 \\
+    python tools/analysis_tools/seed_sweep.py --seeds 0 1 2 3 \\
         --run repvgg configs/toy/retinanet_repvgg-tiny_repvgg-fpn_toy.py \\
         --run qarepvgg configs/toy/retinanet_qarepvgg-tiny_qarepvgg-fpn_toy.py
 
@@ -18,17 +18,15 @@ each run's difference of means to the first run +- its standard error;
 ``--out`` (the table as markdown) must lie outside every run's folder and be
 none of the files the sweep reads.
 """
+import importlib.util
 import os
 import os.path as osp
+import runpy
 import subprocess
 import sys
 import time
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
-    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
-                                          'quiet.py'))['enter_tool']()
+ROOT = osp.abspath(osp.join(__file__, '../../..'))  # the repository
 
 
 def parse_args(argv=None):
@@ -116,5 +114,6 @@ def main(argv=None) -> int:
                    '(rerun the same command to continue)')
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py
+    PKG = importlib.util.find_spec('mmrepvgg').submodule_search_locations[0]
+    runpy.run_path(osp.join(PKG, 'utils', 'quiet.py'))['run_tool'](main)

@@ -2,16 +2,16 @@
 """End-to-end demo: toy data -> train -> convert -> test both forms -> ONNX
 -> INT8 -> speed.
 
-    python tools/demo.py [--work-dir work_dirs/demo] [--epochs 24]
+    python tools/misc/demo.py [--work-dir work_dirs/demo] [--epochs 24]
 
-1. generates the toy shapes dataset (tools/make_toy_dataset.py),
+1. generates the toy shapes dataset (tools/misc/make_toy_dataset.py),
 2. trains the tiny RepVGG RetinaNet on CPU with tools/train.py,
 3. converts the checkpoint (what tools/convert_deploy.py runs),
 4. tests the training form and the deploy form with tools/test.py,
 5. exports the deploy model end to end, post-processing in the graph (what
-   tools/export_onnx.py --postprocess runs) and tests the ONNX file with
-   tools/test.py (onnxruntime in mmdet's test loop),
-6. quantizes it to INT8 (what tools/quantize.py runs, calibrated on
+   tools/deployment/export_onnx.py --postprocess runs) and tests the ONNX
+   file with tools/test.py (onnxruntime in mmdet's test loop),
+6. quantizes it to INT8 (what tools/deployment/quantize.py runs, calibrated on
    training images), tests the INT8 file the same way and draws the deploy
    and INT8 detections side by side (one PNG),
 7. compares detections and times every form side by side (one table).
@@ -26,18 +26,16 @@ or the training mAP is below --min-map.
 """
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import os.path as osp
+import runpy
 import subprocess
 import sys
 import time
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
-    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
-                                          'quiet.py'))['silence_warnings']()
+ROOT = osp.abspath(osp.join(__file__, '../../..'))  # the repository
 CONFIG = osp.join(ROOT, 'configs/toy/retinanet_repvgg-tiny_repvgg-fpn_toy.py')
 ONNX_FORM = 'ONNX FP32 end to end'
 INT8_FORM = 'ONNX INT8 end to end'
@@ -120,7 +118,7 @@ def main(argv=None) -> int:
     t_start = time.time()
 
     run_tool('1/7 generate the toy dataset',
-             [py, osp.join(tools, 'make_toy_dataset.py'), '--out',
+             [py, osp.join(tools, 'misc', 'make_toy_dataset.py'), '--out',
               osp.join(ROOT, 'data', 'toy')], osp.join(wd, 'data.log'))
     train_dir = osp.join(wd, 'train')
     run_tool(f'2/7 train the RepVGG detector on CPU ({args.epochs} epochs)',
@@ -166,7 +164,7 @@ def main(argv=None) -> int:
     onnx_file = osp.join(wd, 'onnx', 'toy_end2end.onnx')
     exp = run_step(
         '5/7 export the deploy model end to end to ONNX',
-        ['tools/export_onnx.py', deploy_cfg, deploy_ckpt, onnx_file,
+        ['tools/deployment/export_onnx.py', deploy_cfg, deploy_ckpt, onnx_file,
          '--postprocess', '--verify-images', '32'],
         lambda: export_onnx(load_config(deploy_cfg), deploy_cfg, deploy_ckpt,
                             onnx_file, mode='end2end', verify_images=32))
@@ -180,7 +178,7 @@ def main(argv=None) -> int:
     q = run_step(
         '6/7 quantize the end-to-end graph to INT8 (calibrated on 64 '
         'training images)',
-        ['tools/quantize.py', deploy_cfg, deploy_ckpt, int8_file],
+        ['tools/deployment/quantize.py', deploy_cfg, deploy_ckpt, int8_file],
         lambda: quantize_checkpoint(load_config(deploy_cfg), deploy_cfg,
                                     deploy_ckpt, int8_file))
     convs = q['ops_fp32'].get('Conv', 0)
@@ -246,5 +244,7 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py
+    PKG = importlib.util.find_spec('mmrepvgg').submodule_search_locations[0]
+    runpy.run_path(osp.join(PKG, 'utils', 'quiet.py'))['run_tool'](
+        main, exit_on_ctrl_c=False)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Float32 equivalence table: deploy error vs the network's own float32 noise.
 
-    python tools/noise_table.py [--archs A0 B3] [--toy] [--size 64]
+    python tools/analysis_tools/noise_table.py [--archs A0 B3] [--toy] \\
+        [--size 64]
     make noise-table        # the same under every CPU code path / thread count
 
 For each model (weights and batch-norm statistics randomized, seed 0) prints,
@@ -16,15 +17,10 @@ for the current CPU code path (``ONEDNN_MAX_CPU_ISA``) and thread count:
   (pass when <= 4, ``mmrepvgg.deploy.verify.NOISE_FACTOR``).
 """
 import argparse
+import importlib.util
 import os
 import os.path as osp
-import sys
-
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
-    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
-                                          'quiet.py'))['enter_tool']()
+import runpy
 
 TOY_CONFIG = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))),
                       'configs', 'toy',
@@ -87,5 +83,6 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py
+    PKG = importlib.util.find_spec('mmrepvgg').submodule_search_locations[0]
+    runpy.run_path(osp.join(PKG, 'utils', 'quiet.py'))['run_tool'](main)

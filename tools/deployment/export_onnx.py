@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Export a deployed (fused) RepVGG model to ONNX and verify it.
 
-    python tools/export_onnx.py CONFIG CHECKPOINT OUTPUT.onnx --postprocess
-    python tools/export_onnx.py CONFIG CHECKPOINT OUTPUT.onnx
-    python tools/export_onnx.py CONFIG CHECKPOINT backbone.onnx --backbone-only
+    python tools/deployment/export_onnx.py CONFIG CHECKPOINT OUTPUT.onnx \\
+        --postprocess
+    python tools/deployment/export_onnx.py CONFIG CHECKPOINT OUTPUT.onnx
+    python tools/deployment/export_onnx.py CONFIG CHECKPOINT backbone.onnx \\
+        --backbone-only
 
 CHECKPOINT is a training-form checkpoint (converted here: built from CONFIG,
 loaded, switch_to_deploy) or a deploy checkpoint from tools/convert_deploy.py
@@ -31,14 +33,9 @@ model.predict (differing images reported). Needs `pip install -e .[onnx]`.
 Exits 1 with one line `error: ...` naming the file or argument at fault, and
 writes nothing, on any error.
 """
+import importlib.util
 import os.path as osp
-import sys
-
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
-    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
-                                          'quiet.py'))['enter_tool']()
+import runpy
 
 DEFAULT_OPSET = 17
 
@@ -215,5 +212,6 @@ def main(argv=None) -> int:
     return run_cli(lambda: run(args), debug=args.debug)
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py
+    PKG = importlib.util.find_spec('mmrepvgg').submodule_search_locations[0]
+    runpy.run_path(osp.join(PKG, 'utils', 'quiet.py'))['run_tool'](main)

@@ -2,10 +2,13 @@
 """Benchmark the forms of RepVGG backbones: PyTorch training / deploy /
 plain reference (and bfloat16), onnxruntime FP32 and INT8.
 
-    python tools/benchmark.py          # A0 B1g2 B3 x 224 640 x batch 1 8
-    python tools/benchmark.py --archs A0 --sizes 224 --batch-sizes 1 8 \\
+    # A0 B1g2 B3 x 224 640 x batch 1 8:
+    python tools/analysis_tools/benchmark.py
+    python tools/analysis_tools/benchmark.py --archs A0 --sizes 224 \\
+        --batch-sizes 1 8 \\
         --bf16 --repeats 40 --threads 2 --out-dir work_dirs/benchmark
-    python tools/benchmark.py --sizes 64 --forms training deploy reference \\
+    python tools/analysis_tools/benchmark.py --sizes 64 \\
+        --forms training deploy reference \\
         --archs '{"name": "tiny", "num_blocks": [1, 1, 1, 1],
                   "width_factor": [0.25, 0.25, 0.25, 0.25]}'
 
@@ -26,15 +29,11 @@ option or a failed equivalence check, writing nothing (2 on a command line
 that does not parse). Sizes are bounded up front: sides <= 4096, batch
 sizes <= 1024, JSON archs <= 256 blocks (see mmrepvgg.benchmark.options).
 """
+import importlib.util
 import os.path as osp
+import runpy
 import shlex
 import sys
-
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if __name__ == '__main__':  # stdlib only, before torch/mmengine are imported
-    __import__('runpy').run_path(osp.join(ROOT, 'mmrepvgg', 'utils',
-                                          'quiet.py'))['enter_tool']()
 
 
 def parse_args(argv=None):
@@ -148,7 +147,7 @@ def run(args, argv) -> int:
             channels_last=args.channels_last, compile=args.compile,
             ort_spinning=args.ort_spinning, tolerance=args.tolerance)
 
-    command = 'python tools/benchmark.py ' + ' '.join(
+    command = 'python tools/analysis_tools/benchmark.py ' + ' '.join(
         shlex.quote(a) for a in argv)
     settings = {
         'device': args.device, 'forms': ' '.join(forms),
@@ -185,5 +184,6 @@ def main(argv=None) -> int:
     return run_cli(lambda: run(args, argv), debug=args.debug)
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py
+    PKG = importlib.util.find_spec('mmrepvgg').submodule_search_locations[0]
+    runpy.run_path(osp.join(PKG, 'utils', 'quiet.py'))['run_tool'](main)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate the toy shapes detection dataset (COCO format), deterministically.
 
-    python tools/make_toy_dataset.py [--out data/toy]
+    python tools/misc/make_toy_dataset.py [--out data/toy]
 
 Images of squares, circles and triangles in random colours on a noisy
 background; ``annotations/{train,val}.json`` in COCO format. The same seed
