@@ -15,6 +15,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from mmengine.config import Config
 
+from mmrepvgg.apis.convert import load_config
 from mmrepvgg.utils import allow_cpu_distributed, cpu_model_wrapper_cfg
 from mmrepvgg.utils.cli import (CfgOptionsAction, ToolError, add_cli_args,
                                 error_message, merge_cfg_options, run_cli)
@@ -66,16 +67,10 @@ def load_runner_config(args: argparse.Namespace,
             error, missing ``_base_``, failing ``custom_imports``), or a
             ``--cfg-options`` key that cannot be set.
     """
-    for path, what in ((args.config, 'config'), ) + tuple(files):
+    cfg = load_config(args.config)
+    for path, what in files:
         if not osp.isfile(path):
             raise ToolError(f'{what} file {path} does not exist')
-    try:
-        cfg = Config.fromfile(args.config)
-    except Exception as e:  # syntax errors, missing _base_, bad imports
-        raise ToolError(f'{args.config}: cannot load config '
-                        f'({error_message(e)})') from None
-    if 'model' not in cfg:
-        raise ToolError(f'{args.config}: config has no "model"')
     cfg.launcher = args.launcher
     merge_cfg_options(cfg, args.cfg_options)
     if args.work_dir is not None:
