@@ -53,8 +53,7 @@ def check_model_file(path: Union[str, 'os.PathLike']) -> None:
 def make_session(model: Union[str, bytes, 'os.PathLike'],
                  threads: Optional[int] = None,
                  providers: Optional[Sequence[str]] = None,
-                 spinning: bool = False,
-                 optimization: str = 'all'):
+                 spinning: bool = False):
     """An ``onnxruntime.InferenceSession``.
 
     Args:
@@ -67,8 +66,6 @@ def make_session(model: Union[str, bytes, 'os.PathLike'],
             default: interleaved with PyTorch (verification, timing), the
             spinning threads steal the cores PyTorch runs on and slow it down
             many times.
-        optimization (str): graph optimization level, ``disable``,
-            ``basic``, ``extended`` or ``all``.
 
     Raises:
         OnnxRuntimeError: the graph cannot be loaded (message names it);
@@ -77,19 +74,13 @@ def make_session(model: Union[str, bytes, 'os.PathLike'],
     import onnxruntime as ort
     if not isinstance(model, bytes):
         check_model_file(model)
-    levels = dict(disable=ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                  basic=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  extended=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  all=ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    if optimization not in levels:
-        raise OnnxRuntimeError(f'optimization level {optimization!r}: '
-                               f'choose from {", ".join(levels)}')
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = levels[optimization]
+    opts.graph_optimization_level = \
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only
     opts.add_session_config_entry('session.intra_op.allow_spinning',
                                   '1' if spinning else '0')

@@ -100,11 +100,8 @@ class LoadProbe:
         except (AttributeError, ValueError, OSError):
             self.tick = 0.01
         self.ncpu = os.cpu_count() or 1
-        self.has_stat = os.path.exists('/proc/stat')
 
     def machine_busy(self) -> Optional[float]:
-        if not self.has_stat:
-            return None
         try:
             with open('/proc/stat', encoding='ascii') as f:
                 fields = f.readline().split()
@@ -184,7 +181,6 @@ def classify_rounds(rounds: Sequence[dict],
                     threads: int,
                     ncpu: Optional[int] = None,
                     tolerance: float = ROUND_TOLERANCE,
-                    others_cores: float = OTHERS_CORES,
                     tick: float = 0.01) -> List[str]:
     """Why each round of :func:`time_interleaved` is disturbed (``''`` if
     it is not): ``'slow round +23%'``, ``'other load 0.8 cores'``, or both
@@ -196,8 +192,6 @@ def classify_rounds(rounds: Sequence[dict],
         ncpu (int, optional): cores of the machine (``os.cpu_count()``).
         tolerance (float): allowed excess of a round's timed total over the
             median round total.
-        others_cores (float): cores other processes may use on top of those
-            our threads leave free.
         tick (float): resolution of the machine's busy time (one jiffy).
     """
     if not rounds:
@@ -212,7 +206,7 @@ def classify_rounds(rounds: Sequence[dict],
             why.append(f'slow round +{100 * (r["total"] / med - 1):.0f}%')
         others = r.get('others_cpu')
         if others is not None and r['wall'] > 0 and \
-                others > (free + others_cores) * r['wall'] + 2 * tick:
+                others > (free + OTHERS_CORES) * r['wall'] + 2 * tick:
             why.append(f'other load {others / r["wall"]:.1f} cores')
         out.append('; '.join(why))
     return out
@@ -315,7 +309,6 @@ def measure(fns: Mapping[str, Callable[[], object]],
             warmup: int = 3,
             settle: int = 1,
             order: str = 'balanced',
-            seed: int = 0,
             sync: Optional[Callable[[], None]] = None,
             threads: Optional[int] = None,
             tolerance: float = ROUND_TOLERANCE) -> Timing:
@@ -327,7 +320,6 @@ def measure(fns: Mapping[str, Callable[[], object]],
         warmup (int): untimed rounds first.
         settle (int): untimed calls of a form before each timed call.
         order (str): ``balanced`` or ``random``.
-        seed (int): seed of the random order.
         sync (callable, optional): called around every timed call
             (``torch.cuda.synchronize`` on GPU).
         threads (int, optional): cores the forms use (default: all), for
@@ -335,7 +327,7 @@ def measure(fns: Mapping[str, Callable[[], object]],
         tolerance (float): see :func:`classify_rounds`.
     """
     probe = LoadProbe()
-    raw = time_interleaved(fns, repeats, warmup, settle, order, seed, sync,
+    raw = time_interleaved(fns, repeats, warmup, settle, order, 0, sync,
                            probe)
     reasons = classify_rounds(raw['rounds'], threads or probe.ncpu,
                               probe.ncpu, tolerance, tick=probe.tick)
