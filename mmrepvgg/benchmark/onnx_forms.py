@@ -12,7 +12,7 @@ measures that).
 """
 import os.path as osp
 import tempfile
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,8 +35,6 @@ class OrtForms:
         threads (int): onnxruntime intra-op threads (the PyTorch thread
             count, so both runtimes get the same cores).
         spinning (bool): onnxruntime pool threads busy-wait between runs.
-        workdir (str, optional): where the graphs go (a temporary folder
-            by default, removed by :meth:`close`).
     """
 
     def __init__(self,
@@ -44,14 +42,11 @@ class OrtForms:
                  sizes: Sequence[Tuple[int, int]],
                  forms: Sequence[str],
                  threads: int,
-                 spinning: bool = False,
-                 workdir: Optional[str] = None,
-                 seed: int = 0) -> None:
+                 spinning: bool = False) -> None:
         from mmrepvgg.export import quantize as qz
         from mmrepvgg.export.runtime import make_session
-        self._tmp = None if workdir else tempfile.TemporaryDirectory(
-            prefix='mmrepvgg-bench-')
-        self.dir = workdir or self._tmp.name
+        self._tmp = tempfile.TemporaryDirectory(prefix='mmrepvgg-bench-')
+        self.dir = self._tmp.name
         self.paths = dict(fp32=osp.join(self.dir, 'backbone_fp32.onnx'),
                           int8=osp.join(self.dir, 'backbone_int8.onnx'))
         model = backbone.float().cpu().eval()
@@ -63,7 +58,7 @@ class OrtForms:
             self.sessions['ort-fp32'] = make_session(
                 self.paths['fp32'], threads, spinning=spinning)
         if 'ort-int8' in forms:
-            g = torch.Generator().manual_seed(seed + 1)
+            g = torch.Generator().manual_seed(1)
             calib = [torch.randn(1, 3, hh, ww, generator=g).numpy()
                      for hh, ww in sizes for _ in range(CALIB_PER_SIZE)]
             try:
@@ -94,9 +89,7 @@ class OrtForms:
 
     def close(self) -> None:
         self.sessions.clear()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        self._tmp.cleanup()
 
 
 def ort_threads() -> int:
