@@ -180,11 +180,10 @@ UNSAFE_LOAD_HELP = ('unpickle checkpoints with weights_only=False: ONLY for '
                     'files you trust (a malicious checkpoint can run code)')
 
 
-def add_cli_args(parser, unsafe_load: bool = True, debug: bool = True):
+def add_cli_args(parser, unsafe_load: bool = True):
     """The ``--unsafe-load`` and ``--debug`` flags every tool shares."""
     if unsafe_load:
         parser.add_argument('--unsafe-load', action='store_true',
                             help=UNSAFE_LOAD_HELP)
-    if debug:
-        parser.add_argument('--debug', action='store_true',
-                            help='show the full traceback on errors')
+    parser.add_argument('--debug', action='store_true',
+                        help='show the full traceback on errors')

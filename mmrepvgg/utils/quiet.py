@@ -102,10 +102,3 @@ def run_tool(main, exit_on_ctrl_c: bool = True) -> None:
     if exit_on_ctrl_c:
         exit_on_interrupt()
     sys.exit(main())
-
-
-def enter_tool() -> None:
-    """Call first in a command-line tool: :func:`silence_warnings` and
-    :func:`exit_on_interrupt`."""
-    silence_warnings()
-    exit_on_interrupt()

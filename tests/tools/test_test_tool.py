@@ -206,7 +206,7 @@ def test_sigint_while_importing_exits_130_with_one_line(toy_trained):
 
 @pytest.mark.parametrize('phase', ['before', 'during', 'after'])
 def test_quiet_entry_sigint(phase, tmp_path):
-    """quiet.enter_tool(): Ctrl-C outside the body exits 130 at once with one
+    """quiet.run_tool(): Ctrl-C outside the body exits 130 at once with one
     line; inside run_cli it is a KeyboardInterrupt (cleanup runs), 130."""
     script = tmp_path / 'tool.py'
     script.write_text(f'''
@@ -214,22 +214,23 @@ import os, signal, sys, time
 sys.path.insert(0, {ROOT!r})
 import runpy
 quiet = os.path.join({ROOT!r}, 'mmrepvgg', 'utils', 'quiet.py')
-runpy.run_path(quiet)['enter_tool']()
 phase = {phase!r}
-if phase == 'before':
-    os.kill(os.getpid(), signal.SIGINT); time.sleep(5)
-from mmrepvgg.utils.cli import run_cli
-def body():
-    try:
-        if phase == 'during':
-            os.kill(os.getpid(), signal.SIGINT); time.sleep(5)
-        return 0
-    finally:
-        print('cleanup ran')
-code = run_cli(body)
-if phase == 'after':
-    os.kill(os.getpid(), signal.SIGINT); time.sleep(5)
-sys.exit(code)
+def main():
+    if phase == 'before':
+        os.kill(os.getpid(), signal.SIGINT); time.sleep(5)
+    from mmrepvgg.utils.cli import run_cli
+    def body():
+        try:
+            if phase == 'during':
+                os.kill(os.getpid(), signal.SIGINT); time.sleep(5)
+            return 0
+        finally:
+            print('cleanup ran')
+    code = run_cli(body)
+    if phase == 'after':
+        os.kill(os.getpid(), signal.SIGINT); time.sleep(5)
+    return code
+runpy.run_path(quiet)['run_tool'](main)
 ''')
     proc = subprocess.run([sys.executable, str(script)], capture_output=True,
                           text=True, timeout=120,
