@@ -118,17 +118,16 @@ def run(args) -> int:
 
 
 def print_report(args, info: dict) -> None:
+    from mmrepvgg.utils.cli import preview
     form = 'deploy (fused)' if info['deploy'] else 'training (multi-branch)'
-    arch = info['arch']
-    arch_repr = repr(arch)
+    arch_repr = repr(info['arch'])
     print(f'imported {args.src} -> {args.out}')
     print(f'  source format : {info["format"]} ({info["format_description"]})')
     print(f'  arch          : {arch_repr}, {form} form')
     print(f'  tensors       : {info["num_tensors"]}')
     if info['dropped']:
         print(f'  dropped       : {len(info["dropped"])} classifier key(s) '
-              f'({", ".join(info["dropped"][:4])}'
-              f'{" ..." if len(info["dropped"]) > 4 else ""})')
+              f'({preview(info["dropped"], 4)})')
     if info['filled']:
         print(f'  filled        : {len(info["filled"])} missing '
               'num_batches_tracked buffer(s) with 0')
