@@ -87,9 +87,8 @@ def merge_verdicts(verdicts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     worst = max(verdicts, key=_score)
     merged = dict(worst)
     merged['passed'] = all(v['passed'] for v in verdicts)
-    merged['max_error'] = max(v['max_error'] for v in verdicts)
-    merged['max_noise'] = max(v['max_noise'] for v in verdicts)
-    merged['max_ratio'] = max(v['max_ratio'] for v in verdicts)
+    for k in ('max_error', 'max_noise', 'max_ratio'):
+        merged[k] = max(v[k] for v in verdicts)
     merged['num_outputs'] = sum(v['num_outputs'] for v in verdicts)
     return merged
 
@@ -185,9 +184,6 @@ def _match_image(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
     pairs, lonely_a = [], []
     for i in range(len(a['labels'])):
         same = (b['labels'] == a['labels'][i]) & ~used
-        if not same.any():
-            lonely_a.append(i)
-            continue
         box = np.abs(b['bboxes'] - a['bboxes'][i]).max(1)
         score = np.abs(b['scores'] - a['scores'][i])
         ok = same & (box <= box_tol) & (score <= score_tol)
@@ -213,9 +209,7 @@ def compare_detections(candidate: Sequence[Mapping[str, np.ndarray]],
         ``differing`` (list of ``(image, text)``) and ``unmatched`` (count
         of detections of either side without a partner), ``finite``.
     """
-    res = dict(images=len(candidate), detections=0, reference_detections=0,
-               matched=0, max_box=0.0, max_score=0.0, differing=[],
-               unmatched=0, finite=True)
+    res = dict(merge_comparisons([]), images=len(candidate))
     for k, (a, b) in enumerate(zip(candidate, reference)):
         res['detections'] += len(a['labels'])
         res['reference_detections'] += len(b['labels'])
@@ -227,9 +221,8 @@ def compare_detections(candidate: Sequence[Mapping[str, np.ndarray]],
             continue
         pairs, la, lb = _match_image(a, b, box_tol, score_tol)
         res['matched'] += len(pairs)
-        for _, _, box, score in pairs:
-            res['max_box'] = max(res['max_box'], box)
-            res['max_score'] = max(res['max_score'], score)
+        res['max_box'] = max([res['max_box']] + [p[2] for p in pairs])
+        res['max_score'] = max([res['max_score']] + [p[3] for p in pairs])
         if la or lb:
             res['unmatched'] += len(la) + len(lb)
             res['differing'].append(
@@ -264,8 +257,8 @@ def merge_comparisons(items: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         for k in ('images', 'detections', 'reference_detections', 'matched',
                   'unmatched'):
             out[k] += r[k]
-        out['max_box'] = max(out['max_box'], r['max_box'])
-        out['max_score'] = max(out['max_score'], r['max_score'])
+        for k in ('max_box', 'max_score'):
+            out[k] = max(out[k], r[k])
         out['differing'] += r['differing']
         out['finite'] = out['finite'] and r['finite']
     return out
