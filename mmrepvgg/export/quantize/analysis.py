@@ -79,21 +79,19 @@ def add_outputs(model, tensors: Sequence[str]):
     return model
 
 
-def _session(model, threads: Optional[int]):
-    from ..runtime import make_session
-    return make_session(model.SerializeToString(), threads)
-
-
 def _run_pairs(fp32_model, int8_model, ftensors: Sequence[str],
                qtensors: Sequence[str], inputs: Sequence,
                threads: Optional[int]):
-    """Yield, per input, the FP32 graph's ``ftensors`` and the INT8 graph's
-    ``qtensors`` (added as outputs where they are not)."""
-    from ..runtime import input_names
-    fsess = _session(add_outputs(fp32_model, ftensors), threads)
-    qsess = _session(add_outputs(int8_model, qtensors), threads)
+    """Yield, per input, its feed, the FP32 graph's ``ftensors`` and the
+    INT8 graph's ``qtensors`` (added as outputs where they are not)."""
+    from ..runtime import input_names, make_session
+    fsess, qsess = (make_session(add_outputs(m, t).SerializeToString(),
+                                 threads)
+                    for m, t in ((fp32_model, ftensors),
+                                 (int8_model, qtensors)))
     for feed in as_feeds(inputs, input_names(fsess)):
-        yield fsess.run(list(ftensors), feed), qsess.run(list(qtensors), feed)
+        yield (feed, fsess.run(list(ftensors), feed),
+               qsess.run(list(qtensors), feed))
 
 
 def _qdq_after(read_by, tensor: str):
@@ -156,8 +154,8 @@ def compare_sessions(fp32_model,
         raise QuantizeError('nothing to compare')
     stats = OrderedDict((n, ErrorStats()) for n in names)
     mismatch = Counter()
-    for a, b in _run_pairs(fp32_model, int8_model, names, outs + q_extra,
-                           inputs, threads):
+    for _, a, b in _run_pairs(fp32_model, int8_model, names,
+                              outs + q_extra, inputs, threads):
         for name, x, y in zip(names, a, b):
             if np.shape(x) != np.shape(y):
                 mismatch[name] += 1
@@ -190,14 +188,11 @@ def detection_agreement(fp32_path: str, int8_path: str, inputs: Sequence,
         dict: :func:`~mmrepvgg.export.verify.compare_detections` summed over
         the inputs, plus ``box_tol`` and ``score_tol``.
     """
-    from ..runtime import input_names, make_session
     from ..verify import compare_detections, merge_comparisons, split_dets
-    fsess = make_session(fp32_path, threads)
-    qsess = make_session(int8_path, threads)
     results, first, box_tol = [], 0, 0.0
-    for feed in as_feeds(inputs, input_names(fsess)):
-        a = fsess.run(['dets', 'labels'], feed)
-        b = qsess.run(['dets', 'labels'], feed)
+    dets = ['dets', 'labels']
+    for feed, a, b in _run_pairs(fp32_path, int8_path, dets, dets, inputs,
+                                 threads):
         x = next(iter(feed.values()))
         tol = DET_BOX_TOL_REL * max(x.shape[-2:])
         box_tol = max(box_tol, tol)
@@ -334,7 +329,7 @@ def layer_errors(fp32_path: str,
                             'a QDQ graph of the FP32 graph?)')
     acc = [ErrorStats() for _ in rows]
     own = [ErrorStats() for _ in rows]
-    for a, b in _run_pairs(fp, qm, ftensors, qtensors, inputs, threads):
+    for _, a, b in _run_pairs(fp, qm, ftensors, qtensors, inputs, threads):
         for i, (x, y) in enumerate(zip(a, b)):
             acc[i].add(x, y)
             own[i].add(x, _fake_quant(x, *qparams[i]))
