@@ -96,6 +96,17 @@ def fusion_errors(model: nn.Module, x: torch.Tensor) -> dict:
                 ratio=err / max(floor, FP32_EPS))
 
 
+def backbone_fusion_errors(arch, size: int,
+                           block: str = 'RepVGGBlock') -> dict:
+    """:func:`fusion_errors` of ``RepVGG(arch)`` built from ``block``,
+    weights and statistics randomized (seed 0), on a random
+    ``1x3x<size>x<size>`` input (seed 0)."""
+    from .models import RepVGG
+    torch.manual_seed(0)
+    model = randomize_(RepVGG(arch, block_cfg=dict(type=block)), seed=0)
+    return fusion_errors(model.eval(), torch.randn(1, 3, size, size))
+
+
 def within_fp32_noise(errs: dict, factor: float = NOISE_FACTOR) -> bool:
     """The suite's float32 criterion on a :func:`fusion_errors` result: the
     deploy form is no further from the float64 truth than ``factor`` times

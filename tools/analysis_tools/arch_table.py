@@ -42,22 +42,11 @@ PUBLISHED_TOTAL_M = {
 BLOCKS = ('RepVGGBlock', 'QARepVGGBlock')
 
 
-def equivalence(arch, size, block='RepVGGBlock'):
-    import torch
-
-    from mmrepvgg import RepVGG
-    from mmrepvgg.testing import fusion_errors, randomize_
-    model = randomize_(RepVGG(arch, block_cfg=dict(type=block)),
-                       seed=0).eval()
-    errs = fusion_errors(model, torch.randn(1, 3, size, size))
-    return (errs['block_fp64'], errs['model_fp32'], errs['floor_fp32'],
-            errs['ratio'])
-
-
 def main(argv=None) -> int:
     import torch
 
     from mmrepvgg import ARCH_SETTINGS, RepVGG
+    from mmrepvgg.testing import backbone_fusion_errors
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--equivalence', action='store_true')
     p.add_argument('--size', type=int, default=64)
@@ -77,7 +66,6 @@ def main(argv=None) -> int:
                  '| ratio |')
     print(head)
     print('|' + '---|' * (head.count('|') - 1))
-    torch.manual_seed(0)
     for arch in args.archs:
         with torch.device('meta'):
             train = RepVGG(arch, block_cfg=block_cfg)
@@ -90,9 +78,9 @@ def main(argv=None) -> int:
                f'{nparams(deploy) / 1e6:.2f} | {total:.4f} | '
                f'{pub if pub else "not published"} | {diff} |')
         if args.equivalence:
-            row += ' {:.1e} | {:.2e} | {:.2e} | {:.2f} |'.format(
-                *equivalence(arch, args.size, args.block))
-
+            e = backbone_fusion_errors(arch, args.size, args.block)
+            row += (f' {e["block_fp64"]:.1e} | {e["model_fp32"]:.2e} | '
+                    f'{e["floor_fp32"]:.2e} | {e["ratio"]:.2f} |')
         print(row, flush=True)
     return 0
 

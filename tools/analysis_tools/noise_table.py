@@ -22,19 +22,13 @@ import os
 import os.path as osp
 import runpy
 
-TOY_CONFIG = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))),
-                      'configs', 'toy',
+TOY_CONFIG = osp.join(osp.dirname(__file__), '..', '..', 'configs', 'toy',
                       'retinanet_repvgg-tiny_repvgg-fpn_toy.py')
 
 
 def backbone_row(arch: str, size: int) -> dict:
-    import torch
-
-    from mmrepvgg import RepVGG
-    from mmrepvgg.testing import fusion_errors, randomize_
-    torch.manual_seed(0)
-    model = randomize_(RepVGG(arch), seed=0).eval()
-    errs = fusion_errors(model, torch.randn(1, 3, size, size))
+    from mmrepvgg.testing import backbone_fusion_errors
+    errs = backbone_fusion_errors(arch, size)
     return dict(model=f'RepVGG-{arch} {size}x{size}',
                 deploy=errs['model_fp32'], train=errs['floor_fp32'],
                 ratio=errs['ratio'], block=errs['block_fp64'])
