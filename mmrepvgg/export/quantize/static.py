@@ -19,7 +19,7 @@ import os
 import os.path as osp
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .calibration import ListReader, QuantizeError, as_feeds
@@ -56,11 +56,6 @@ class QuantConfig:
         calibrate_method (str): ``MinMax``, ``Entropy`` or ``Percentile``.
         percentile (float): the ``Percentile`` method's percentile.
         symmetric_activations (bool): zero point 0 for activations.
-        region_only (bool): quantize only :func:`quantizable_nodes`;
-            ``False`` lets the quantizer take every supported op.
-        preprocess (bool): run onnxruntime's ``quant_pre_process`` (shape
-            inference and graph optimization) first.
-        extra (dict): more ``extra_options`` of ``quantize_static``.
     """
     quant_format: str = 'QDQ'
     activation_type: str = 'uint8'
@@ -70,9 +65,6 @@ class QuantConfig:
     calibrate_method: str = 'MinMax'
     percentile: float = 99.999
     symmetric_activations: bool = False
-    region_only: bool = True
-    preprocess: bool = True
-    extra: Dict[str, object] = field(default_factory=dict)
 
     def validate(self) -> 'QuantConfig':
         """Raise :class:`QuantizeError` naming the bad setting."""
@@ -276,19 +268,17 @@ def quantize_onnx(fp32_path: str,
     feeds = as_feeds(calibration, graph_inputs(fp32_path))
     qtype = dict(int8=q.QuantType.QInt8, uint8=q.QuantType.QUInt8)
     with tempfile.TemporaryDirectory(prefix='mmrepvgg-quant-') as tmp:
-        src = fp32_path
-        if config.preprocess:
-            from onnxruntime.quantization.shape_inference import \
-                quant_pre_process
-            src = osp.join(tmp, 'pre.onnx')
-            quant_pre_process(fp32_path, src, skip_symbolic_shape=True)
+        from onnxruntime.quantization.shape_inference import \
+            quant_pre_process
+        src = osp.join(tmp, 'pre.onnx')
+        quant_pre_process(fp32_path, src, skip_symbolic_shape=True)
         pre = onnx.load(src)
         region, excluded = quantizable_nodes(pre)
         named = osp.join(tmp, 'named.onnx')
         onnx.save(pre, named)  # with the node names quantizable_nodes set
         extra = dict(ActivationSymmetric=config.symmetric_activations,
                      WeightSymmetric=True,
-                     CalibPercentile=config.percentile, **config.extra)
+                     CalibPercentile=config.percentile)
         kwargs = dict(
             quant_format=getattr(q.QuantFormat, config.quant_format),
             per_channel=config.per_channel,
@@ -297,16 +287,15 @@ def quantize_onnx(fp32_path: str,
             weight_type=qtype[config.weight_type],
             calibrate_method=getattr(q.CalibrationMethod,
                                      config.calibrate_method),
-            extra_options=extra)
-        if config.region_only:
-            kwargs.update(nodes_to_quantize=region, nodes_to_exclude=excluded,
-                          op_types_to_quantize=sorted(
-                              {n.op_type for n in pre.graph.node
-                               if n.name in region} & set(REGION_OP_TYPES)))
+            extra_options=extra, nodes_to_quantize=region,
+            nodes_to_exclude=excluded,
+            op_types_to_quantize=sorted(
+                {n.op_type for n in pre.graph.node
+                 if n.name in region} & set(REGION_OP_TYPES)))
         reader = ListReader(feeds)
         if config.calibrate_method == 'Entropy':
             kwargs['calibration_cache_path'] = _entropy_ranges(
-                named, reader, kwargs.get('op_types_to_quantize'),
+                named, reader, kwargs['op_types_to_quantize'],
                 config.symmetric_activations, tmp)
             reader.rewind()
         with contextlib.redirect_stdout(io.StringIO()):  # progress prints
