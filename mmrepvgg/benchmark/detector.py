@@ -31,18 +31,15 @@ def demo_summary(cfg,
                  checkpoint: str,
                  onnx_files: Mapping[str, str],
                  maps: Mapping[str, Optional[float]],
-                 batch: int = 1,
                  repeats: int = 20,
                  warmup: int = 3,
-                 threads: Optional[int] = None,
-                 unsafe_load: bool = False,
                  network_batch: int = 0) -> dict:
     """Time the forms of a detector side by side and build the summary.
 
     Forms, in table order: ``PyTorch training``, ``PyTorch deploy``
     (``model.predict``: network and mmdet's post-processing), then one row
     per ``onnx_files`` entry (form name -> end-to-end graph). The input is
-    the first ``batch`` images of the test set through the test pipeline.
+    the first image of the test set through the test pipeline.
 
     Args:
         cfg (Config): the training config.
@@ -51,12 +48,8 @@ def demo_summary(cfg,
         onnx_files (Mapping[str, str]): form name -> end-to-end graph.
         maps (Mapping[str, float]): form name -> test-set mAP measured
             elsewhere (``tools/test.py``); missing forms show ``n/a``.
-        batch (int): images per timed call.
         repeats (int): timed rounds.
         warmup (int): untimed rounds.
-        threads (int, optional): onnxruntime threads (PyTorch's are set by
-            the caller).
-        unsafe_load (bool): unpickle the checkpoint freely.
         network_batch (int): also time the training and deploy networks
             alone (tensor forward, no post-processing) on a random batch of
             this size (0: not).
@@ -74,11 +67,11 @@ def demo_summary(cfg,
     from mmrepvgg.export.runtime import input_names, make_session
     from mmrepvgg.export.verify import dataset_batch
     training = build_model(cfg)
-    sd, _ = read_state_dict(checkpoint, unsafe_load)
+    sd, _ = read_state_dict(checkpoint)
     load_weights(training, sd, checkpoint, config_path)
     training.eval()
     deploy = switch_to_deploy(training, inplace=False, verbose=False)
-    x, samples, note = dataset_batch(cfg, training, batch)
+    x, samples, note = dataset_batch(cfg, training, 1)
     if x is None:
         raise ValueError(f'{config_path}: {note}')
     feed = dict(input=x.numpy(), img_shape=np.asarray(
@@ -88,7 +81,7 @@ def demo_summary(cfg,
         return lambda: model.predict(x, samples, rescale=False)
 
     def run(path):
-        sess = make_session(path, threads)
+        sess = make_session(path)
         f = {k: feed[k] for k in input_names(sess)}
         return lambda: sess.run(None, f)
 
@@ -97,7 +90,7 @@ def demo_summary(cfg,
     fns.update((name, run(path)) for name, path in onnx_files.items())
     n = torch.get_num_threads()
     with torch.inference_mode():
-        timing = measure(fns, repeats, warmup, threads=threads or n)
+        timing = measure(fns, repeats, warmup, threads=n)
     first = next(iter(fns))
     rows = [dict(form=k, map=maps.get(k), latency_ms=1e3 * timing.median(k),
                  speedup=timing.ratio(first, k)['median']) for k in fns]
@@ -120,7 +113,6 @@ def side_by_side(results: Mapping[str, str],
                  out_file: str,
                  classes: Sequence[str],
                  num_images: int = 4,
-                 score_thr: float = 0.3,
                  scale: Optional[int] = None) -> str:
     """One PNG (written atomically, returned) of the first ``num_images``
     test images, one row per image and one column per form, each drawn with
@@ -131,8 +123,7 @@ def side_by_side(results: Mapping[str, str],
             ``tools/test.py --out`` (same test set, same order).
         out_file (str): the PNG.
         classes (Sequence[str]): class names (the dataset's metainfo).
-        num_images (int): rows.
-        score_thr (float): detections drawn above this score.
+        num_images (int): rows (detections drawn above score 0.3).
         scale (int, optional): images (and boxes) enlarged this many times
             before drawing; default: to about 384 pixels.
     """
@@ -167,7 +158,7 @@ def side_by_side(results: Mapping[str, str],
             inst.bboxes = torch.as_tensor(res[i]['bboxes']).float() * k
             sample = DetDataSample(pred_instances=inst)
             vis.add_datasample(title, image, sample, draw_gt=False,
-                               pred_score_thr=score_thr)
+                               pred_score_thr=0.3)
             cell = vis.get_image()
             band = np.full((24, cell.shape[1], 3), 255, np.uint8)
             cv2.putText(band, title[:max(1, cell.shape[1] // 10)], (4, 17),

@@ -39,9 +39,6 @@ MAX_PARAMS = 10**9
 #: graph statically quantized to INT8 (:mod:`mmrepvgg.export.quantize`).
 ALL_FORMS = ('training', 'deploy', 'reference', 'deploy-bf16', 'deploy-fp16',
              'ort-fp32', 'ort-int8')
-#: Forms run by PyTorch (the others by onnxruntime).
-TORCH_FORMS = ('training', 'deploy', 'reference', 'deploy-bf16',
-               'deploy-fp16')
 ORT_FORMS = ('ort-fp32', 'ort-int8')
 #: Forms of a default run.
 DEFAULT_FORMS = ('training', 'deploy', 'reference')
