@@ -11,11 +11,12 @@ import argparse
 import os
 import os.path as osp
 import sys
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 from mmengine.config import Config
 
-from mmrepvgg.apis.convert import load_config
+from mmrepvgg.apis.convert import (build_model, key_mismatch, load_config,
+                                   read_state_dict)
 from mmrepvgg.utils import allow_cpu_distributed, cpu_model_wrapper_cfg
 from mmrepvgg.utils.cli import (CfgOptionsAction, ToolError, add_cli_args,
                                 error_message, merge_cfg_options, run_cli)
@@ -103,7 +104,7 @@ def use_atomic_checkpoints(cfg: Config) -> int:
 
 
 def resolve_resume(cfg: Config, resume: Optional[str],
-                   unsafe_load: bool = False) -> Optional[str]:
+                   unsafe_load: bool = False) -> None:
     """Set ``cfg.resume``/``cfg.load_from`` for ``--resume [CKPT]``.
 
     ``resume='auto'`` (``--resume`` alone) picks the work dir's checkpoint
@@ -112,15 +113,11 @@ def resolve_resume(cfg: Config, resume: Optional[str],
     one skipped; without any, training starts from scratch, with a warning.
     An explicit ``CKPT`` must exist, load and match the model, or
     :class:`ToolError`.
-
-    Returns:
-        str | None: the checkpoint training resumes from.
     """
-    from mmrepvgg.apis.convert import build_model
     from mmrepvgg.deploy.checkpoint import CheckpointError
     from mmrepvgg.engine import check_checkpoint, find_resume_checkpoint
     if resume is None:
-        return None
+        return
     try:
         expected = {k: v.shape for k, v in build_model(cfg).state_dict()
                     .items()}
@@ -141,12 +138,11 @@ def resolve_resume(cfg: Config, resume: Optional[str],
              'training starts from scratch')
         cfg.resume = False
         cfg.load_from = None
-        return None
+        return
     cfg.resume = True
     cfg.load_from = ckpt
     if process_rank() == 0:
         print(f'resuming from {ckpt}', flush=True)
-    return ckpt
 
 
 def check_load_from(cfg: Config, unsafe_load: bool = False) -> None:
@@ -172,7 +168,7 @@ def check_test_checkpoint(cfg: Config,
                           checkpoint: str,
                           config: str,
                           unsafe_load: bool = False,
-                          strict: bool = True) -> Dict[str, object]:
+                          strict: bool = True) -> None:
     """Refuse a checkpoint that does not fit the config's model.
 
     The file is read safely (:func:`mmrepvgg.apis.convert.read_state_dict`:
@@ -188,16 +184,10 @@ def check_test_checkpoint(cfg: Config,
         config (str): the config's path, for messages.
         unsafe_load (bool): unpickle with ``weights_only=False``.
         strict (bool): compare keys and shapes with the model.
-
-    Returns:
-        dict: ``{'keys': number of tensors, 'deploy': bool}``.
     """
-    from mmrepvgg.apis.convert import (build_model, key_mismatch,
-                                       read_state_dict)
     sd, _ = read_state_dict(checkpoint, unsafe_load=unsafe_load)
-    info = dict(keys=len(sd), deploy=_has(sd, '.conv_reparam.'))
     if not strict:
-        return info
+        return
     try:
         own = build_model(cfg).state_dict()
     except Exception as e:
@@ -205,7 +195,7 @@ def check_test_checkpoint(cfg: Config,
                         f'({error_message(e)})') from None
     missing, unexpected, _, problem = key_mismatch(own, sd)
     if not problem:
-        return info
+        return
 
     ckpt_deploy = _has(unexpected, '.conv_reparam.')
     ckpt_training = _has(unexpected, '.branch_3x3.')
