@@ -107,16 +107,17 @@ def backbone_fusion_errors(arch, size: int,
     return fusion_errors(model.eval(), torch.randn(1, 3, size, size))
 
 
-def within_fp32_noise(errs: dict, factor: float = NOISE_FACTOR) -> bool:
+def within_fp32_noise(errs: dict) -> bool:
     """The suite's float32 criterion on a :func:`fusion_errors` result: the
-    deploy form is no further from the float64 truth than ``factor`` times
-    the training form's own float32 error (at least one ulp)."""
-    return errs['model_fp32'] <= factor * max(errs['floor_fp32'], FP32_EPS)
+    deploy form is no further from the float64 truth than ``NOISE_FACTOR``
+    times the training form's own float32 error (at least one ulp)."""
+    return errs['model_fp32'] <= NOISE_FACTOR * max(errs['floor_fp32'],
+                                                    FP32_EPS)
 
 
 @torch.no_grad()
-def fp32_verdict(reference: nn.Module, candidate, *inputs: torch.Tensor,
-                 factor: float = NOISE_FACTOR) -> dict:
+def fp32_verdict(reference: nn.Module, candidate,
+                 *inputs: torch.Tensor) -> dict:
     """Judge ``candidate`` (a module or callable, float32) against
     ``reference`` (float32 module) on ``inputs`` with the float32-noise
     criterion of :func:`mmrepvgg.deploy.verify.judge_fp32`: the truth is
@@ -124,13 +125,12 @@ def fp32_verdict(reference: nn.Module, candidate, *inputs: torch.Tensor,
     truth = flatten_outputs(float64_outputs(reference, *inputs))
     ref = flatten_outputs(reference(*inputs))
     cand = flatten_outputs(candidate(*inputs))
-    return judge_fp32(truth, ref, cand, factor=factor)
+    return judge_fp32(truth, ref, cand)
 
 
 def assert_fp32_equivalent(reference: nn.Module, candidate,
-                           *inputs: torch.Tensor,
-                           factor: float = NOISE_FACTOR) -> dict:
+                           *inputs: torch.Tensor) -> dict:
     """Assert :func:`fp32_verdict` passes; the message gives both errors."""
-    verdict = fp32_verdict(reference, candidate, *inputs, factor=factor)
+    verdict = fp32_verdict(reference, candidate, *inputs)
     assert verdict['passed'], describe(verdict)
     return verdict

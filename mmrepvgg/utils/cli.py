@@ -162,8 +162,7 @@ class CfgOptionsAction(argparse.Action):
         setattr(namespace, self.dest, options)
 
 
-def merge_cfg_options(cfg, options: Optional[dict],
-                      option: str = '--cfg-options') -> None:
+def merge_cfg_options(cfg, options: Optional[dict]) -> None:
     """``cfg.merge_from_dict(options)``, a failure raised as a
     :class:`ToolError` naming ``--cfg-options`` and the key."""
     if not options:
@@ -172,7 +171,7 @@ def merge_cfg_options(cfg, options: Optional[dict],
         try:
             cfg.merge_from_dict({key: value})
         except Exception as e:
-            raise ToolError(f'{option}: cannot set {key}={value!r} '
+            raise ToolError(f'--cfg-options: cannot set {key}={value!r} '
                             f'({error_message(e)})') from None
 
 
