@@ -95,6 +95,15 @@ def make_session(model: Union[str, bytes, 'os.PathLike'],
                                f'{_first_line(e)}') from None
 
 
+def set_threads(threads: Optional[int]) -> None:
+    """A tool's ``--threads``: PyTorch's intra-op threads (None: keep)."""
+    if threads is not None and threads < 1:
+        raise ToolError(f'--threads must be >= 1, got {threads}')
+    if threads is not None:
+        import torch
+        torch.set_num_threads(threads)
+
+
 def input_names(session) -> List[str]:
     return [i.name for i in session.get_inputs()]
 

@@ -116,13 +116,10 @@ def run(args, argv) -> int:
 
     import mmrepvgg  # noqa: F401  (registers the modules)
     from mmrepvgg import benchmark as bm
+    from mmrepvgg.export.runtime import set_threads
     from mmrepvgg.utils.fileio import scratch_dir
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise bm.BenchmarkError(f'--threads must be >= 1, got '
-                                    f'{args.threads}')
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if not args.tolerance > 0:
         raise bm.BenchmarkError(f'--tolerance must be > 0, got '
                                 f'{args.tolerance}')

@@ -165,12 +165,11 @@ def print_report(r) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     import mmrepvgg  # noqa: F401  (registers modules)
     from mmrepvgg.apis.convert import load_config
     from mmrepvgg.export.onnx_export import (ExportError, ExportOptions,
                                              export_onnx)
+    from mmrepvgg.export.runtime import set_threads
     from mmrepvgg.utils.cli import merge_cfg_options
 
     if args.tolerance is not None and args.noise_factor is not None:
@@ -182,10 +181,7 @@ def run(args) -> int:
                             ('--score-tol', args.score_tol)):
             if value not in (None, False):
                 raise ExportError(f'{flag} needs --postprocess')
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ExportError(f'--threads must be >= 1, got {args.threads}')
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cfg = load_config(args.config)
     merge_cfg_options(cfg, args.cfg_options)
     opts = ExportOptions(

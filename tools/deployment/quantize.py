@@ -235,18 +235,13 @@ def read_layer_reports(paths) -> dict:
 
 
 def run(args) -> int:
-    import torch
-
     import mmrepvgg  # noqa: F401  (registers modules and safe globals)
     from mmrepvgg.apis.convert import load_config
     from mmrepvgg.export.quantize import (QuantConfig, QuantizeError,
                                           quantize_checkpoint)
+    from mmrepvgg.export.runtime import set_threads
     from mmrepvgg.utils.fileio import check_output_paths
-    if args.threads is not None:
-        if args.threads < 1:
-            raise QuantizeError(f'--threads must be >= 1, got '
-                                f'{args.threads}')
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     qcfg = QuantConfig(
         quant_format=args.format, activation_type=args.activation_type,
         weight_type=args.weight_type, per_channel=not args.per_tensor,
