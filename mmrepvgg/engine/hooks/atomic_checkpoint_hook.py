@@ -9,7 +9,8 @@ from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
-from mmrepvgg.utils.fileio import atomic_write, remove_stale_temporaries
+from mmrepvgg.utils.fileio import (atomic_write, atomic_write_bytes,
+                                   remove_stale_temporaries)
 
 
 @HOOKS.register_module()
@@ -109,9 +110,4 @@ class AtomicCheckpointHook(CheckpointHook):
 def write_last_checkpoint(work_dir: str, ckpt_path: str) -> None:
     """Atomically point ``work_dir/last_checkpoint`` at ``ckpt_path``."""
     from mmrepvgg.engine.resume import LAST_CHECKPOINT  # loads checkpoints
-
-    def write(tmp: str) -> None:
-        with open(tmp, 'w', encoding='utf-8') as f:
-            f.write(ckpt_path)
-
-    atomic_write(osp.join(work_dir, LAST_CHECKPOINT), write)
+    atomic_write_bytes(osp.join(work_dir, LAST_CHECKPOINT), ckpt_path)
