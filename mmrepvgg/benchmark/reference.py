@@ -23,8 +23,7 @@ import torch
 import torch.nn as nn
 
 from mmrepvgg.deploy import switch_to_deploy
-from mmrepvgg.deploy.verify import (NOISE_FACTOR, describe, flatten_outputs,
-                                    judge_fp32)
+from mmrepvgg.deploy.verify import describe, flatten_outputs, judge_fp32
 from mmrepvgg.testing import float64_outputs, randomize_, relative_error
 from .options import BenchmarkError
 
@@ -146,21 +145,20 @@ def build_reference(backbone: nn.Module) -> PlainReference:
     return PlainReference(stages, backbone.out_indices).eval()
 
 
-def build_forms(arch: Union[str, dict], seed: int = 0,
-                **backbone_kwargs) -> Dict[str, nn.Module]:
+def build_forms(arch: Union[str, dict],
+                seed: int = 0) -> Dict[str, nn.Module]:
     """The three PyTorch float32 forms of one backbone.
 
     Args:
         arch (str | dict): the ``RepVGG`` arch.
         seed (int): seed of the random weights and batch-norm statistics.
-        **backbone_kwargs: more ``RepVGG`` arguments.
 
     Returns:
         dict: ``training``, ``deploy`` and ``reference`` modules (float32,
         CPU, eval mode).
     """
     from mmrepvgg.models import RepVGG
-    training = RepVGG(arch=arch, **backbone_kwargs)
+    training = RepVGG(arch=arch)
     randomize_(training, seed=seed)
     training.eval()
     deploy = switch_to_deploy(training, inplace=False, verbose=False)
@@ -185,7 +183,7 @@ def float32_noise(training: nn.Module,
 
 
 def judge_form(label: str, form: str, truth: Outputs, reference: Outputs,
-               candidate: Outputs, factor: float = NOISE_FACTOR) -> dict:
+               candidate: Outputs) -> dict:
     """Judge one float32 candidate form by the float32-noise criterion.
 
     Args:
@@ -194,7 +192,6 @@ def judge_form(label: str, form: str, truth: Outputs, reference: Outputs,
         truth (Mapping): float64 training-form outputs.
         reference (Mapping): float32 training-form outputs.
         candidate (Mapping): float32 outputs of the form, same names.
-        factor (float): allowed error / noise ratio.
 
     Returns:
         dict: the verdict of :func:`~mmrepvgg.deploy.verify.judge_fp32`.
@@ -205,7 +202,7 @@ def judge_form(label: str, form: str, truth: Outputs, reference: Outputs,
     """
     cand = {k: v.detach().cpu() for k, v in candidate.items()}
     try:
-        verdict = judge_fp32(truth, reference, cand, factor=factor)
+        verdict = judge_fp32(truth, reference, cand)
     except ValueError as e:
         raise BenchmarkError(f'{label}: {form}: {e}') from None
     if not verdict['passed']:
