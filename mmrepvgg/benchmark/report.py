@@ -3,6 +3,7 @@ import io
 import json
 import os
 import platform
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -370,14 +371,9 @@ def write_report(rows: Sequence[dict], out_dir: str, markdown: str,
                                     default=str).encode(),
                     md=markdown.encode())
     paths = report_paths(out_dir)
-    atomic_write_all([(paths[ext], lambda t, d=data: _write_bytes(t, d))
+    atomic_write_all([(paths[ext], lambda t, d=data: Path(t).write_bytes(d))
                       for ext, data in contents.items()])
     return paths
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    with open(path, 'wb') as f:
-        f.write(data)
 
 
 def summary_title(device: str, channels_last: bool, compile: bool) -> str:

@@ -4,6 +4,7 @@ images, quantize, compare with FP32 on other real images, write."""
 import json
 import os.path as osp
 import shutil
+from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from mmrepvgg.utils.fileio import (atomic_write_all, check_output_paths,
@@ -215,12 +216,8 @@ def quantize_checkpoint(cfg,
             writes.append((fp32_output, lambda t: shutil.copyfile(fp32, t)))
         if layers_json is not None:
             rows = json.dumps(report['layers'], indent=1)
-            writes.append((layers_json, lambda t: _write_text(t, rows)))
+            writes.append((layers_json, lambda t: Path(t).write_text(
+                rows, encoding='utf-8')))
         writes.append((output, lambda t: shutil.copyfile(int8, t)))
         atomic_write_all(writes)
     return report
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, 'w', encoding='utf-8') as f:
-        f.write(text)
