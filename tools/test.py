@@ -110,12 +110,9 @@ def _with_dump(evaluator, out):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # --- ONNX: CHECKPOINT.onnx is evaluated with onnxruntime in the same
-    # test loop (mmrepvgg/export/evaluate.py) ---
-    if args.checkpoint.endswith('.onnx'):
+    if args.checkpoint.endswith('.onnx'):  # onnxruntime, same test loop
         from mmrepvgg.export.evaluate import test_onnx
         return test_onnx(args)
-    # --- end ONNX ---
     from mmrepvgg.apis.runner import run_runner, run_tool
     return run_tool(lambda: run_runner(build_cfg(args), args, 'test'), args,
                     interrupted='interrupted')

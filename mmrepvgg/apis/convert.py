@@ -468,8 +468,6 @@ def convert_checkpoint(cfg: Config,
                                 source_config=osp.abspath(config_path),
                                 blocks_converted=blocks)
     text = deploy_cfg.pretty_text
-    # (atomic_write_group first completes a pair that a killed run left
-    # half-renamed in that folder and removes its stale temporaries.)
     atomic_write_group([
         (out_ckpt, lambda tmp: torch.save(
             dict(meta=new_meta, state_dict=state), tmp)),
