@@ -40,7 +40,7 @@ import torch
 from mmrepvgg.deploy.verify import first_non_finite
 from mmrepvgg.utils.cli import preview
 from mmrepvgg.version import __version__
-from .convert import extract_state_dict
+from .convert import extract_state_dict, key_mismatch
 from .import_arch import Arch, detect_arch, detect_deploy
 from .import_formats import (FORMATS, CheckpointImportError, SourceFormat,
                              detect_format, meta_device, parse_key,
@@ -84,10 +84,7 @@ def check_strict(sd: 'OrderedDict[str, torch.Tensor]', arch: Arch,
                 k[:-len('num_batches_tracked')] + 'running_mean' in out:
             out[k] = torch.tensor(0, dtype=torch.long)
             filled.append(k)
-    missing = [k for k in expected if k not in out]
-    unexpected = [k for k in out if k not in expected]
-    shape = [k for k in expected if k in out
-             and tuple(out[k].shape) != tuple(expected[k].shape)]
+    missing, unexpected, shape, _ = key_mismatch(expected, out)
     if missing or unexpected or shape:
         parts = []
         if missing:
