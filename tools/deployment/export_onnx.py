@@ -184,19 +184,12 @@ def run(args) -> int:
     set_threads(args.threads)
     cfg = load_config(args.config)
     merge_cfg_options(cfg, args.cfg_options)
-    opts = ExportOptions(
+    given = {k: getattr(args, k) for k in vars(ExportOptions())
+             if getattr(args, k, None) is not None}  # None: the default
+    opts = ExportOptions(**dict(
+        given, shape=tuple(args.shape) if args.shape else None,
         mode='end2end' if args.postprocess else (
-            'backbone' if args.backbone_only else 'raw'),
-        img_shape_input=args.img_shape_input,
-        shape=tuple(args.shape) if args.shape else None, opset=args.opset,
-        device=args.device, tolerance=args.tolerance,
-        max_differing=args.max_differing, verify_images=args.verify_images,
-        unsafe_load=args.unsafe_load, bench=args.bench, repeats=args.repeats,
-        warmup=args.warmup, threads=args.threads, box_tol=args.box_tol)
-    if args.noise_factor is not None:
-        opts.noise_factor = args.noise_factor
-    if args.score_tol is not None:
-        opts.score_tol = args.score_tol
+            'backbone' if args.backbone_only else 'raw')))
     print_report(export_onnx(cfg, args.config, args.checkpoint, args.output,
                              opts))
     return 0
