@@ -137,12 +137,9 @@ def run(args, argv) -> int:
     bm.report_paths(args.out_dir)  # refused now, not after the timing
     # the ONNX graphs: in a folder the next run removes after a SIGKILL
     with scratch_dir('mmrepvgg-benchmark'):
-        rows = bm.run_benchmark(
-            archs, sizes, args.batch_sizes, forms=forms,
-            repeats=args.repeats, warmup=args.warmup, settle=args.settle,
-            order=args.order, device=args.device,
-            channels_last=args.channels_last, compile=args.compile,
-            ort_spinning=args.ort_spinning, tolerance=args.tolerance)
+        opts = {k: getattr(args, k) for k in vars(bm.BenchOptions())}
+        rows = bm.run_benchmark(archs, sizes, args.batch_sizes,
+                                **dict(opts, forms=forms))
 
     command = 'python tools/analysis_tools/benchmark.py ' + ' '.join(
         shlex.quote(a) for a in argv)
