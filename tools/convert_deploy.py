@@ -91,7 +91,7 @@ def run(args) -> int:
     from mmrepvgg.apis.convert import (check_options, check_output_paths,
                                        deploy_paths, load_config)
     from mmrepvgg.deploy.verify import NOISE_FACTOR
-    from mmrepvgg.utils.cli import ToolError
+    from mmrepvgg.utils.cli import ToolError, error_message
 
     factor = NOISE_FACTOR if args.noise_factor is None else args.noise_factor
     if args.tolerance is not None and args.noise_factor is not None:
@@ -134,7 +134,7 @@ def run(args) -> int:
         except ToolError as e:
             if len(items) == 1:
                 raise
-            line = f'error: {" ".join(str(e).split())}'
+            line = f'error: {error_message(e)}'
             if hasattr(bar, 'write'):  # keep the line apart from the bar
                 bar.write(line, file=sys.stderr)
             else:

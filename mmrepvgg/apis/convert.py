@@ -343,7 +343,6 @@ def count_convs(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
 
-@torch.no_grad()
 def _tensor_forward(model):
     if hasattr(model, '_forward'):
         return lambda x, s: model._forward(x, s)
@@ -444,8 +443,9 @@ def convert_checkpoint(cfg: Config,
         from mmrepvgg.utils.timing import measure
         forms = {name: (lambda f=_tensor_forward(m): f(x, samples))
                  for name, m in (('before', model), ('after', fused))}
-        timing = measure(forms, latency_repeats, warmup=2, sync=(
-            torch.cuda.synchronize if x.is_cuda else None))
+        with torch.no_grad():  # inference latency: no autograd graph
+            timing = measure(forms, latency_repeats, warmup=2, sync=(
+                torch.cuda.synchronize if x.is_cuda else None))
         report['latency_before'] = timing.median('before')
         report['latency_after'] = timing.median('after')
 
