@@ -218,9 +218,8 @@ def make_inputs(shape: Tuple[int, int], batch: int = 1, seed: int = 0,
     return x, samples
 
 
-def _random_proposals(shape, batch, n=64, seed=0, device='cpu',
-                      dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
+def _random_proposals(shape, batch, device, dtype, n=64):
+    g = torch.Generator().manual_seed(0)
     h, w = shape
     results = []
     for _ in range(batch):
