@@ -40,16 +40,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _managed_classes():
+    """Every mmengine ``ManagerMixin`` class (each keeps its own instances)."""
+    from mmengine.utils import ManagerMixin
+    todo, seen = [ManagerMixin], []
+    while todo:
+        cls = todo.pop()
+        seen.append(cls)
+        todo.extend(cls.__subclasses__())
+    return seen
+
+
 @pytest.fixture(autouse=True)
-def _isolate_default_scope():
-    """mmengine's current ``DefaultScope`` is process-global (the latest one
-    created, e.g. by a runner): restore it after every test, so that no test
-    depends on which tests ran before it in the same process."""
-    from mmengine.registry import DefaultScope
-    saved = DefaultScope._instance_dict.copy()
+def _isolate_global_instances():
+    """mmengine keeps process-global named instances (the current
+    ``DefaultScope``, loggers, message hubs, visualizers): restore them after
+    every test, so no test depends on which tests ran before it in the same
+    process. A runner names its logger after the second it started, so two
+    in-process tool runs within one second would otherwise share a logger
+    whose handlers write to the first test's closed capture stream."""
+    import logging
+    saved = {cls: cls._instance_dict.copy() for cls in _managed_classes()}
     yield
-    DefaultScope._instance_dict.clear()
-    DefaultScope._instance_dict.update(saved)
+    for cls in _managed_classes():
+        for name, inst in list(cls._instance_dict.items()):
+            if saved.get(cls, {}).get(name) is inst:
+                continue
+            if isinstance(inst, logging.Logger):
+                for handler in inst.handlers[:]:
+                    inst.removeHandler(handler)
+                    handler.close()
+        cls._instance_dict.clear()
+        cls._instance_dict.update(saved.get(cls, {}))
 
 
 @pytest.fixture(autouse=True)
