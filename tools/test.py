@@ -9,7 +9,9 @@ Same arguments as mmdet's tools/test.py, plus:
   (keys and shapes), else the tool exits 1 with one ``error: ...`` line
   saying what is wrong (a deploy checkpoint with a training config, a
   training checkpoint with a deploy config, missing/unexpected keys);
-  ``--non-strict`` restores mmengine's lenient loading.
+  ``--non-strict`` restores mmengine's lenient loading;
+- ``CONFIG MODEL.onnx``: an end-to-end ONNX file in the same test loop,
+  run by onnxruntime or, with ``--runtime openvino``, by OpenVINO (float32).
 """
 import importlib.util
 import os.path as osp
@@ -41,6 +43,10 @@ def parse_args(argv=None):
         help='load a checkpoint that does not match the model (missing or '
         'unexpected keys only logged, as mmengine does): results are then '
         'meaningless unless you know why the keys differ')
+    parser.add_argument(
+        '--runtime', choices=['onnxruntime', 'openvino'], default=None,
+        help='what runs an .onnx checkpoint: onnxruntime (default) or '
+        'OpenVINO (float32, pip install -e .[openvino])')
     add_runner_args(parser)
     return parse_runner_args(parser, argv)
 
@@ -68,6 +74,9 @@ def build_cfg(args):
     from mmrepvgg.apis.runner import check_test_checkpoint, load_runner_config
     from mmrepvgg.utils.cli import ToolError
     from mmrepvgg.utils.fileio import check_output_paths
+    if getattr(args, 'runtime', None) is not None:
+        raise ToolError(f'--runtime {args.runtime}: applies to an .onnx '
+                        f'checkpoint, not {args.checkpoint}')
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         raise ToolError(f'--out {args.out}: must be a .pkl or .pickle file')
     cfg = load_runner_config(args, [(args.checkpoint, 'checkpoint')])
@@ -112,6 +121,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.checkpoint.endswith('.onnx'):  # onnxruntime, same test loop
         from mmrepvgg.export.evaluate import test_onnx
+        args.runtime = args.runtime or 'onnxruntime'
         return test_onnx(args)
     from mmrepvgg.apis.runner import run_runner, run_tool
     return run_tool(lambda: run_runner(build_cfg(args), args, 'test'), args,

@@ -3,7 +3,8 @@
 ``tools/test.py CONFIG MODEL.onnx`` runs mmengine's ``Runner.test()``
 unchanged: the config's test dataset, pipeline, data preprocessor and
 evaluator; only the model is :class:`OnnxRuntimeDetector`, whose
-``predict`` feeds the preprocessed batch to onnxruntime and turns ``dets``
+``predict`` feeds the preprocessed batch to onnxruntime (or OpenVINO,
+``--runtime openvino``, float32) and turns ``dets``
 and ``labels`` into ``DetDataSample.pred_instances`` the way mmdet's dense
 heads do with ``rescale=True``: boxes divided by the ``scale_factor`` of the
 test resize (mmdet's ``scale_boxes``, no clipping to ``ori_shape``, as
@@ -38,6 +39,7 @@ from mmengine.structures import InstanceData
 from mmrepvgg.apis.convert import MAX_SIDE
 from mmrepvgg.utils.cli import ToolError
 from . import runtime
+from .runtime import make_session, output_names
 from .postprocess import (MAX_NMS_PRE, MAX_PER_IMG, METADATA_KEY,
                           PostProcessError, check_count, check_fraction,
                           describe_settings)
@@ -88,7 +90,8 @@ def _settings(onnx_file: str, session) -> dict:
 def check_end2end_graph(onnx_file: str,
                         num_classes: Optional[int] = None,
                         threads: Optional[int] = 1,
-                        providers: Optional[Sequence[str]] = None) -> dict:
+                        providers: Optional[Sequence[str]] = None,
+                        runtime: str = 'onnxruntime') -> dict:
     """What the evaluation needs to know of an end-to-end detector graph
     (input ``input`` and optionally ``img_shape``, outputs ``dets`` and
     ``labels`` first), every size and setting it declares checked before
@@ -99,8 +102,10 @@ def check_end2end_graph(onnx_file: str,
         num_classes (int, optional): the config's class count; the graph's
             metadata must agree, labels must lie below it. Default: the
             metadata's.
-        threads (int, optional): onnxruntime intra-op threads.
+        threads (int, optional): intra-op threads.
         providers (Sequence[str], optional): onnxruntime providers.
+        runtime (str): ``onnxruntime`` or ``openvino``
+            (:func:`~.runtime.make_session`, float32).
 
     Returns:
         dict: ``session``, ``with_img_shape``, ``fixed_batch`` (int or
@@ -113,10 +118,10 @@ def check_end2end_graph(onnx_file: str,
             declared batch, input size or detection count beyond the
             bounds, a class count that differs from ``num_classes``.
     """
-    session = runtime.make_session(onnx_file, threads, providers)
+    session = make_session(onnx_file, threads, providers, runtime=runtime)
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
-    names = runtime.output_names(session)
+    names = output_names(session)
     if 'input' not in inputs or names[:2] != ['dets', 'labels']:
         raise EvaluateError(
             f'{onnx_file}: not an end-to-end detector graph (inputs '
@@ -186,9 +191,10 @@ class OnnxRuntimeDetector(BaseDetector):
         data_preprocessor (dict): the config's ``DetDataPreprocessor``.
         num_classes (int, optional): the config's class count (default:
             the graph's metadata).
-        threads (int, optional): onnxruntime intra-op threads.
+        threads (int, optional): intra-op threads.
         providers (Sequence[str], optional): onnxruntime providers (CPU by
             default).
+        runtime (str): ``onnxruntime`` or ``openvino`` (float32).
         init_cfg (dict, optional): unused (no weights).
     """
 
@@ -198,12 +204,13 @@ class OnnxRuntimeDetector(BaseDetector):
                  num_classes: Optional[int] = None,
                  threads: Optional[int] = None,
                  providers: Optional[Sequence[str]] = None,
+                 runtime: str = 'onnxruntime',
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(data_preprocessor=data_preprocessor,
                          init_cfg=init_cfg)
         self.onnx_file = onnx_file
         info = check_end2end_graph(onnx_file, num_classes, threads,
-                                   providers)
+                                   providers, runtime)
         self.session = info['session']
         self.with_img_shape = info['with_img_shape']
         self.fixed_batch = info['fixed_batch']
@@ -311,7 +318,7 @@ class OnnxRuntimeDetector(BaseDetector):
 def onnx_test_config(args):
     """The runner config of ``tools/test.py CONFIG MODEL.onnx``: the
     config's test set, pipeline, preprocessor and evaluator, the model
-    replaced by :class:`OnnxRuntimeDetector`.
+    replaced by :class:`OnnxRuntimeDetector` on ``args.runtime``.
 
     Raises:
         ToolError: options that do not apply to an ONNX file, missing files.
@@ -331,6 +338,7 @@ def onnx_test_config(args):
     if out is not None and not out.endswith(('.pkl', '.pickle')):
         raise EvaluateError(f'--out {out}: must be a .pkl or .pickle file')
     runtime.check_model_file(args.checkpoint)
+    engine = runtime.check_runtime(getattr(args, 'runtime', 'onnxruntime'))
     cfg = load_runner_config(args)
     if out is not None:
         check_output_paths([(args.config, 'config'),
@@ -349,7 +357,8 @@ def onnx_test_config(args):
                             'check the ONNX labels')
     cfg.model = dict(type='OnnxRuntimeDetector',
                      onnx_file=osp.abspath(args.checkpoint),
-                     data_preprocessor=pre, num_classes=num_classes)
+                     data_preprocessor=pre, num_classes=num_classes,
+                     runtime=engine)
     cfg.load_from = None
     cfg.resume = False
     hooks = [h for h in cfg.get('custom_hooks', []) or []
@@ -376,18 +385,23 @@ def onnx_test_config(args):
 
 def test_onnx(args) -> int:
     """``tools/test.py`` for a ``.onnx`` checkpoint: mmdet's test loop with
-    onnxruntime detections; one ``error:`` line on bad input."""
+    onnxruntime (or OpenVINO) detections; one ``error:`` line on bad
+    input."""
     from mmrepvgg.apis.runner import run_runner, run_tool
 
     def body():
         import mmrepvgg  # noqa: F401  (registers modules)
         cfg = onnx_test_config(args)
         # refused before the runner creates its work dir and log
-        settings = check_end2end_graph(cfg.model['onnx_file'],
-                                       cfg.model['num_classes'])['settings']
-        if settings:
+        info = check_end2end_graph(cfg.model['onnx_file'],
+                                   cfg.model['num_classes'],
+                                   runtime=cfg.model['runtime'])
+        print(f'ONNX {args.checkpoint}: run by {cfg.model["runtime"]}' + (
+            f', precision {info["session"].precision}'
+            if cfg.model['runtime'] == 'openvino' else ''), flush=True)
+        if info['settings']:
             print(f'ONNX {args.checkpoint}: post-processing in the graph: '
-                  f'{describe_settings(settings)}', flush=True)
+                  f'{describe_settings(info["settings"])}', flush=True)
         run_runner(cfg, args, 'test')
 
     return run_tool(body, args, interrupted='interrupted')

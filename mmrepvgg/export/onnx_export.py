@@ -101,6 +101,8 @@ class ExportOptions:
         repeats (int): timed rounds of ``bench``.
         warmup (int): untimed rounds of ``bench``.
         threads (int, optional): onnxruntime intra-op threads.
+        runtime (str): what runs the graph in verification and ``bench``:
+            ``onnxruntime`` or ``openvino`` (float32).
     """
     mode: str = 'raw'
     img_shape_input: bool = False
@@ -118,6 +120,7 @@ class ExportOptions:
     repeats: int = 20
     warmup: int = 3
     threads: Optional[int] = None
+    runtime: str = 'onnxruntime'
 
 
 @dataclass
@@ -129,7 +132,7 @@ class ExportReport:
     :func:`~.verify.merge_verdicts`; the end2end fields (``settings`` ...
     ``predict_check``) stay empty in the other modes; ``bench`` holds
     ``timing`` (:class:`~mmrepvgg.utils.timing.Timing` of the forms
-    ``pytorch`` and ``onnxruntime``), ``shape`` and ``input``.
+    ``pytorch`` and the runtime's name), ``shape`` and ``input``.
     """
     output: str
     mode: str
@@ -138,6 +141,7 @@ class ExportReport:
     checkpoint_form: str
     blocks: int
     threads: Optional[int] = None
+    runtime: str = 'onnxruntime'
     exported: str = ''
     batches: List[str] = field(default_factory=list)
     verdict: dict = field(default_factory=dict)
@@ -321,7 +325,8 @@ def build_graph(graph: _Graph, path: str, opts: ExportOptions) -> None:
         graph.raw_names = export_to(graph.net, x, path, opts.opset)
     check_onnx(path)
     graph.path = path
-    graph.session = runtime.make_session(path, opts.threads)
+    graph.session = runtime.make_session(path, opts.threads,
+                                         runtime=opts.runtime)
 
 
 # ----------------------------------------------------------- step: verify
@@ -371,9 +376,9 @@ def verify_graph(graph: _Graph, model: nn.Module, opts: ExportOptions,
     report.verdict = merge_verdicts(verdicts)
     report.raw_tensors = len(graph.raw_names)
     if not report.verdict['passed']:
-        text = describe(report.verdict, candidate='onnxruntime',
+        text = describe(report.verdict, candidate=opts.runtime,
                         reference='PyTorch')
-        raise ExportError(f'{checkpoint}: onnxruntime outputs differ from '
+        raise ExportError(f'{checkpoint}: {opts.runtime} outputs differ from '
                           f'PyTorch: {text}; {output} not written')
     if graph.detections:
         _judge_detections(merge_comparisons(post), merge_comparisons(pred),
@@ -385,7 +390,7 @@ def _judge_detections(post: dict, pred: dict, opts: ExportOptions,
                       report: ExportReport) -> None:
     report.postprocess_check, report.predict_check = post, pred
     if not (post['finite'] and pred['finite']):
-        raise ExportError(f'{checkpoint}: onnxruntime detections are not '
+        raise ExportError(f'{checkpoint}: {opts.runtime} detections are not '
                           f'finite; {output} not written')
     if post['differing']:
         raise ExportError(
@@ -396,7 +401,7 @@ def _judge_detections(post: dict, pred: dict, opts: ExportOptions,
     total = max(1, pred['detections'] + pred['reference_detections'])
     if pred['unmatched'] / total > opts.max_differing:
         raise ExportError(
-            f'{checkpoint}: onnxruntime detections differ from mmdet\'s '
+            f'{checkpoint}: {opts.runtime} detections differ from mmdet\'s '
             'predict beyond float32 noise: ' +
             describe_comparison(pred, 'vs predict') +
             f' (more than {opts.max_differing:.0%} of detections); '
@@ -405,7 +410,8 @@ def _judge_detections(post: dict, pred: dict, opts: ExportOptions,
 
 # ------------------------------------------------------------ step: write
 def write_graph(graph: _Graph, tmp: str, output: str, metadata: dict,
-                threads: Optional[int] = None) -> None:
+                threads: Optional[int] = None,
+                engine: str = 'onnxruntime') -> None:
     """Write the verified graph to ``tmp`` (renamed to ``output`` by
     :func:`write_output`): end2end keeps only ``dets`` and ``labels`` and
     stores the post-processing ``metadata``, then the written graph must
@@ -419,7 +425,7 @@ def write_graph(graph: _Graph, tmp: str, output: str, metadata: dict,
     check_onnx(tmp)
     _, x, shapes = graph.batches[-1]
     feed = graph.feed(x, shapes)
-    final = runtime.make_session(tmp, threads)
+    final = runtime.make_session(tmp, threads, runtime=engine)
     got, again = runtime.run(final, feed), runtime.run(graph.session, feed)
     if not (np.array_equal(got[0], again[0])
             and np.array_equal(got[1], again[1])):
@@ -484,7 +490,7 @@ def bench_graph(graph: _Graph, model: nn.Module,
         fns = dict(pytorch=lambda: model.predict(xd, metas, rescale=False))
     else:
         fns = dict(pytorch=lambda: graph.net(xd))
-    fns['onnxruntime'] = lambda: runtime.run(graph.session, feed)
+    fns[opts.runtime] = lambda: runtime.run(graph.session, feed)
     sync = torch.cuda.synchronize if xd.is_cuda else None
     with torch.inference_mode():
         timing = measure(fns, opts.repeats, opts.warmup, sync=sync,
@@ -516,11 +522,13 @@ def export_onnx(cfg: Config,
         ExportError: one-line message naming the file/argument at fault.
     """
     opts = replace(options or ExportOptions(), **overrides)
+    runtime.check_runtime(opts.runtime)
     shape = check_request(cfg, config_path, checkpoint, output, opts)
     model, info = load_deploy_model(cfg, config_path, checkpoint,
                                     opts.unsafe_load)
     report = ExportReport(output=output, mode=opts.mode, opset=opts.opset,
-                          shape=shape, threads=opts.threads, **info)
+                          shape=shape, threads=opts.threads,
+                          runtime=opts.runtime, **info)
     graph = prepare(model, cfg, config_path, opts, shape, report)
     metadata = dict(report.settings or {},
                     img_shape_input=opts.img_shape_input,
@@ -531,7 +539,8 @@ def export_onnx(cfg: Config,
         with scratch_dir('mmrepvgg-export') as work:
             build_graph(graph, osp.join(work, 'verify.onnx'), opts)
             verify_graph(graph, model, opts, checkpoint, output, report)
-            write_graph(graph, tmp, output, metadata, opts.threads)
+            write_graph(graph, tmp, output, metadata, opts.threads,
+                        opts.runtime)
             report.ops = op_histogram(tmp)
             if opts.bench:
                 report.bench = bench_graph(graph, model, opts)

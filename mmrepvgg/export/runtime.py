@@ -1,7 +1,10 @@
-"""onnxruntime sessions and runs.
+"""Runtime sessions and runs: onnxruntime, or OpenVINO (:mod:`.openvino`).
 
-Reusable by every exported form (FP32, INT8, end-to-end detectors): nothing
-here knows about mmdet.
+The one place where the runtime of an ONNX file is chosen
+(:func:`make_session`'s ``runtime``); both sessions offer the same calls
+(``get_inputs``, ``get_outputs``, ``get_modelmeta``, ``run``). Reusable by
+every exported form (FP32, INT8, end-to-end detectors): nothing here knows
+about mmdet.
 """
 import os
 import stat
@@ -11,6 +14,8 @@ import numpy as np
 
 from mmrepvgg.utils.cli import ToolError
 
+#: The runtimes an ONNX file can be run with (the tools' ``--runtime``).
+RUNTIMES = ('onnxruntime', 'openvino')
 #: The provider every session gets unless told otherwise.
 DEFAULT_PROVIDERS = ('CPUExecutionProvider', )
 #: Largest ``.onnx`` file opened (a protobuf holds at most 2 GiB; larger
@@ -19,7 +24,7 @@ MAX_ONNX_BYTES = 2**31
 
 
 class OnnxRuntimeError(ToolError):
-    """onnxruntime cannot load or run a graph; names the file."""
+    """A runtime cannot load or run a graph; names the file."""
 
 
 def check_model_file(path: Union[str, 'os.PathLike']) -> None:
@@ -53,8 +58,11 @@ def check_model_file(path: Union[str, 'os.PathLike']) -> None:
 def make_session(model: Union[str, bytes, 'os.PathLike'],
                  threads: Optional[int] = None,
                  providers: Optional[Sequence[str]] = None,
-                 spinning: bool = False):
-    """An ``onnxruntime.InferenceSession``.
+                 spinning: bool = False,
+                 runtime: str = 'onnxruntime',
+                 precision: str = 'f32'):
+    """An ``onnxruntime.InferenceSession``, or with ``runtime='openvino'``
+    an :class:`~.openvino.OpenVinoSession` offering the same calls.
 
     Args:
         model (str | bytes): an ``.onnx`` path or a serialized model.
@@ -66,14 +74,26 @@ def make_session(model: Union[str, bytes, 'os.PathLike'],
             default: interleaved with PyTorch (verification, timing), the
             spinning threads steal the cores PyTorch runs on and slow it down
             many times.
+        runtime (str): one of :data:`RUNTIMES`.
+        precision (str): OpenVINO's ``INFERENCE_PRECISION_HINT`` (``f32`` or
+            ``bf16``), always set; onnxruntime runs float32 (``f32`` only).
 
     Raises:
         OnnxRuntimeError: the graph cannot be loaded (message names it);
             a path that is not a regular file (:func:`check_model_file`).
+        ToolError: OpenVINO is not usable on this machine
+            (:class:`~.openvino.OpenVinoUnavailable`, one line).
     """
-    import onnxruntime as ort
+    check_runtime(runtime)
     if not isinstance(model, bytes):
         check_model_file(model)
+    if runtime == 'openvino':
+        from .openvino import OpenVinoSession
+        return OpenVinoSession(model, threads, precision)
+    if precision != 'f32':
+        raise OnnxRuntimeError(f'onnxruntime runs float32 graphs here, not '
+                               f'{precision}')
+    import onnxruntime as ort
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
@@ -93,6 +113,20 @@ def make_session(model: Union[str, bytes, 'os.PathLike'],
     except Exception as e:  # onnxruntime raises its own exception types
         raise OnnxRuntimeError(f'{what}: onnxruntime cannot load it: '
                                f'{_first_line(e)}') from None
+
+
+def check_runtime(runtime: str, option: str = '--runtime') -> str:
+    """Refuse a runtime not in :data:`RUNTIMES` (one line naming
+    ``option``)."""
+    if runtime not in RUNTIMES:
+        raise ToolError(f'{option} {runtime!r}: choose from '
+                        f'{", ".join(RUNTIMES)}')
+    return runtime
+
+
+def runtime_name(session) -> str:
+    """``onnxruntime`` or ``openvino``: what runs ``session``."""
+    return getattr(session, 'runtime', 'onnxruntime')
 
 
 def set_threads(threads: Optional[int]) -> None:
@@ -129,8 +163,8 @@ def run(session, feeds: Mapping[str, np.ndarray],
         return session.run(list(outputs) if outputs else None, cast)
     except Exception as e:
         shapes = ', '.join(f'{k} {tuple(v.shape)}' for k, v in cast.items())
-        raise OnnxRuntimeError(f'onnxruntime run failed on {shapes}: '
-                               f'{_first_line(e)}') from None
+        raise OnnxRuntimeError(f'{runtime_name(session)} run failed on '
+                               f'{shapes}: {_first_line(e)}') from None
 
 
 def _first_line(e: BaseException) -> str:

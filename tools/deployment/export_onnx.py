@@ -101,6 +101,10 @@ def parse_args(argv=None):
                    help='--bench untimed rounds (default 3)')
     p.add_argument('--threads', type=int,
                    help='threads of both PyTorch and onnxruntime')
+    p.add_argument('--runtime', choices=['onnxruntime', 'openvino'],
+                   help='what runs the graph in verification and --bench: '
+                   'onnxruntime (default) or OpenVINO (float32, pip install '
+                   '-e .[openvino])')
     p.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                    help='override settings in the config, key=value')
     add_cli_args(p)
@@ -122,7 +126,7 @@ def print_report(r) -> None:
               'padding: zero rows, label -1')
         print(f'  test_cfg in graph: {r.postprocess}')
     v = r.verdict
-    print(f'  verification     : onnxruntime vs PyTorch on '
+    print(f'  verification     : {r.runtime} vs PyTorch on '
           f'{", ".join(r.batches)}')
     print(f'    raw tensors    : {r.raw_tensors} outputs, error vs '
           f'float64 {v["error"]:.3g}, PyTorch float32 error '
@@ -153,15 +157,15 @@ def print_report(r) -> None:
         t, e2e = r.bench['timing'], bool(r.settings)
         torch_name = ('PyTorch deploy + mmdet post-processing' if e2e
                       else 'PyTorch')
-        ort_name = 'onnxruntime end to end' if e2e else 'onnxruntime'
+        ort_name = f'{r.runtime} end to end' if e2e else r.runtime
         n = r.threads
         threads = f', {n} thread{"s" if n > 1 else ""}' if n else ''
         print(f'  bench ({r.bench["input"]} '
               f'{"x".join(map(str, r.bench["shape"]))}{threads}, '
               f'{t.describe()}): {torch_name} '
               f'{t.median("pytorch") * 1e3:.2f} ms, {ort_name} '
-              f'{t.median("onnxruntime") * 1e3:.2f} ms, onnxruntime/PyTorch '
-              f'{t.ratio("onnxruntime", "pytorch")["median"]:.2f}')
+              f'{t.median(r.runtime) * 1e3:.2f} ms, {r.runtime}/PyTorch '
+              f'{t.ratio(r.runtime, "pytorch")["median"]:.2f}')
 
 
 def run(args) -> int:
