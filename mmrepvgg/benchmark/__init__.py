@@ -4,7 +4,8 @@
 * :mod:`.options`: forms, option parsing and validation;
 * :mod:`.reference`: the forms of a backbone, the plain-conv reference and
   the float32-noise equivalence checks;
-* :mod:`.onnx_forms`: the onnxruntime FP32 and INT8 forms;
+* :mod:`.onnx_forms`: the onnxruntime and OpenVINO FP32, INT8 (and
+  OpenVINO bfloat16) forms;
 * :mod:`.memory`: peak activation memory of one forward;
 * :mod:`.run`: one run over archs, sizes and batch sizes;
 * :mod:`.report`: targets, tables, chart and the written files;

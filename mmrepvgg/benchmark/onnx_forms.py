@@ -1,7 +1,10 @@
-"""onnxruntime forms of a backbone for the benchmark: the deploy backbone
-exported to ONNX (``ort-fp32``) and that graph statically quantized to INT8
-(``ort-int8``, :func:`mmrepvgg.export.quantize.quantize_onnx` with its
-default :class:`~mmrepvgg.export.quantize.QuantConfig`).
+"""ONNX forms of a backbone for the benchmark: the deploy backbone exported
+to ONNX and that graph statically quantized to INT8
+(:func:`mmrepvgg.export.quantize.quantize_onnx` with its default
+:class:`~mmrepvgg.export.quantize.QuantConfig`), each run by onnxruntime
+(``ort-fp32``, ``ort-int8``) or OpenVINO (``ov-fp32``, ``ov-int8``: the same
+two files, float32 hint; ``ov-bf16``: the FP32 file with the bfloat16 hint),
+through :func:`mmrepvgg.export.runtime.make_session`.
 
 The benchmark's backbones have random weights, so the INT8 graph is
 calibrated on random normal inputs of the benchmarked sizes (the same
@@ -22,18 +25,25 @@ from .options import BenchmarkError
 
 #: Random calibration inputs per benchmarked size.
 CALIB_PER_SIZE = 4
+#: form -> (graph file, runtime, precision hint)
+FORM_SPECS = {'ort-fp32': ('fp32', 'onnxruntime', 'f32'),
+              'ort-int8': ('int8', 'onnxruntime', 'f32'),
+              'ov-fp32': ('fp32', 'openvino', 'f32'),
+              'ov-int8': ('int8', 'openvino', 'f32'),
+              'ov-bf16': ('fp32', 'openvino', 'bf16')}
 
 
-class OrtForms:
-    """The ``ort-fp32`` and ``ort-int8`` sessions of one backbone.
+class OnnxForms:
+    """The onnxruntime and OpenVINO sessions of one backbone
+    (:data:`FORM_SPECS`).
 
     Args:
         backbone (nn.Module): the deploy-form backbone (float32).
         sizes (Sequence[tuple]): benchmarked ``(H, W)``; the INT8 graph is
             calibrated on :data:`CALIB_PER_SIZE` random inputs of each.
-        forms (Sequence[str]): ``ort-fp32`` and/or ``ort-int8``.
-        threads (int): onnxruntime intra-op threads (the PyTorch thread
-            count, so both runtimes get the same cores).
+        forms (Sequence[str]): forms of :data:`FORM_SPECS`.
+        threads (int): runtime intra-op threads (the PyTorch thread
+            count, so every runtime gets the same cores).
         spinning (bool): onnxruntime pool threads busy-wait between runs.
     """
 
@@ -54,10 +64,7 @@ class OrtForms:
         qz.export_module(model, torch.zeros(1, 3, h, w), self.paths['fp32'])
         self.sessions = {}
         self.info: Dict[str, dict] = {}
-        if 'ort-fp32' in forms:
-            self.sessions['ort-fp32'] = make_session(
-                self.paths['fp32'], threads, spinning=spinning)
-        if 'ort-int8' in forms:
+        if any(FORM_SPECS[f][0] == 'int8' for f in forms):
             g = torch.Generator().manual_seed(1)
             calib = [torch.randn(1, 3, hh, ww, generator=g).numpy()
                      for hh, ww in sizes for _ in range(CALIB_PER_SIZE)]
@@ -69,9 +76,14 @@ class OrtForms:
                                      f'{str(e).splitlines()[0]}') from None
             info['optimized_ops'] = qz.optimized_op_types(
                 self.paths['int8'], threads)
-            self.info['ort-int8'] = info
-            self.sessions['ort-int8'] = make_session(
-                self.paths['int8'], threads, spinning=spinning)
+            self.info['int8'] = info
+        for form in forms:
+            graph, engine, precision = FORM_SPECS[form]
+            self.sessions[form] = make_session(
+                self.paths[graph], threads, spinning=spinning,
+                runtime=engine, precision=precision)
+        self.precision = {f: form_precision(f, self.sessions[f])
+                          for f in forms}
         self.input_name = next(iter(self.sessions.values())).get_inputs(
         )[0].name if self.sessions else 'input'
 
@@ -92,8 +104,20 @@ class OrtForms:
         self._tmp.cleanup()
 
 
+def form_precision(form: str, session) -> str:
+    """What ``form`` computes in: onnxruntime runs the FP32 graph in float32
+    and the QDQ graph's quantized ops in INT8; OpenVINO as its compiled
+    model's ``INFERENCE_PRECISION_HINT`` says (read back)."""
+    graph = FORM_SPECS[form][0]
+    hint = getattr(session, 'precision', None)
+    if hint is None:
+        return 'float32' if graph == 'fp32' else 'INT8 (QDQ), rest float32'
+    rest = f'INFERENCE_PRECISION_HINT {hint}'
+    return rest if graph == 'fp32' else f'INT8 (QDQ), {rest}'
+
+
 def ort_threads() -> int:
-    """onnxruntime threads of the benchmark: PyTorch's thread count."""
+    """Runtime threads of the benchmark: PyTorch's thread count."""
     return max(1, torch.get_num_threads())
 
 

@@ -8,7 +8,7 @@ anything is allocated, far above what a benchmark of real models uses.
 """
 import json
 import math
-from typing import Sequence, Tuple, Union
+from typing import Dict, Sequence, Tuple, Union
 
 import torch
 
@@ -33,13 +33,20 @@ MAX_PARAMS = 10**9
 #: ``training``: the multi-branch form (eval mode); ``deploy``: after
 #: :func:`mmrepvgg.deploy.switch_to_deploy`; ``reference``: the hand-built
 #: plain ``Conv2d`` + activation stack holding the deploy weights;
-#: ``deploy-bf16``: the deploy form cast to bfloat16 (input too);
+#: ``compile``: the deploy form through ``torch.compile`` (Inductor,
+#: freezing); ``deploy-bf16``: the deploy form cast to bfloat16 (input too);
 #: ``deploy-fp16``: the same in float16 (CUDA only); ``ort-fp32``: the deploy
 #: backbone exported to ONNX and run by onnxruntime (CPU); ``ort-int8``: that
-#: graph statically quantized to INT8 (:mod:`mmrepvgg.export.quantize`).
-ALL_FORMS = ('training', 'deploy', 'reference', 'deploy-bf16', 'deploy-fp16',
-             'ort-fp32', 'ort-int8')
+#: graph statically quantized to INT8 (:mod:`mmrepvgg.export.quantize`);
+#: ``ov-fp32`` / ``ov-int8``: the same two files run by OpenVINO with the
+#: float32 precision hint; ``ov-bf16``: the FP32 file with the bfloat16
+#: hint (only where OpenVINO reports native bfloat16).
+ALL_FORMS = ('training', 'deploy', 'reference', 'compile', 'deploy-bf16',
+             'deploy-fp16', 'ort-fp32', 'ort-int8', 'ov-fp32', 'ov-int8',
+             'ov-bf16')
 ORT_FORMS = ('ort-fp32', 'ort-int8')
+OV_FORMS = ('ov-fp32', 'ov-int8', 'ov-bf16')
+ONNX_FORMS = ORT_FORMS + OV_FORMS
 #: Forms of a default run.
 DEFAULT_FORMS = ('training', 'deploy', 'reference')
 
@@ -189,16 +196,39 @@ def check_device_options(device: str,
             raise BenchmarkError('--bf16: this CPU has no native bfloat16 '
                                  '(oneDNN reports no avx512_bf16/amx '
                                  'support)')
-    ort = [f for f in forms if f in ORT_FORMS]
-    if ort:
+    onnx_forms = [f for f in forms if f in ONNX_FORMS]
+    if onnx_forms:
         if dev.type != 'cpu':
-            raise BenchmarkError(f'--forms {" ".join(ort)}: onnxruntime runs '
-                                 'on the CPU here; use --device cpu')
+            raise BenchmarkError(f'--forms {" ".join(onnx_forms)}: the ONNX '
+                                 'runtimes run on the CPU here; use --device '
+                                 'cpu')
         try:
             import onnx  # noqa: F401
             import onnxruntime  # noqa: F401
         except ImportError as e:
             raise BenchmarkError(
-                f'--forms {" ".join(ort)}: needs onnx and onnxruntime '
+                f'--forms {" ".join(onnx_forms)}: needs onnx and onnxruntime '
                 f'({e}); pip install -e .[onnx]') from None
+    ov = [f for f in forms if f in OV_FORMS]
+    if ov:
+        from mmrepvgg.export.openvino import OpenVinoUnavailable, require
+        try:
+            require()
+        except OpenVinoUnavailable as e:
+            raise BenchmarkError(f'--forms {" ".join(ov)}: {e}') from None
     return dev
+
+
+def skipped_forms(forms: Sequence[str]) -> Dict[str, str]:
+    """Forms this machine cannot run natively: form -> why (reported, not
+    timed). ``ov-bf16`` needs OpenVINO's CPU plugin to report ``BF16`` in
+    ``OPTIMIZATION_CAPABILITIES`` (emulated bfloat16 is not a deployment
+    setting)."""
+    skipped = {}
+    if 'ov-bf16' in forms:
+        from mmrepvgg.export.openvino import native_bf16
+        if not native_bf16():
+            skipped['ov-bf16'] = ('OpenVINO reports no native bfloat16 on '
+                                  'this CPU (no BF16 in '
+                                  'OPTIMIZATION_CAPABILITIES)')
+    return skipped

@@ -16,11 +16,19 @@ from .run import RATIO_PAIRS, ratio_name, row_name
 TARGET_DEPLOY_REF = 1.02
 TARGET_TRAIN_DEPLOY = 1.3
 TARGET_INT8_FP32 = 0.4
+#: The fastest INT8 form and the fastest true-float32 form, over eager
+#: deploy (issue 18; A0 at 224x224 on CPU).
+TARGET_INT8_DEPLOY = 0.15
+TARGET_FP32_DEPLOY = 0.5
+INT8_FORMS = ('ort-int8', 'ov-int8')
+FAST_FP32_FORMS = ('compile', 'ort-fp32', 'ov-fp32')
 
 FORM_COLORS = {'training': '#d95f02', 'deploy': '#1b9e77',
                'reference': '#7570b3', 'deploy-bf16': '#66a61e',
                'deploy-fp16': '#a6761d', 'ort-fp32': '#e7298a',
-               'ort-int8': '#e6ab02'}
+               'ort-int8': '#e6ab02', 'compile': '#666666',
+               'ov-fp32': '#1f78b4', 'ov-int8': '#a6cee3',
+               'ov-bf16': '#b15928'}
 
 
 # ----------------------------------------------------------------- targets
@@ -29,8 +37,10 @@ def check_targets(rows: Sequence[dict], device: str) -> List[str]:
     has no row in this run). A row whose rounds were mostly disturbed is
     marked ``(busy machine)``.
 
-    Targets: deploy/reference <= 1.02 (every row); training/deploy >= 1.3
-    and onnxruntime INT8/FP32 <= 0.4 (A0 at 224x224 on CPU).
+    Targets: deploy/reference <= 1.02 (every row); training/deploy >= 1.3,
+    onnxruntime INT8/FP32 <= 0.4, the fastest INT8 form <= 0.15 of deploy
+    and the fastest float32 form (compile, ort-fp32, ov-fp32; not bfloat16)
+    <= 0.5 of deploy (A0 at 224x224 on CPU).
     """
     cpu = torch.device(device).type == 'cpu'
     lines = []
@@ -65,6 +75,18 @@ def check_targets(rows: Sequence[dict], device: str) -> List[str]:
             v = r['ratios'][key]['median']
             ok = v >= target if better == 'ge' else v <= target
             lines.append(line(ok, text, r, v, '.3f'))
+    for kind, group, target in (('INT8', INT8_FORMS, TARGET_INT8_DEPLOY),
+                                ('float32', FAST_FP32_FORMS,
+                                 TARGET_FP32_DEPLOY)):
+        for r in a0:
+            have = {f: r['ratios'][ratio_name(f, 'deploy')]['median']
+                    for f in group if ratio_name(f, 'deploy') in r['ratios']}
+            if have:
+                best = min(have, key=have.get)
+                lines.append(line(
+                    have[best] <= target, f'fastest {kind} form/deploy <= '
+                    f'{target:g} (A0, 224, CPU; {best})', r, have[best],
+                    '.3f'))
     return lines
 
 
@@ -91,6 +113,8 @@ def columns(rows: Sequence[dict]) -> List[str]:
     cols = ['arch', 'input', 'batch'] + [f'{f} ms' for f in forms]
     cols += [f'{f} img/s' for f in ('deploy', 'ort-int8') if f in forms]
     cols += table_ratios(rows)
+    if any(r.get('compile_s') for r in rows):
+        cols.append('compile s')
     cols += ['params training', 'params deploy']
     cols += [f'peak MiB {f}' for f in ('training', 'deploy') if f in forms]
     cols.append('rounds used')
@@ -111,6 +135,9 @@ def format_table(rows: Sequence[dict]) -> str:
         cells += [f'{thr[f]:.1f}' if f in thr else ''
                   for f in ('deploy', 'ort-int8') if f in forms]
         cells += [_ratio_cell(r['ratios'].get(k)) for k in ratios]
+        if 'compile s' in cols:
+            cells.append(', '.join(f'{v:.1f}' for v in r.get(
+                'compile_s', {}).values()))
         cells += [f'{r["params"]["training"]:,}',
                   f'{r["params"]["deploy"]:,}']
         cells += [_mib(r['peak_bytes'].get(f))
@@ -133,8 +160,8 @@ def format_accuracy(rows: Sequence[dict]) -> str:
     """Markdown table: per (arch, size) and form, the error against the
     training form in float64 (float32 forms: error, multiple of the training
     form's own float32 noise; lossy forms: SQNR)."""
-    lines = ['| arch | input | form | max rel err vs float64 | x float32 '
-             'noise | SQNR dB |', '|---|---|---|---:|---:|---:|']
+    lines = ['| arch | input | form | precision | max rel err vs float64 | '
+             'x float32 noise | SQNR dB |', '|---|---|---|---|---:|---:|---:|']
     seen = set()
     for r in rows:
         key = (r['arch'], r['height'], r['width'])
@@ -146,8 +173,9 @@ def format_accuracy(rows: Sequence[dict]) -> str:
                 cells = [f'{a["error"]:.2e}', f'{a["ratio"]:.2f}', '']
             else:
                 cells = [f'{a["rel_err"]:.2e}', '', f'{a["sqnr_db"]:.1f}']
+            prec = r.get('precision', {}).get(form, '')
             lines.append(f'| {r["arch"]} | {r["height"]}x{r["width"]} | '
-                         f'{form} | ' + ' | '.join(cells) + ' |')
+                         f'{form} | {prec} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -229,11 +257,12 @@ def environment(device: str) -> Dict[str, str]:
                f'{_cpu_capability()}; flags: {cpu_features()})',
         'torch threads': str(torch.get_num_threads()),
     }
-    try:
-        import onnxruntime
-        env['onnxruntime'] = onnxruntime.__version__
-    except ImportError:
-        pass
+    from importlib.metadata import PackageNotFoundError, version
+    for package in ('onnxruntime', 'openvino'):
+        try:
+            env[package] = version(package)
+        except PackageNotFoundError:
+            pass
     if torch.device(device).type == 'cuda':
         env['gpu'] = torch.cuda.get_device_name(torch.device(device))
         env['cuda'] = str(torch.version.cuda)
@@ -260,7 +289,14 @@ METHOD = (
     'graph optimization ORT_ENABLE_ALL, intra-op threads = torch threads, '
     'no spinning unless --ort-spinning); ort-int8 is the same graph '
     'statically quantized by `mmrepvgg.export.quantize` (calibrated on '
-    'random inputs: the weights are random too). Peak MiB: activation '
+    'random inputs: the weights are random too). ov-* forms: OpenVINO '
+    '(CPU plugin, NUM_STREAMS 1, LATENCY hint, INFERENCE_NUM_THREADS = '
+    'torch threads) on the same two files, INFERENCE_PRECISION_HINT set '
+    'explicitly (f32 for ov-fp32 and ov-int8, bf16 for ov-bf16) and read '
+    'back from the compiled model. compile: the deploy form through '
+    '`torch.compile` (Inductor, freezing, dynamic=False); its compilation '
+    'happens before the rounds and is reported apart ("compile s"). Peak '
+    'MiB: activation '
     'memory of one forward (CUDA: `max_memory_allocated` above the '
     'resident weights; CPU: peak of the running sum of the allocator '
     'events recorded by `torch.profiler(profile_memory=True)`; not measured '
@@ -276,8 +312,10 @@ def format_markdown(rows: Sequence[dict], command: str,
            '```', command, '```', '']
     for k, v in list(env.items()) + list(settings.items()):
         out.append(f'- {k}: {v}')
-    out += ['', METHOD, '', format_table(rows), '',
-            '## Accuracy of the forms', '', format_accuracy(rows), '']
+    out += ['', METHOD, '', format_table(rows), '']
+    skipped = next((r['skipped'] for r in rows if r.get('skipped')), {})
+    out += [f'Skipped: {form} ({why}).' for form, why in skipped.items()]
+    out += ['## Accuracy of the forms', '', format_accuracy(rows), '']
     graph = next((r['int8_graph'] for r in rows if 'int8_graph' in r), None)
     if graph:
         ops = ', '.join(f'{k} {v}' for k, v in sorted(

@@ -3,13 +3,17 @@ by side (:mod:`mmrepvgg.utils.timing`), checked equal first
 (:mod:`.reference`).
 
 Forms (:data:`.options.ALL_FORMS`): PyTorch ``training``, ``deploy`` and
-``reference`` in float32, optionally ``deploy-bf16`` / ``deploy-fp16`` (the
-deploy form in bfloat16 / float16, input cast too) and the onnxruntime
-forms ``ort-fp32`` / ``ort-int8`` (:mod:`.onnx_forms`). All forms of a row
-run in the same rounds, so every ratio is a median of per-round ratios.
+``reference`` in float32, ``compile`` (the deploy form through
+``torch.compile``, Inductor with freezing; its compilation is timed apart,
+before the rounds), optionally ``deploy-bf16`` / ``deploy-fp16`` (the
+deploy form in bfloat16 / float16, input cast too), the onnxruntime forms
+``ort-fp32`` / ``ort-int8`` and the OpenVINO forms ``ov-fp32`` / ``ov-int8``
+/ ``ov-bf16`` (:mod:`.onnx_forms`). All forms of a row run in the same
+rounds, so every ratio is a median of per-round ratios.
 """
 import copy
 import statistics
+import time
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -21,18 +25,57 @@ from mmrepvgg.deploy.verify import flatten_outputs
 from mmrepvgg.utils.timing import (ORDERS, ROUND_TOLERANCE, measure,
                                    predecessor_effect)
 from .memory import peak_activation_bytes
-from .options import (DEFAULT_FORMS, MAX_BATCH, ORT_FORMS, BenchmarkError,
-                      check_device_options, parse_forms)
+from .options import (DEFAULT_FORMS, MAX_BATCH, ONNX_FORMS, BenchmarkError,
+                      check_device_options, parse_forms, skipped_forms)
 from .reference import build_forms, float32_noise, judge_form, lossy_error
 
 #: Ratios reported when both forms ran: ``(numerator, denominator)``.
 RATIO_PAIRS = (('deploy', 'reference'), ('training', 'deploy'),
                ('deploy-bf16', 'deploy'), ('deploy-fp16', 'deploy'),
-               ('ort-fp32', 'deploy'), ('ort-int8', 'ort-fp32'),
-               ('ort-int8', 'deploy'))
+               ('compile', 'deploy'), ('ort-fp32', 'deploy'),
+               ('ort-int8', 'ort-fp32'), ('ort-int8', 'deploy'),
+               ('ov-fp32', 'deploy'), ('ov-bf16', 'deploy'),
+               ('ov-int8', 'ov-fp32'), ('ov-int8', 'deploy'))
 #: Forms judged by the float32-noise criterion (the others are lossy).
-FP32_FORMS = ('deploy', 'reference', 'ort-fp32')
+FP32_FORMS = ('deploy', 'reference', 'compile', 'ort-fp32', 'ov-fp32')
 LOW_PRECISION = {'deploy-bf16': torch.bfloat16, 'deploy-fp16': torch.float16}
+TORCH_PRECISION = {'deploy-bf16': 'bfloat16', 'deploy-fp16': 'float16'}
+
+
+class Compiled:
+    """The ``compile`` form: ``torch.compile`` (Inductor, ``dynamic=False``)
+    of a module, compiled with ``torch._inductor.config.freezing`` (weights
+    folded as constants; inference only). The first call on each input
+    shape compiles; its seconds are kept in ``compile_s`` (by shape) and it
+    is made before the timed rounds (:func:`bench_row`).
+
+    Args:
+        module (nn.Module): the deploy form (a copy of its own).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.fn = torch.compile(module, dynamic=False)
+        self.compile_s: Dict[Tuple[int, ...], float] = {}
+        self.dtype = next(module.parameters()).dtype
+
+    def __call__(self, x: torch.Tensor):
+        key = tuple(x.shape)
+        if key in self.compile_s:
+            return self.fn(x)
+        t0 = time.perf_counter()
+        try:
+            import torch._inductor.config as inductor_config
+            with inductor_config.patch(freezing=True):
+                out = self.fn(x)
+        except Exception as e:  # Inductor needs a working C++ compiler
+            text = str(e).strip().splitlines()
+            raise BenchmarkError(
+                f'compile: torch.compile failed on input {list(key)} '
+                f'({type(e).__name__}: {text[0] if text else ""}); '
+                'Inductor on CPU needs a C++ compiler') from None
+        self.compile_s[key] = time.perf_counter() - t0
+        return out
 
 
 @dataclass
@@ -126,6 +169,13 @@ def run_benchmark(archs: Sequence[Tuple[str, Union[str, dict]]],
     """
     opts = replace(options or BenchOptions(), **overrides)
     dev = opts.check(batch_sizes)
+    skipped = skipped_forms(opts.forms)
+    for form, why in skipped.items():
+        log(f'note: form {form} skipped: {why}')
+    opts.forms = tuple(f for f in opts.forms if f not in skipped)
+    if not opts.forms:
+        raise BenchmarkError('--forms: every form asked for is skipped on '
+                             'this machine')
     if opts.compile and opts.warmup < 1:
         log('note: --compile: warmup raised to 1 (compilation happens on '
             'the first call)')
@@ -139,12 +189,14 @@ def run_benchmark(archs: Sequence[Tuple[str, Union[str, dict]]],
                                 log)
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark
+    for r in rows:
+        r['skipped'] = dict(skipped)
     return rows
 
 
 def _bench_arch(label: str, arch, sizes, batch_sizes, opts: BenchOptions,
                 dev: torch.device, log) -> List[dict]:
-    from .onnx_forms import OrtForms, describe_ops, ort_threads
+    from .onnx_forms import OnnxForms, describe_ops, ort_threads
     base = {}
     for k, m in build_forms(arch).items():
         m = m.to(device=dev)
@@ -157,29 +209,35 @@ def _bench_arch(label: str, arch, sizes, batch_sizes, opts: BenchOptions,
     models: Dict[str, nn.Module] = {
         f: copy.deepcopy(base['deploy']).to(dtype=LOW_PRECISION[f])
         if f in LOW_PRECISION else base[f]
-        for f in opts.forms if f not in ORT_FORMS}
+        for f in opts.forms if f not in ONNX_FORMS and f != 'compile'}
     ort = None
-    if any(f in ORT_FORMS for f in opts.forms):
-        ort = OrtForms(copy.deepcopy(base['deploy']).cpu(), sizes,
-                       [f for f in opts.forms if f in ORT_FORMS],
-                       ort_threads(), spinning=opts.ort_spinning)
+    if any(f in ONNX_FORMS for f in opts.forms):
+        ort = OnnxForms(copy.deepcopy(base['deploy']).cpu(), sizes,
+                        [f for f in opts.forms if f in ONNX_FORMS],
+                        ort_threads(), spinning=opts.ort_spinning)
         for info in ort.info.values():
             for line in describe_ops(info):
                 log(line)
     try:
-        accuracy = {hw: _check(f'{label} {hw[0]}x{hw[1]}', hw,
-                               base['training'], models, ort, opts, dev, log)
-                    for hw in sizes}
         calls = {k: (torch.compile(m, dynamic=False) if opts.compile else m)
                  for k, m in models.items()}
+        if 'compile' in opts.forms:
+            calls['compile'] = Compiled(copy.deepcopy(base['deploy']))
+        accuracy = {hw: _check(f'{label} {hw[0]}x{hw[1]}', hw,
+                               base['training'], calls, ort, opts, dev, log)
+                    for hw in sizes}
         rows = []
         for hw in sizes:
             for batch in batch_sizes:
                 row = bench_row(calls, ort, batch, hw, opts, dev)
                 row.update(arch=label, accuracy=accuracy[hw], params=dict(
                     training=params['training'], deploy=params['deploy']))
-                if ort is not None and 'ort-int8' in ort.info:
-                    info = ort.info['ort-int8']
+                row['precision'] = {f: ort.precision[f] if ort is not None
+                                    and f in ort.precision else
+                                    TORCH_PRECISION.get(f, 'float32')
+                                    for f in opts.forms}
+                if ort is not None and 'int8' in ort.info:
+                    info = ort.info['int8']
                     row['int8_graph'] = dict(
                         config=info['config'],
                         optimized_ops=dict(info['optimized_ops']))
@@ -191,18 +249,24 @@ def _bench_arch(label: str, arch, sizes, batch_sizes, opts: BenchOptions,
     return rows
 
 
+def _dtype(m) -> torch.dtype:
+    return m.dtype if isinstance(m, Compiled) else next(
+        m.parameters()).dtype
+
+
 def _inputs(models, ort, opts, x):
     """Per form the zero-argument call on ``x`` (cast to the form's dtype;
-    a numpy copy for onnxruntime) and, for PyTorch forms, ``(model,
-    input)``."""
+    a numpy copy for the ONNX runtimes) and, for the eager PyTorch forms,
+    ``(model, input)`` (peak memory)."""
     fns, torch_inputs = {}, {}
     for form in opts.forms:
         if form in models:
             m = models[form]
-            xi = x.to(next(m.parameters()).dtype)
+            xi = x.to(_dtype(m))
             fns[form] = (lambda m=m, xi=xi: m(xi))
-            torch_inputs[form] = (m, xi)
-        elif ort is not None and form in ORT_FORMS:
+            if not isinstance(m, Compiled):
+                torch_inputs[form] = (m, xi)
+        elif ort is not None and form in ONNX_FORMS:
             fns[form] = ort.callable(form,
                                      x.float().cpu().contiguous().numpy())
     return fns, torch_inputs
@@ -220,8 +284,8 @@ def _check(name: str, hw, training: nn.Module, models, ort,
             if form in models and form != 'training':
                 m = models[form]
                 cand = {k: v.float().cpu() for k, v in flatten_outputs(
-                    m(x.to(next(m.parameters()).dtype))).items()}
-            elif ort is not None and form in ORT_FORMS:
+                    m(x.to(_dtype(m)))).items()}
+            elif ort is not None and form in ONNX_FORMS:
                 cand = ort.outputs(form, x.float().cpu().contiguous().numpy())
             else:
                 continue
@@ -253,7 +317,10 @@ def bench_row(calls: Dict[str, nn.Module], ort, batch: int,
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' \
         else None
     threads = torch.get_num_threads() if dev.type == 'cpu' else 1
+    compiled = {f: m for f, m in calls.items() if isinstance(m, Compiled)}
     with torch.inference_mode():
+        for form in compiled:  # compilation, before (not in) the rounds
+            fns[form]()
         t = measure(fns, opts.repeats, opts.warmup, settle=opts.settle,
                     order=opts.order, sync=sync, threads=threads,
                     tolerance=opts.tolerance)
@@ -275,6 +342,8 @@ def bench_row(calls: Dict[str, nn.Module], ort, batch: int,
                     others_cores_median=statistics.median(others)
                     if others else None),
         order_effect=predecessor_effect(t.times, t.orders, t.kept),
+        compile_s={f: m.compile_s[tuple(x.shape)]
+                   for f, m in compiled.items()},
         settle=opts.settle, order=opts.order, threads=threads,
         times_ms={k: [s * 1e3 for s in v] for k, v in t.times.items()},
         orders=[list(o) for o in t.orders])

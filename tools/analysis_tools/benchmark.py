@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the forms of RepVGG backbones: PyTorch training / deploy /
-plain reference (and bfloat16), onnxruntime FP32 and INT8.
+plain reference / torch.compile (and bfloat16), onnxruntime FP32 and INT8,
+OpenVINO FP32, INT8 and bfloat16.
 
     # A0 B1g2 B3 x 224 640 x batch 1 8:
     python tools/analysis_tools/benchmark.py
@@ -17,13 +18,16 @@ rounds (order balanced or random per round, each timed call after an
 untimed call of the same form), drops rounds disturbed by other load, and
 reports the median latency, throughput, medians of per-round ratios
 (deploy/reference, training/deploy, ort-fp32/deploy, ort-int8/ort-fp32,
-deploy-bf16/deploy), parameter counts and peak activation memory. Before
-timing, deploy, reference and ort-fp32 are checked against the training form
-in float64 (float32-noise criterion); the error of the lossy forms (bf16,
-INT8) is reported. Writes OUT_DIR/benchmark.md (tables, command line and
-machine), benchmark.png (grouped bars) and benchmark.json (all samples), and
-prints PASS/MISS for the targets deploy/reference <= 1.02 (every row),
-training/deploy >= 1.3 and ort-int8/ort-fp32 <= 0.4 (A0 at 224x224 on CPU).
+ov-*/deploy, compile/deploy, deploy-bf16/deploy), the compile time of the
+compile form, parameter counts and peak activation memory. Before timing,
+deploy, reference, compile, ort-fp32 and ov-fp32 are checked against the
+training form in float64 (float32-noise criterion); the error of the lossy
+forms (bf16, INT8) is reported, with every form's precision. Writes
+OUT_DIR/benchmark.md (tables, command line and machine), benchmark.png
+(grouped bars) and benchmark.json (all samples), and prints PASS/MISS for
+the targets deploy/reference <= 1.02 (every row), training/deploy >= 1.3,
+ort-int8/ort-fp32 <= 0.4, fastest INT8 form/deploy <= 0.15 and fastest
+float32 form/deploy <= 0.5 (A0 at 224x224 on CPU).
 Run it on a quiet machine. Exits 1 with one line ``error: ...`` on a bad
 option or a failed equivalence check, writing nothing (2 on a command line
 that does not parse). Sizes are bounded up front: sides <= 4096, batch
@@ -40,8 +44,9 @@ def parse_args(argv=None):
     from mmrepvgg.utils.cli import ToolArgumentParser, add_cli_args
     p = ToolArgumentParser(
         description='Time the forms of RepVGG backbones (PyTorch training, '
-        'deploy, plain-conv reference, bfloat16; onnxruntime FP32 and INT8) '
-        'interleaved, with warm-up, disturbed-round detection and medians.')
+        'deploy, plain-conv reference, torch.compile, bfloat16; onnxruntime '
+        'and OpenVINO FP32 and INT8, OpenVINO bfloat16) interleaved, with '
+        'warm-up, disturbed-round detection and medians.')
     p.add_argument('--archs', nargs='+', default=['A0', 'B1g2', 'B3'],
                    help='arch names (A0 ... D2se) or JSON arch dicts (an '
                    'optional "name" key labels them); default A0 B1g2 B3')
@@ -51,7 +56,9 @@ def parse_args(argv=None):
                    help='batch sizes; default 1 8')
     p.add_argument('--forms', nargs='+',
                    help='forms to time, from training deploy reference '
-                   'deploy-bf16 deploy-fp16 ort-fp32 ort-int8; default '
+                   'compile deploy-bf16 deploy-fp16 ort-fp32 ort-int8 ov-fp32 '
+                   'ov-int8 ov-bf16 (ov-*: pip install -e .[openvino]; '
+                   'ov-bf16 is skipped without native bfloat16); default '
                    'training deploy reference, plus ort-fp32 ort-int8 when '
                    'onnxruntime is installed')
     prec = p.add_mutually_exclusive_group()
