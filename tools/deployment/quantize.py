@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Quantize a fused RepVGG model to INT8 for onnxruntime on CPUs.
+"""Quantize a fused RepVGG model to INT8 for onnxruntime (and OpenVINO) on
+CPUs.
 
     python tools/deployment/quantize.py CONFIG CHECKPOINT OUT.onnx  # detector
     python tools/deployment/quantize.py CONFIG CHECKPOINT OUT.onnx \\
@@ -17,6 +18,10 @@ convs and what feeds them are quantized. The INT8 graph is run on
 relative error are printed, and every quantized output must reach
 --min-sqnr dB. --layers adds the per-conv-layer SQNR (accumulated,
 activation alone, weights), --bench times FP32 vs INT8 onnxruntime.
+--backend nncf quantizes the same region with NNCF instead (QDQ file,
+verified alike); with --max-drop X, NNCF's accuracy control keeps the bbox
+mAP (the config's evaluator on --verify-split, --ac-images images) within X
+of FP32, and the result is measured again before it is written.
 Every output (OUT.onnx, --save-fp32, --layers-json) is checked against every
 input (config, checkpoint, annotation files, --layers-against files) and the
 other outputs before any work, and all are written together at the very
@@ -34,7 +39,7 @@ from typing import Optional
 
 
 def parse_args(argv=None):
-    from mmrepvgg.export.quantize import (CALIBRATION_METHODS,
+    from mmrepvgg.export.quantize import (BACKENDS, CALIBRATION_METHODS,
                                           DEFAULT_CALIB_IMAGES,
                                           DEFAULT_MIN_SQNR,
                                           DEFAULT_VERIFY_IMAGES,
@@ -72,7 +77,22 @@ def parse_args(argv=None):
                    help='smallest SQNR (dB) of a quantized output against '
                    f'FP32 before refusing to write; default '
                    f'{DEFAULT_MIN_SQNR:g}')
-    q = p.add_argument_group('quantization (defaults: the measured best)')
+    p.add_argument('--backend', choices=BACKENDS, default='onnxruntime',
+                   help='the quantizer: onnxruntime (default) or nncf (pip '
+                   'install -e .[openvino]); the same region, calibration '
+                   'and verification')
+    p.add_argument('--max-drop', type=float, metavar='X',
+                   help='nncf: accuracy control, the largest absolute bbox '
+                   'mAP drop vs FP32 on --verify-split (default: no '
+                   'accuracy control)')
+    p.add_argument('--ac-images', type=int, metavar='N',
+                   help='images of --verify-split the accuracy control '
+                   'evaluates (default: all)')
+    p.add_argument('--max-iterations', type=int, metavar='N',
+                   help='accuracy-control iterations at most (each reverts '
+                   'a group of quantizers and evaluates); default 8')
+    q = p.add_argument_group('quantization of --backend onnxruntime '
+                             '(defaults: the measured best)')
     q.add_argument('--format', choices=QUANT_FORMATS, default='QDQ',
                    help='QDQ (fused into QLinearConv by onnxruntime) or '
                    'QOperator; default QDQ')
@@ -138,7 +158,13 @@ def print_report(r: dict, against: Optional[dict] = None) -> None:
           'RepVGG block(s)')
     if 'postprocess' in r:
         print(f'  post-processing: {r["postprocess"]} (float)')
-    print(f'  quantization   : {r["config"]}')
+    print(f'  quantization   : {r["backend"]}: {r["config"]}')
+    if 'accuracy' in r:
+        a = r['accuracy']
+        print(f'  accuracy ctrl  : bbox mAP on {a["images"]} of {a["of"]} '
+              f'{a["split"]} images: FP32 {a["fp32_map"]:.4f}, INT8 '
+              f'{a["int8_map"]:.4f} (drop {a["drop"]:+.4f}, --max-drop '
+              f'{a["max_drop"]:g}; {a["evaluations"]} evaluations)')
     c = r['calibration']
     shapes = ', '.join('x'.join(map(str, s)) for s in c['shapes'])
     print(f'  calibration    : {c["images"]} of {c["of"]} {c["split"]} '
@@ -268,7 +294,9 @@ def run(args) -> int:
         verify_split=args.verify_split, config=qcfg,
         min_sqnr=args.min_sqnr, threads=args.threads,
         unsafe_load=args.unsafe_load, layers=layers, bench=args.bench,
-        fp32_output=args.save_fp32, layers_json=args.layers_json)
+        fp32_output=args.save_fp32, layers_json=args.layers_json,
+        backend=args.backend, max_drop=args.max_drop,
+        ac_images=args.ac_images, max_iterations=args.max_iterations)
     report['layers_label'] = args.layers_label
     print_report(report, against)
     if args.layers_json:

@@ -3,6 +3,8 @@ module per concern:
 
 - :mod:`.calibration`: real images of a config's split as graph inputs;
 - :mod:`.static`: onnxruntime's static quantization of the conv region;
+- :mod:`.nncf_ptq`: the same region quantized by NNCF, optionally with
+  accuracy control by the detector's mAP;
 - :mod:`.analysis`: INT8 vs FP32 per output, per detection, per layer;
 - :mod:`.workflow`: config + checkpoint -> verified INT8 file
   (``tools/deployment/quantize.py``).
@@ -22,11 +24,12 @@ from .static import (CALIBRATION_METHODS, QUANT_FORMATS, QUANT_METADATA_KEY,
                      QUANT_TYPES, QuantConfig, boundary_tensors,
                      export_module, optimized_op_types, quantizable_nodes,
                      quantize_onnx)
-from .workflow import (DEFAULT_CALIB_IMAGES, DEFAULT_MIN_SQNR,
+from .workflow import (BACKENDS, DEFAULT_CALIB_IMAGES, DEFAULT_MIN_SQNR,
                        DEFAULT_VERIFY_IMAGES, quantize_checkpoint)
 
 __all__ = [
-    'CALIBRATION_METHODS', 'DEFAULT_CALIB_IMAGES', 'DEFAULT_MIN_SQNR',
+    'BACKENDS', 'CALIBRATION_METHODS', 'DEFAULT_CALIB_IMAGES',
+    'DEFAULT_MIN_SQNR',
     'DEFAULT_VERIFY_IMAGES', 'DET_BOX_TOL_REL', 'DET_SCORE_TOL',
     'ErrorStats', 'QUANT_FORMATS', 'QUANT_METADATA_KEY', 'QUANT_TYPES',
     'QuantConfig', 'QuantizeError', 'boundary_tensors', 'build_preprocessor',

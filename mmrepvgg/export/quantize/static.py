@@ -221,8 +221,8 @@ def _entropy_ranges(model_path: str, reader, op_types, symmetric: bool,
     return cache
 
 
-def _keep_metadata(src: str, dst: str, config: QuantConfig,
-                   calibration: int) -> None:
+def keep_metadata(src: str, dst: str, description: str,
+                  calibration: int) -> None:
     """Carry the FP32 graph's ``metadata_props`` (e.g. the export's
     post-processing settings, read by the ONNX evaluation) over to the INT8
     graph, and record how it was quantized."""
@@ -232,7 +232,7 @@ def _keep_metadata(src: str, dst: str, config: QuantConfig,
     props = {p.key: p.value for p in fp32.metadata_props}
     props.update({p.key: p.value for p in model.metadata_props})
     props[QUANT_METADATA_KEY] = json.dumps(
-        dict(config=config.describe(), calibration_inputs=calibration))
+        dict(config=description, calibration_inputs=calibration))
     del model.metadata_props[:]
     for key, value in props.items():
         model.metadata_props.add(key=key, value=value)
@@ -300,7 +300,7 @@ def quantize_onnx(fp32_path: str,
             reader.rewind()
         with contextlib.redirect_stdout(io.StringIO()):  # progress prints
             q.quantize_static(named, out_path, reader, **kwargs)
-    _keep_metadata(fp32_path, out_path, config, len(feeds))
+    keep_metadata(fp32_path, out_path, config.describe(), len(feeds))
     out_ops = Counter(n.op_type for n in load(out_path).graph.node)
     excluded = set(excluded)
     return dict(config=config.describe(), quantized=len(region),

@@ -1,6 +1,8 @@
 """From a config and a checkpoint to a verified INT8 graph (behind
 ``tools/deployment/quantize.py``): export the fused model, calibrate on real
-images, quantize, compare with FP32 on other real images, write."""
+images, quantize (onnxruntime's quantizer, or NNCF with optional accuracy
+control: :mod:`.nncf_ptq`), compare with FP32 on other real images,
+write."""
 import json
 import os.path as osp
 import shutil
@@ -22,6 +24,8 @@ DEFAULT_CALIB_IMAGES = 64
 DEFAULT_VERIFY_IMAGES = 8
 #: A quantized tensor below this SQNR against FP32 fails the verification.
 DEFAULT_MIN_SQNR = 10.0
+#: The quantizers of ``--backend``.
+BACKENDS = ('onnxruntime', 'nncf')
 
 
 def _check_args(cfg, config_path: str, checkpoint: str,
@@ -60,6 +64,46 @@ def _check_args(cfg, config_path: str, checkpoint: str,
     except ImportError as e:
         raise QuantizeError(f'needs onnx and onnxruntime ({e}); pip install '
                             '-e .[onnx]') from None
+
+
+def _check_backend(backend: str, config: Optional[QuantConfig],
+                   max_drop: Optional[float], ac_images: Optional[int],
+                   max_iterations: Optional[int],
+                   backbone_only: bool) -> None:
+    """Refuse options that do not apply to ``backend``, before any work."""
+    if backend not in BACKENDS:
+        raise QuantizeError(f'--backend {backend!r}: choose from '
+                            f'{", ".join(BACKENDS)}')
+    nncf_only = [flag for flag, value in (
+        ('--max-drop', max_drop), ('--ac-images', ac_images),
+        ('--max-iterations', max_iterations)) if value is not None]
+    if backend != 'nncf' and nncf_only:
+        raise QuantizeError(f'{" ".join(nncf_only)}: needs --backend nncf')
+    if backend == 'nncf' and config is not None and config != QuantConfig():
+        raise QuantizeError('--format, --activation-type, --weight-type, '
+                            '--per-tensor, --reduce-range, '
+                            '--symmetric-activations and --calibration '
+                            'apply to --backend onnxruntime')
+    if max_drop is None and (ac_images is not None
+                             or max_iterations is not None):
+        raise QuantizeError('--ac-images and --max-iterations need '
+                            '--max-drop')
+    if max_drop is not None and backbone_only:
+        raise QuantizeError('--max-drop measures the detector\'s mAP: not '
+                            'with --backbone-only')
+    if max_drop is not None and not max_drop >= 0:
+        raise QuantizeError(f'--max-drop must be >= 0 (an absolute mAP '
+                            f'drop), got {max_drop}')
+    for flag, value in (('--ac-images', ac_images),
+                        ('--max-iterations', max_iterations)):
+        if value is not None and value < 1:
+            raise QuantizeError(f'{flag} must be >= 1, got {value}')
+    if backend == 'nncf':
+        try:
+            import nncf  # noqa: F401
+        except ImportError as e:
+            raise QuantizeError(f'--backend nncf needs nncf ({e}); pip '
+                                'install -e ".[openvino]"') from None
 
 
 def time_sessions(paths, feed, repeats: int, warmup: int = 2,
@@ -101,7 +145,11 @@ def quantize_checkpoint(cfg,
                         layers: bool = False,
                         bench: int = 0,
                         fp32_output: Optional[str] = None,
-                        layers_json: Optional[str] = None) -> dict:
+                        layers_json: Optional[str] = None,
+                        backend: str = 'onnxruntime',
+                        max_drop: Optional[float] = None,
+                        ac_images: Optional[int] = None,
+                        max_iterations: Optional[int] = None) -> dict:
     """Export the fused model of a config + checkpoint, quantize it to INT8
     on real images, verify it against the FP32 graph and write it.
 
@@ -137,6 +185,14 @@ def quantize_checkpoint(cfg,
         fp32_output (str, optional): also write the FP32 graph there.
         layers_json (str, optional): also write the per-layer rows there as
             JSON (implies ``layers``).
+        backend (str): ``onnxruntime`` (:func:`.static.quantize_onnx`,
+            ``config``) or ``nncf`` (:func:`.nncf_ptq.quantize_nncf`).
+        max_drop (float, optional): nncf: accuracy control, the largest
+            bbox mAP drop on ``verify_split`` (detector graphs only).
+        ac_images (int, optional): images of ``verify_split`` the accuracy
+            control evaluates on (all when None).
+        max_iterations (int, optional): accuracy-control iterations at most
+            (default :data:`.nncf_ptq.DEFAULT_MAX_ITERATIONS`).
 
     Every output is checked against every input and the other outputs
     first and written only at the very end, all or none (``output`` last);
@@ -151,6 +207,8 @@ def quantize_checkpoint(cfg,
             failed verification; nothing is written then.
     """
     from ..onnx_export import export_onnx, op_histogram
+    _check_backend(backend, config, max_drop, ac_images, max_iterations,
+                   backbone_only)
     config = (config or QuantConfig()).validate()
     _check_args(
         cfg, config_path, checkpoint,
@@ -178,8 +236,19 @@ def quantize_checkpoint(cfg,
                       inputs=graph_inputs(fp32))
         if exp.postprocess:
             report['postprocess'] = exp.postprocess
-        qinfo = quantize_onnx(fp32, int8, calib, config)
-        report.update(quantized=qinfo['quantized'],
+        if backend == 'nncf':
+            from .nncf_ptq import (DEFAULT_MAX_ITERATIONS,
+                                   DetectionValidator, quantize_nncf)
+            validator = None if max_drop is None else DetectionValidator(
+                cfg, verify_split, ac_images, tmp, threads)
+            qinfo = quantize_nncf(fp32, int8, calib, max_drop, validator,
+                                  max_iterations or DEFAULT_MAX_ITERATIONS)
+            if 'accuracy' in qinfo:
+                report['accuracy'] = qinfo['accuracy']
+        else:
+            qinfo = quantize_onnx(fp32, int8, calib, config)
+        report.update(backend=backend, config=qinfo['config'],
+                      quantized=qinfo['quantized'],
                       excluded=qinfo['excluded'],
                       excluded_ops=dict(qinfo['excluded_ops']),
                       boundary=qinfo['boundary'])
