@@ -1,6 +1,7 @@
 """Whole-detector forms for the demo's one-table summary: end-to-end latency
 (preprocessed batch in, detections out) of the PyTorch training and deploy
-forms and of exported onnxruntime graphs, timed side by side
+forms and of exported graphs run by onnxruntime (and OpenVINO), timed side
+by side
 (:func:`mmrepvgg.utils.timing.measure`); and a picture of the detections of
 two forms side by side (:func:`side_by_side`).
 """
@@ -33,13 +34,17 @@ def demo_summary(cfg,
                  maps: Mapping[str, Optional[float]],
                  repeats: int = 20,
                  warmup: int = 3,
-                 network_batch: int = 0) -> dict:
+                 network_batch: int = 0,
+                 openvino: bool = False) -> dict:
     """Time the forms of a detector side by side and build the summary.
 
     Forms, in table order: ``PyTorch training``, ``PyTorch deploy``
     (``model.predict``: network and mmdet's post-processing), then one row
-    per ``onnx_files`` entry (form name -> end-to-end graph). The input is
-    the first image of the test set through the test pipeline.
+    per ``onnx_files`` entry (form name -> end-to-end graph) run by
+    onnxruntime, then with ``openvino`` the same graphs run by OpenVINO
+    (rows ``<name> (OpenVINO)``, ``INFERENCE_PRECISION_HINT f32``). The
+    input is the first image of the test set through the test pipeline;
+    every runtime gets PyTorch's thread count.
 
     Args:
         cfg (Config): the training config.
@@ -53,17 +58,21 @@ def demo_summary(cfg,
         network_batch (int): also time the training and deploy networks
             alone (tensor forward, no post-processing) on a random batch of
             this size (0: not).
+        openvino (bool): add the OpenVINO rows; when OpenVINO is not usable
+            here they are left out and ``skipped`` says why.
 
     Returns:
         dict: ``rows`` (for :func:`format_summary`), ``table`` (text),
         ``timing`` (:class:`~mmrepvgg.utils.timing.Timing`), ``shape``;
         ``network`` (``timing`` of the forms ``training`` and ``deploy``,
-        ``shape``, ``threads``) with ``network_batch``.
+        ``shape``, ``threads``) with ``network_batch``; ``skipped``
+        (form -> why).
     """
     from mmrepvgg.apis.convert import (build_model, load_weights,
                                        make_inputs, read_state_dict,
                                        test_input_shape)
     from mmrepvgg.deploy import switch_to_deploy
+    from mmrepvgg.export.openvino import unusable_reason
     from mmrepvgg.export.runtime import input_names, make_session
     from mmrepvgg.export.verify import dataset_batch
     training = build_model(cfg)
@@ -80,15 +89,24 @@ def demo_summary(cfg,
     def predict(model):
         return lambda: model.predict(x, samples, rescale=False)
 
-    def run(path):
-        sess = make_session(path)
+    n = torch.get_num_threads()
+
+    def run(path, runtime='onnxruntime'):
+        sess = make_session(path, n, runtime=runtime, precision='f32')
         f = {k: feed[k] for k in input_names(sess)}
         return lambda: sess.run(None, f)
 
     fns = {'PyTorch training': predict(training),
            'PyTorch deploy': predict(deploy)}
     fns.update((name, run(path)) for name, path in onnx_files.items())
-    n = torch.get_num_threads()
+    skipped = {}
+    if openvino:
+        why = unusable_reason()
+        for name, path in onnx_files.items():
+            if why is None:
+                fns[f'{name} (OpenVINO)'] = run(path, 'openvino')
+            else:
+                skipped[f'{name} (OpenVINO)'] = why
     with torch.inference_mode():
         timing = measure(fns, repeats, warmup, threads=n)
     first = next(iter(fns))
@@ -98,7 +116,7 @@ def demo_summary(cfg,
     title = (f'input {"x".join(map(str, shape))}, {n} PyTorch threads; '
              f'{timing.describe()}')
     out = dict(rows=rows, table=format_summary(rows, title), timing=timing,
-               shape=shape)
+               shape=shape, skipped=skipped)
     if network_batch:
         xb, sb = make_inputs(test_input_shape(cfg), batch=network_batch)
         with torch.inference_mode():
