@@ -41,6 +41,9 @@ setup(
     ],
     extras_require={
         'onnx': ['onnx', 'onnxruntime'],
+        # OpenVINO runtime and NNCF quantization (requirements/openvino.txt)
+        'openvino': ['onnx', 'onnxruntime', 'openvino==2026.4.1',
+                     'nncf==3.4.0'],
         'tests': ['pytest', 'onnx', 'onnxruntime', 'matplotlib'],
     },
     zip_safe=False,

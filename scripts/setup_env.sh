@@ -2,7 +2,7 @@
 # Idempotent environment set-up for mmrepvgg (called by `make demo` / `make test`).
 #
 # Creates .venv/ inside the repository, installs torch, mmengine, mmcv (with compiled ops,
-# built once into a wheel cache outside the repository), mmdet, the test/ONNX extras and this
+# built once into a wheel cache outside the repository), mmdet, the test/ONNX/OpenVINO extras and this
 # package in editable mode. A second run on the same machine is a no-op unless the inputs changed.
 #
 # Overrides (environment variables):
@@ -66,8 +66,9 @@ else
 fi
 "${PIP[@]}" install -q "$WHEEL_DIR"/mmcv-*.whl
 
-log "installing mmengine, mmdet, test and ONNX extras, and mmrepvgg (editable)"
-"${PIP[@]}" install -q -r "$ROOT/requirements/runtime.txt" -r "$ROOT/requirements/tests.txt"
+log "installing mmengine, mmdet, test, ONNX and OpenVINO extras, and mmrepvgg (editable)"
+"${PIP[@]}" install -q -r "$ROOT/requirements/runtime.txt" -r "$ROOT/requirements/tests.txt" \
+  -r "$ROOT/requirements/openvino.txt"
 "${PIP[@]}" install -q --no-build-isolation --no-deps -e "$ROOT"
 "$PY" -c 'import mmcv.ops, mmdet, mmengine, mmrepvgg; print("[setup] ok: mmcv", mmcv.__version__, "mmdet", mmdet.__version__, "mmengine", mmengine.__version__)'
 echo "$KEY" > "$STAMP"
