@@ -67,3 +67,37 @@ def test_side_by_side_picture(toy_data, tmp_path):
         'a.pkl', 'b.pkl', 'side.png']
     with pytest.raises(ValueError, match='no detection results'):
         side_by_side({}, str(out), ())
+
+
+def test_demo_summary_openvino_rows(toy_data, tmp_path, monkeypatch):
+    """The end-to-end graph also run by OpenVINO in the same rounds; a
+    machine where OpenVINO is not usable gets the reason, not a crash."""
+    import os.path as osp
+    import sys
+    pytest.importorskip('onnxruntime')
+    from mmrepvgg.export import openvino
+    from mmrepvgg.export.onnx_export import export_onnx
+    sys.path.insert(0, osp.join(osp.dirname(osp.dirname(
+        osp.abspath(__file__))), 'export'))
+    from _export_helpers import random_detector
+    monkeypatch.chdir(toy_data)
+    cfg, model = random_detector('toy')  # scores that do not saturate
+    ckpt, onnx_file = tmp_path / 'ckpt.pth', tmp_path / 'e2e.onnx'
+    torch.save({'state_dict': model.state_dict()}, ckpt)
+    export_onnx(cfg, TOY_CONFIG, str(ckpt), str(onnx_file), mode='end2end',
+                img_shape_input=True, verify_images=0)
+    s = demo_summary(cfg, TOY_CONFIG, str(ckpt), {'ONNX': str(onnx_file)},
+                     {'ONNX (OpenVINO)': 0.5}, repeats=2, warmup=1,
+                     openvino=True)
+    reason = openvino.unusable_reason()
+    forms = [r['form'] for r in s['rows']]
+    if reason is None:
+        assert forms[2:] == ['ONNX', 'ONNX (OpenVINO)'] and not s['skipped']
+        assert '| ONNX (OpenVINO) | 0.500 |' in s['table']
+        assert len(s['timing'].times['ONNX (OpenVINO)']) == 2
+    monkeypatch.setattr(openvino, '_verdict', {})
+    monkeypatch.setattr(openvino, '_probe', lambda: 'simulated SIGFPE')
+    s = demo_summary(cfg, TOY_CONFIG, str(ckpt), {'ONNX': str(onnx_file)},
+                     {}, repeats=2, warmup=1, openvino=True)
+    assert [r['form'] for r in s['rows']][2:] == ['ONNX']
+    assert s['skipped'] == {'ONNX (OpenVINO)': 'simulated SIGFPE'}

@@ -285,3 +285,67 @@ def test_usage_errors_are_one_line(argv, expect, capsys):
     assert e.value.code == 2
     assert err.count('\n') == 1 and err.startswith('error: '), err
     assert expect in err
+
+
+# ----------------------------------------------- --backend nncf (issue 18)
+def test_nncf_accuracy_control_end_to_end(toy_trained, tmp_path, capsys,
+                                          monkeypatch):
+    """NNCF with accuracy control scored by the mmdet evaluation: a QDQ
+    file with the FP32 graph's inputs, outputs and metadata, verified like
+    onnxruntime's, that tools/test.py evaluates on both runtimes."""
+    pytest.importorskip('nncf')
+    import onnx
+    monkeypatch.chdir(toy_trained['ws'])
+    out, fp32 = tmp_path / 'nncf_int8.onnx', tmp_path / 'fp32.onnx'
+    code, stdout, err = _run([TOY_CONFIG, toy_trained['ckpt'], out,
+                              '--backend', 'nncf', '--max-drop', '0.05',
+                              '--ac-images', '3', '--max-iterations', '1',
+                              '--calib-images', '4', '--verify-images', '2',
+                              '--save-fp32', fp32, '--threads', '1'], capsys)
+    assert code == 0, err
+    q, f = onnx.load(str(out)), onnx.load(str(fp32))
+    assert [o.name for o in q.graph.output] == ['dets', 'labels']
+    assert [i.name for i in q.graph.input] == [i.name for i in f.graph.input]
+    ops = op_histogram(q)
+    assert ops['QuantizeLinear'] >= 1 and ops['DequantizeLinear'] >= 1
+    meta = {p.key: p.value for p in q.metadata_props}
+    assert {p.key for p in f.metadata_props} <= set(meta)
+    config = json.loads(meta[qz.QUANT_METADATA_KEY])['config']
+    assert 'NNCF' in config and 'max mAP drop 0.05 on 3 val images' in config
+    assert 'quantization   : nncf: NNCF' in stdout
+    line = next(ln for ln in stdout.splitlines() if 'accuracy ctrl' in ln)
+    assert 'bbox mAP on 3 of 8 val images: FP32' in line
+    drop = float(line.split('(drop ')[1].split(',')[0])
+    assert drop <= 0.05
+    assert stdout.count('boundary raw') == 6
+    assert 'detections:' in stdout and 'run as QLinearConv' in stdout
+    runtimes = ['onnxruntime']
+    from mmrepvgg.export import openvino
+    if openvino.unusable_reason() is None:
+        runtimes.append('openvino')
+    test_tool = load_tool('test')
+    for r in runtimes:
+        assert test_tool.main([TOY_CONFIG, str(out), '--runtime', r,
+                               '--work-dir', str(tmp_path / r)]) == 0
+        assert f'ONNX {out}: run by {r}' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('argv, expect', [
+    (['--max-drop', '0.01'], '--max-drop: needs --backend nncf'),
+    (['--backend', 'nncf', '--format', 'QOperator'],
+     'apply to --backend onnxruntime'),
+    (['--backend', 'nncf', '--ac-images', '2'],
+     '--ac-images and --max-iterations need --max-drop'),
+    (['--backend', 'nncf', '--max-drop', '-1'], '--max-drop must be >= 0'),
+    (['--backend', 'nncf', '--max-drop', '0.01', '--backbone-only'],
+     'not with --backbone-only'),
+    (['--backend', 'nncf', '--max-drop', '0.01', '--max-iterations', '0'],
+     '--max-iterations must be >= 1'),
+])
+def test_backend_options_refused_before_work(argv, expect, random_toy_ckpt,
+                                             tmp_path, capsys):
+    out = tmp_path / 'o.onnx'
+    code, _, err = _run([TOY_CONFIG, random_toy_ckpt, out] + argv, capsys)
+    assert code == 1 and err.count('\n') == 1, err
+    assert err.startswith('error: ') and expect in err
+    assert list(tmp_path.iterdir()) == []

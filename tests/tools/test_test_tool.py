@@ -352,3 +352,32 @@ def test_out_over_the_checkpoint_is_refused(tmp_path, capsys):
     _assert_one_error(code, lines, f'{ckpt}: refusing to overwrite the '
                       'checkpoint')
     assert ckpt.read_bytes() == b'weights'
+
+
+# ------------------------------------------ --runtime openvino (issue 18)
+def test_runtime_applies_to_onnx_files_only(toy_trained, capsys):
+    code, lines = _test_main([TOY_CONFIG, toy_trained['ckpt'], '--runtime',
+                              'openvino'], capsys)
+    _assert_one_error(code, lines, '--runtime openvino: applies to an .onnx '
+                      'checkpoint', toy_trained['ckpt'])
+    code, lines = _test_main([TOY_CONFIG, 'm.onnx', '--runtime', 'tvm'],
+                             capsys)
+    assert code == 2 and len(lines) == 1 and '--runtime' in lines[0]
+
+
+def test_openvino_unusable_is_one_line(toy_workspace, tmp_path, capsys,
+                                       monkeypatch):
+    """A machine where OpenVINO's compile_model crashes (the probe's child
+    died): tools/test.py exits 1 with one line, the runner never starts."""
+    pytest.importorskip('onnxruntime')
+    from mmrepvgg.export import openvino
+    monkeypatch.setattr(openvino, '_verdict', {})
+    monkeypatch.setattr(openvino, '_probe', lambda: 'simulated SIGFPE')
+    monkeypatch.chdir(toy_workspace)
+    path, work = tmp_path / 'model.onnx', tmp_path / 'wd'
+    _hostile_graph(path)
+    code, lines = _test_main([TOY_CONFIG, path, '--runtime', 'openvino',
+                              '--work-dir', work], capsys)
+    _assert_one_error(code, lines,
+                      'OpenVINO is not usable here: simulated SIGFPE')
+    assert not work.exists()
