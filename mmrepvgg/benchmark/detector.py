@@ -1,4 +1,5 @@
-"""Whole-detector forms for the demo's one-table summary: end-to-end latency
+"""Whole-detector forms for the demo's one-table summary and the
+benchmark's ``--detector`` part (:func:`detector_forms`): end-to-end latency
 (preprocessed batch in, detections out) of the PyTorch training and deploy
 forms and of exported graphs run by onnxruntime (and OpenVINO), timed side
 by side
@@ -12,13 +13,17 @@ import torch
 
 from mmrepvgg.utils.timing import measure
 
+#: The detector's INT8 mAP may be this much below its FP32 mAP (issue 18).
+MAX_INT8_DROP = 0.01
 
-def format_summary(rows: Sequence[dict], title: str = '') -> str:
-    """The demo's one table, Markdown: form | toy-val mAP | latency |
+
+def format_summary(rows: Sequence[dict], title: str = '',
+                   map_label: str = 'toy-val mAP') -> str:
+    """The demo's one table, Markdown: form | ``map_label`` | latency |
     speed-up, from rows of ``form``, ``map`` (``None``: n/a),
     ``latency_ms`` and ``speedup`` (vs the first row), under ``title``."""
     lines = [title] if title else []
-    lines += ['| form | toy-val mAP | latency ms | speed-up |',
+    lines += [f'| form | {map_label} | latency ms | speed-up |',
               '|---|---:|---:|---:|']
     for r in rows:
         m = 'n/a' if r.get('map') is None else f'{r["map"]:.3f}'
@@ -35,7 +40,8 @@ def demo_summary(cfg,
                  repeats: int = 20,
                  warmup: int = 3,
                  network_batch: int = 0,
-                 openvino: bool = False) -> dict:
+                 openvino: bool = False,
+                 map_label: str = 'toy-val mAP') -> dict:
     """Time the forms of a detector side by side and build the summary.
 
     Forms, in table order: ``PyTorch training``, ``PyTorch deploy``
@@ -60,6 +66,7 @@ def demo_summary(cfg,
             this size (0: not).
         openvino (bool): add the OpenVINO rows; when OpenVINO is not usable
             here they are left out and ``skipped`` says why.
+        map_label (str): the mAP column's header.
 
     Returns:
         dict: ``rows`` (for :func:`format_summary`), ``table`` (text),
@@ -115,7 +122,8 @@ def demo_summary(cfg,
     shape = tuple(x.shape)
     title = (f'input {"x".join(map(str, shape))}, {n} PyTorch threads; '
              f'{timing.describe()}')
-    out = dict(rows=rows, table=format_summary(rows, title), timing=timing,
+    out = dict(rows=rows, table=format_summary(rows, title, map_label),
+               timing=timing,
                shape=shape, skipped=skipped)
     if network_batch:
         xb, sb = make_inputs(test_input_shape(cfg), batch=network_batch)
@@ -124,6 +132,71 @@ def demo_summary(cfg,
                            'deploy': lambda: deploy._forward(xb, sb)},
                           repeats, warmup, threads=n)
         out['network'] = dict(timing=net, shape=tuple(xb.shape), threads=n)
+    return out
+
+
+def detector_forms(cfg,
+                   config_path: str,
+                   checkpoint: str,
+                   images: Optional[int] = None,
+                   repeats: int = 20,
+                   warmup: int = 3,
+                   log=print) -> dict:
+    """The detector end to end, every form with its accuracy: PyTorch
+    training and deploy (``predict``), the end-to-end FP32 graph and its
+    INT8 graph (:func:`mmrepvgg.export.quantize.quantize_checkpoint`,
+    onnxruntime's quantizer, verified) each run by onnxruntime and OpenVINO
+    (float32 hint), timed side by side by :func:`demo_summary`; the bbox mAP
+    of each on ``images`` val images scored by the config's evaluator
+    (:class:`mmrepvgg.export.evaluate.SplitScorer`).
+
+    Returns:
+        dict: :func:`demo_summary`'s, plus ``scored`` (the scorer's
+        ``info``), ``quantization`` (the INT8 graph's config), ``maps``
+        and ``targets`` (INT8 mAP within :data:`MAX_INT8_DROP` of FP32,
+        per runtime).
+    """
+    from mmrepvgg.apis.convert import build_model, load_weights, \
+        read_state_dict
+    from mmrepvgg.deploy import switch_to_deploy
+    from mmrepvgg.export.evaluate import SplitScorer
+    from mmrepvgg.export.openvino import unusable_reason
+    from mmrepvgg.export.quantize import quantize_checkpoint
+    from mmrepvgg.utils.fileio import scratch_dir
+    scorer = SplitScorer(cfg, 'val', images, torch.get_num_threads())
+    training = build_model(cfg)
+    load_weights(training, read_state_dict(checkpoint)[0], checkpoint,
+                 config_path)
+    training.eval()
+    deploy = switch_to_deploy(training, inplace=False, verbose=False)
+    maps = {'PyTorch training': scorer.score(training.predict),
+            'PyTorch deploy': scorer.score(deploy.predict)}
+    with scratch_dir('mmrepvgg-bench-detector') as tmp:
+        files = {'ONNX FP32': f'{tmp}/fp32.onnx',
+                 'ONNX INT8': f'{tmp}/int8.onnx'}
+        log('detector: exporting and quantizing the end-to-end graph')
+        q = quantize_checkpoint(cfg, config_path, checkpoint,
+                                files['ONNX INT8'],
+                                fp32_output=files['ONNX FP32'])
+        usable = unusable_reason() is None
+        for name, path in files.items():
+            maps[name] = scorer.graph(path)
+            if usable:
+                maps[f'{name} (OpenVINO)'] = scorer.graph(path, 'openvino')
+        log('detector: timing the forms')
+        out = demo_summary(cfg, config_path, checkpoint, files, maps,
+                           repeats=repeats, warmup=warmup, openvino=True,
+                           map_label=f'{scorer.info["split"]} mAP')
+    targets = []
+    for suffix in ('', ' (OpenVINO)'):
+        a, b = f'ONNX INT8{suffix}', f'ONNX FP32{suffix}'
+        if a in maps and b in maps:
+            drop = maps[b] - maps[a]
+            targets.append(f'{"PASS" if drop <= MAX_INT8_DROP else "MISS"}'
+                           f' detector {a} mAP within {MAX_INT8_DROP:g} of '
+                           f'{b}: {maps[a]:.3f} vs {maps[b]:.3f}')
+    out.update(scored=scorer.info, quantization=q['config'], maps=maps,
+               targets=targets)
     return out
 
 

@@ -314,6 +314,93 @@ class OnnxRuntimeDetector(BaseDetector):
         return self.add_pred_to_datasample(batch_data_samples, results)
 
 
+# ------------------------------------------------- scoring without a runner
+class SplitScorer:
+    """bbox mAP of detectors on images of a config's split, scored by the
+    config's evaluator of that split (``val_evaluator`` / ``test_evaluator``)
+    as ``tools/test.py`` scores them, without a runner: for NNCF's accuracy
+    control (a candidate graph per call) and the benchmark's detector forms.
+
+    The images go through the config's test pipeline and data preprocessor
+    once, one image per batch.
+
+    Args:
+        cfg (Config): the model config.
+        split (str): ``val`` or ``test``.
+        num (int, optional): images (evenly spread; all when None).
+        threads (int, optional): runtime threads of :meth:`graph`.
+    """
+
+    def __init__(self, cfg, split: str = 'val', num: Optional[int] = None,
+                 threads: Optional[int] = None) -> None:
+        from mmengine.dataset import pseudo_collate
+
+        from .quantize.calibration import (build_preprocessor, build_split,
+                                           pick_indices)
+        if split not in ('val', 'test'):
+            raise EvaluateError(f'scoring needs the val or test split (its '
+                                f'evaluator), not {split}')
+        self.evaluator_cfg = cfg.get(f'{split}_evaluator')
+        if not self.evaluator_cfg:
+            raise EvaluateError(f'the config has no {split}_evaluator')
+        self.num_classes = (cfg.model.get('bbox_head') or {}).get(
+            'num_classes')
+        self.preprocessor_cfg = cfg.model.get('data_preprocessor')
+        self.threads = threads
+        preprocessor = build_preprocessor(cfg)
+        ds = build_split(cfg, split)
+        self.metainfo = ds.metainfo
+        self.items = []
+        with torch.no_grad():
+            for i in pick_indices(len(ds), num):
+                batch = preprocessor(pseudo_collate([ds[i]]), False)
+                self.items.append((batch['inputs'].float(),
+                                   batch['data_samples']))
+        self.info = dict(split=split, images=len(self.items), of=len(ds))
+
+    def score(self, predict, indices: Optional[Sequence[int]] = None
+              ) -> float:
+        """bbox mAP of ``predict(inputs, data_samples)`` (a detector's
+        ``predict``, ``rescale=True``) on the items ``indices`` (all)."""
+        import contextlib
+        import copy
+        import io
+        import logging
+
+        from mmengine.evaluator import Evaluator
+        from mmengine.logging import MMLogger
+        evaluator = Evaluator(copy.deepcopy(self.evaluator_cfg))
+        evaluator.dataset_meta = self.metainfo
+        indices = list(range(len(self.items)) if indices is None
+                       else indices)
+        with torch.no_grad():
+            for i in indices:
+                x, samples = self.items[i]
+                evaluator.process(predict(x, copy.deepcopy(samples)))
+        logger = MMLogger.get_current_instance()
+        level = logger.level
+        logger.setLevel(logging.WARNING)  # the COCO tables of every call
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                metrics = evaluator.evaluate(len(indices))
+        finally:
+            logger.setLevel(level)
+        for suffix in ('bbox_mAP', '/mAP'):
+            keys = [k for k in metrics if k.endswith(suffix)]
+            if keys:
+                return float(metrics[keys[0]])
+        raise EvaluateError(f'the evaluator reports no mAP '
+                            f'({sorted(metrics)})')
+
+    def graph(self, onnx_file: str, runtime: str = 'onnxruntime',
+              indices: Optional[Sequence[int]] = None) -> float:
+        """bbox mAP of an end-to-end graph run by ``runtime`` (float32)."""
+        det = OnnxRuntimeDetector(onnx_file, self.preprocessor_cfg,
+                                  self.num_classes, self.threads,
+                                  runtime=runtime)
+        return self.score(det.predict, indices)
+
+
 # ------------------------------------------------------------ tools/test.py
 def onnx_test_config(args):
     """The runner config of ``tools/test.py CONFIG MODEL.onnx``: the

@@ -14,8 +14,7 @@ pytest.importorskip('nncf')
 
 from mmrepvgg.export import quantize as qz  # noqa: E402
 from mmrepvgg.export import runtime  # noqa: E402
-from mmrepvgg.export.quantize.nncf_ptq import (metric_key,  # noqa: E402
-                                               quantize_nncf)
+from mmrepvgg.export.quantize.nncf_ptq import quantize_nncf  # noqa: E402
 from mmrepvgg.testing import randomize_  # noqa: E402
 
 TINY = dict(num_blocks=[1, 1, 1, 1], width_factor=[0.25, 0.25, 0.25, 0.25])
@@ -111,11 +110,3 @@ def test_bad_arguments(tiny_fp32, tmp_path):
     with pytest.raises(qz.QuantizeError, match='--max-iterations'):
         quantize_nncf(str(tiny_fp32), out, _calibration(2),
                       max_iterations=0)
-
-
-def test_metric_key():
-    assert metric_key({'coco/bbox_mAP': 0.1, 'coco/bbox_mAP_50': 0.2}) == \
-        'coco/bbox_mAP'
-    assert metric_key({'pascal_voc/mAP': 0.3}) == 'pascal_voc/mAP'
-    with pytest.raises(qz.QuantizeError, match='no mAP'):
-        metric_key({'acc': 1.0})

@@ -210,3 +210,52 @@ def test_usage_errors_are_one_line(argv, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert err.count('\n') == 1 and err.startswith('error: '), err
+
+
+def test_detector_part_every_form_with_its_map(toy_trained, tmp_path,
+                                               capsys, monkeypatch):
+    """--detector: the toy detector end to end beside the backbone rows,
+    every form (PyTorch, ONNX FP32/INT8 on onnxruntime and OpenVINO) with
+    its mAP from the config's evaluator, and the INT8 mAP targets."""
+    pytest.importorskip('onnxruntime')
+    from _toolkit import TOY_CONFIG
+
+    from mmrepvgg.export import openvino
+    monkeypatch.chdir(toy_trained['ws'])
+    out_dir = tmp_path / 'bench'
+    code, out, err = _run(['--archs', TINY_JSON, '--sizes', '16',
+                           '--forms', 'deploy', '--repeats', '2',
+                           '--warmup', '1', '--threads', '1', '--detector',
+                           TOY_CONFIG, toy_trained['ckpt'],
+                           '--detector-images', '2', '--out-dir', out_dir],
+                          capsys)
+    assert code == 0, err
+    md = (out_dir / 'benchmark.md').read_text()
+    assert '## Detector end to end' in md and 'mAP on 2 of 8 val' in md
+    forms = ['PyTorch training', 'PyTorch deploy', 'ONNX FP32', 'ONNX INT8']
+    usable = openvino.unusable_reason() is None
+    if usable:
+        forms += ['ONNX FP32 (OpenVINO)', 'ONNX INT8 (OpenVINO)']
+    part = md.split('## Detector end to end')[1]
+    cells = {c[0]: c for c in (
+        [x.strip() for x in ln.strip('|').split('|')]
+        for ln in part.splitlines() if ln.startswith('| ')) if c[0] != 'form'}
+    assert list(cells) == forms
+    for c in cells.values():
+        assert 0 <= float(c[1]) <= 1 and float(c[2]) > 0
+    assert md.count('detector ONNX INT8') == (2 if usable else 1)
+    assert '| form | val mAP | latency ms | speed-up |' in md
+
+
+def test_detector_options_refused_before_timing(tmp_path, capsys):
+    from _toolkit import TOY_CONFIG
+    for argv, expect in (
+            (['--detector-images', '2'], '--detector-images needs '
+             '--detector'),
+            (['--detector', TOY_CONFIG, tmp_path / 'none.pth'],
+             f'--detector: checkpoint {tmp_path / "none.pth"} does not '
+             'exist')):
+        code, out, err = _run(['--archs', TINY_JSON, '--sizes', '16',
+                               '--out-dir', tmp_path / 'b'] + argv, capsys)
+        assert code == 1 and err.count('\n') == 1 and expect in err, err
+        assert not (tmp_path / 'b').exists()

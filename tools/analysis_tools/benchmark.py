@@ -99,6 +99,15 @@ def parse_args(argv=None):
     p.add_argument('--threads', type=int,
                    help='threads of PyTorch and onnxruntime (default: '
                    "torch's default)")
+    p.add_argument('--detector', nargs=2, metavar=('CONFIG', 'CHECKPOINT'),
+                   help='also the detector end to end: PyTorch training and '
+                   'deploy, its end-to-end FP32 and INT8 graphs on '
+                   'onnxruntime and OpenVINO, timed side by side, each with '
+                   'its bbox mAP on the val split (run where the config\'s '
+                   'data is)')
+    p.add_argument('--detector-images', type=int, metavar='N',
+                   help='val images the detector forms are scored on '
+                   '(default: all)')
     p.add_argument('--out-dir', default='work_dirs/benchmark',
                    help='where benchmark.md/.png/.json go; default '
                    'work_dirs/benchmark')
@@ -142,11 +151,18 @@ def run(args, argv) -> int:
         forms.append('deploy-fp16')
     forms = bm.parse_forms(forms)
     bm.report_paths(args.out_dir)  # refused now, not after the timing
+    det_cfg = _detector_config(args)
     # the ONNX graphs: in a folder the next run removes after a SIGKILL
     with scratch_dir('mmrepvgg-benchmark'):
         opts = {k: getattr(args, k) for k in vars(bm.BenchOptions())}
         rows = bm.run_benchmark(archs, sizes, args.batch_sizes,
                                 **dict(opts, forms=forms))
+        detector = None
+        if det_cfg is not None:
+            from mmrepvgg.benchmark.detector import detector_forms
+            detector = detector_forms(det_cfg, *args.detector,
+                                      args.detector_images, args.repeats,
+                                      args.warmup)
 
     command = 'python tools/analysis_tools/benchmark.py ' + ' '.join(
         shlex.quote(a) for a in argv)
@@ -165,6 +181,8 @@ def run(args, argv) -> int:
     env = bm.environment(args.device)
     targets = bm.check_targets(rows, args.device)
     markdown = bm.format_markdown(rows, command, settings, env, targets)
+    if detector is not None:
+        markdown += _detector_section(detector, args.detector)
     title = bm.summary_title(args.device, args.channels_last, args.compile)
     paths = bm.write_report(rows, args.out_dir, markdown, title)
     print()
@@ -174,8 +192,41 @@ def run(args, argv) -> int:
     print()
     for line in targets:
         print(line)
+    if detector is not None:
+        print(_detector_section(detector, args.detector))
     print(f'wrote {paths["md"]}, {paths["png"]}, {paths["json"]}')
     return 0
+
+
+def _detector_config(args):
+    """The config of ``--detector``, checked before any timing (None
+    without the option)."""
+    from mmrepvgg import benchmark as bm
+    from mmrepvgg.apis.convert import load_config
+    if args.detector is None:
+        if args.detector_images is not None:
+            raise bm.BenchmarkError('--detector-images needs --detector')
+        return None
+    if args.detector_images is not None and args.detector_images < 1:
+        raise bm.BenchmarkError(f'--detector-images must be >= 1, got '
+                                f'{args.detector_images}')
+    config, checkpoint = args.detector
+    if not osp.isfile(checkpoint):
+        raise bm.BenchmarkError(f'--detector: checkpoint {checkpoint} does '
+                                'not exist')
+    return load_config(config)
+
+
+def _detector_section(d: dict, detector) -> str:
+    """The detector part of benchmark.md."""
+    s = d['scored']
+    lines = ['', '## Detector end to end', '',
+             f'`{detector[0]}` with `{detector[1]}`: mAP on {s["images"]} of '
+             f'{s["of"]} {s["split"]} images (the config\'s evaluator); '
+             f'INT8: {d["quantization"]}.', '', d['table'], '']
+    lines += [f'- skipped: {k} ({v})' for k, v in d['skipped'].items()]
+    lines += [f'- {t}' for t in d['targets']]
+    return '\n'.join(lines) + '\n'
 
 
 def main(argv=None) -> int:

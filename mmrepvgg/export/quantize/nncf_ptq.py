@@ -16,19 +16,18 @@ quantizers that cost most until the candidate's bbox mAP is within
 :class:`DetectionValidator` (the candidate run by
 :class:`~mmrepvgg.export.evaluate.OnnxRuntimeDetector` on preprocessed
 images, scored by the config's own evaluator, as ``tools/test.py`` scores an
-ONNX file). The result is measured again at the end: a drop beyond
-``max_drop`` (NNCF gave up after ``max_iterations``) is refused.
+ONNX file: :class:`~mmrepvgg.export.evaluate.SplitScorer`). The result is
+measured again at the end: a drop beyond ``max_drop`` (NNCF gave up after
+``max_iterations``) is refused.
 """
 import contextlib
-import copy
 import io
 import logging
 import os.path as osp
 from collections import Counter
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
-from .calibration import (QuantizeError, as_feeds, build_preprocessor,
-                          build_split, pick_indices)
+from .calibration import QuantizeError, as_feeds
 from .static import (boundary_tensors, graph_inputs, keep_metadata,
                      quantizable_nodes)
 
@@ -42,15 +41,10 @@ DESCRIPTION = ('NNCF post-training quantization, preset MIXED (symmetric '
 
 
 class DetectionValidator:
-    """bbox mAP of a candidate detector graph on images of a split:
-    NNCF's ``validation_fn``.
-
-    The images go through the config's test pipeline and data preprocessor
-    once; each call writes the candidate (an ``onnx.ModelProto``) to
-    ``work_dir``, runs it with
-    :class:`~mmrepvgg.export.evaluate.OnnxRuntimeDetector` and scores its
-    detections with the config's evaluator of the split (``val_evaluator``
-    or ``test_evaluator``).
+    """NNCF's ``validation_fn``: the bbox mAP of a candidate graph (an
+    ``onnx.ModelProto``, written to ``work_dir``) by
+    :class:`~mmrepvgg.export.evaluate.SplitScorer` (onnxruntime, the
+    config's evaluator of ``split``).
 
     Args:
         cfg (Config): the model config.
@@ -62,73 +56,25 @@ class DetectionValidator:
 
     def __init__(self, cfg, split: str, num: Optional[int], work_dir: str,
                  threads: Optional[int] = None) -> None:
-        import torch
-        from mmengine.dataset import pseudo_collate
-        if split not in ('val', 'test'):
-            raise QuantizeError(f'--max-drop evaluates on the val or test '
-                                f'split (its evaluator), not {split}')
-        evaluator = cfg.get(f'{split}_evaluator')
-        if not evaluator:
-            raise QuantizeError(f'the config has no {split}_evaluator (the '
-                                'accuracy control scores with it)')
-        self.evaluator_cfg = evaluator
-        self.num_classes = (cfg.model.get('bbox_head') or {}).get(
-            'num_classes')
-        self.preprocessor_cfg = cfg.model.get('data_preprocessor')
+        from ..evaluate import EvaluateError, SplitScorer
+        try:
+            self.scorer = SplitScorer(cfg, split, num, threads)
+        except EvaluateError as e:
+            raise QuantizeError(f'--max-drop: {e}') from None
+        self.items, self.info = self.scorer.items, self.scorer.info
         self.path = osp.join(work_dir, 'candidate.onnx')
-        self.threads = threads
-        preprocessor = build_preprocessor(cfg)
-        ds = build_split(cfg, split)
-        self.metainfo = ds.metainfo
-        self.items: List[Tuple[object, list]] = []
-        with torch.no_grad():
-            for i in pick_indices(len(ds), num):
-                batch = preprocessor(pseudo_collate([ds[i]]), False)
-                self.items.append((batch['inputs'].float(),
-                                   batch['data_samples']))
-        self.info = dict(split=split, images=len(self.items), of=len(ds))
         self.calls = 0
 
     def __call__(self, model, indices) -> Tuple[float, None]:
         """``(bbox mAP, None)`` of ``model`` on the items ``indices``."""
         import onnx
-        from mmengine.evaluator import Evaluator
-        from mmengine.logging import MMLogger
-
-        from ..evaluate import OnnxRuntimeDetector
         onnx.save(model, self.path)
-        det = OnnxRuntimeDetector(self.path, self.preprocessor_cfg,
-                                  self.num_classes, self.threads)
-        evaluator = Evaluator(copy.deepcopy(self.evaluator_cfg))
-        evaluator.dataset_meta = self.metainfo
-        indices = list(indices)
-        for i in indices:
-            x, samples = self.items[i]
-            evaluator.process(det.predict(x, copy.deepcopy(samples)))
-        logger = MMLogger.get_current_instance()
-        level = logger.level
-        logger.setLevel(logging.WARNING)  # the COCO tables of every call
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                metrics = evaluator.evaluate(len(indices))
-        finally:
-            logger.setLevel(level)
         self.calls += 1
-        return float(metrics[metric_key(metrics)]), None
+        return self.scorer.graph(self.path, indices=list(indices)), None
 
     def score(self, model) -> float:
         """bbox mAP of ``model`` on every item."""
         return self(model, range(len(self.items)))[0]
-
-
-def metric_key(metrics: dict) -> str:
-    """The bbox mAP among an evaluator's metrics (``coco/bbox_mAP``, else
-    the first ``.../mAP``)."""
-    for suffix in ('bbox_mAP', '/mAP'):
-        keys = [k for k in metrics if k.endswith(suffix)]
-        if keys:
-            return keys[0]
-    raise QuantizeError(f'the evaluator reports no mAP ({sorted(metrics)})')
 
 
 def quantize_nncf(fp32_path: str,
