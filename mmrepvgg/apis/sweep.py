@@ -7,7 +7,8 @@ their means over seeds, with the spread.
 the parts that do not train:
 
 - :func:`final_metric` reads the last value of a metric that mmengine logged
-  in a work dir (``<timestamp>/vis_data/scalars.json``);
+  in a work dir (``<timestamp>/vis_data/scalars.json``), and
+  :func:`test_metrics` the metrics of a ``tools/test.py`` run;
 - :class:`SweepRun` is one labelled config (+ ``--cfg-options``) and the
   work dir of each of its seeds; its ``sweep_result.json`` records what was
   trained, so a rerun reuses finished seeds and refuses to mix results of a
@@ -71,6 +72,25 @@ def final_metric(work_dir: str, metric: str = DEFAULT_METRIC) -> float:
         raise ToolError(f'{files[-1]}: {metric} is {value!r}, not a finite '
                         'number in [0, 1]')
     return float(value)
+
+
+def test_metrics(work_dir: str) -> Dict[str, float]:
+    """The metrics of the newest ``tools/test.py`` run in ``work_dir``: the
+    JSON mmengine's runner writes (``<timestamp>/<timestamp>.json``).
+
+    Raises:
+        ToolError: no such file, or a metric that is not in [0, 1].
+    """
+    files = sorted(glob.glob(osp.join(work_dir, '*', '*.json')))
+    if not files:
+        raise ToolError(f'{work_dir}: no metrics JSON of tools/test.py')
+    with open(files[-1]) as f:
+        metrics = json.load(f)
+    for key in ('coco/bbox_mAP', 'coco/bbox_mAP_50'):
+        if not _plausible(metrics.get(key)):
+            raise ToolError(f'{files[-1]}: {key} is {metrics.get(key)!r}, '
+                            'not a number in [0, 1]')
+    return metrics
 
 
 def file_digest(path: str) -> str:

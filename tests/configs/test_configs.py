@@ -14,11 +14,14 @@ from mmrepvgg.testing import randomize_
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 #: Folders of detection configs; each X.py has its twin in deploy/X.py.
-CONFIG_DIRS = ('repvgg', 'qarepvgg')
-TRAIN_CONFIGS = sorted(
+CONFIG_DIRS = ('repvgg', 'qarepvgg', 'neon_trees')
+ALL_CONFIGS = sorted(
     [p for d in CONFIG_DIRS
      for p in glob.glob(osp.join(ROOT, 'configs', d, '*.py'))] +
     glob.glob(osp.join(ROOT, 'configs', 'toy', '*.py')))
+#: Baselines without RepVGG blocks (mmdet's ResNet-18 on the tree crowns).
+BASELINES = [p for p in ALL_CONFIGS if 'repvgg' not in osp.basename(p)]
+TRAIN_CONFIGS = [p for p in ALL_CONFIGS if p not in BASELINES]
 
 
 def _build(path):
@@ -39,6 +42,31 @@ def test_configs_found():
     for prefix in ('retinanet_qarepvgg-a0', 'atss_qarepvgg-a0',
                    'retinanet_qarepvgg-tiny_qarepvgg-fpn_toy'):
         assert any(n.startswith(prefix) for n in names), prefix
+    assert [osp.basename(p) for p in BASELINES] == [
+        'retinanet_r18_fpn_neon-trees.py']
+
+
+@pytest.mark.parametrize('path', BASELINES, ids=osp.basename)
+def test_baseline_config_builds_and_runs(path):
+    """A baseline shares everything but the backbone with its RepVGG
+    sibling, and switching it is a no-op."""
+    cfg, model = _build(path)
+    sibling, _ = _build(path.replace('r18', 'repvgg-a0'))
+    for key in ('bbox_head', 'train_cfg', 'test_cfg'):
+        assert cfg.model[key] == sibling.model[key], key
+    for key in ('train_dataloader', 'val_dataloader', 'optim_wrapper',
+                'param_scheduler', 'train_cfg', 'val_evaluator'):
+        assert cfg[key] == sibling[key], key
+    neck = {k: v for k, v in cfg.model.neck.items() if k != 'in_channels'}
+    assert neck == {k: v for k, v in sibling.model.neck.items()
+                    if k != 'in_channels'}
+    randomize_(model, seed=0).eval()
+    x, samples = make_inputs((64, 96))
+    assert mmrepvgg.count_reparam_blocks(model)['total'] == 0
+    same = mmrepvgg.switch_to_deploy(model, verbose=False)
+    errs = compare_outputs(collect_outputs(model, x, samples),
+                           collect_outputs(same, x, samples))
+    assert errs['max_abs'] == 0, errs
 
 
 @pytest.mark.parametrize('path', TRAIN_CONFIGS, ids=osp.basename)
