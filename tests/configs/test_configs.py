@@ -43,7 +43,7 @@ def test_configs_found():
                    'retinanet_qarepvgg-tiny_qarepvgg-fpn_toy'):
         assert any(n.startswith(prefix) for n in names), prefix
     assert [osp.basename(p) for p in BASELINES] == [
-        'retinanet_r18_fpn_neon-trees.py']
+        'atss_r18_fpn_neon-trees.py']
 
 
 @pytest.mark.parametrize('path', BASELINES, ids=osp.basename)

@@ -1,6 +1,6 @@
 # QARepVGG-A0 (quantization-friendly blocks, Chu et al., arXiv 2212.01593)
-# RetinaNet on the NEON tree-crown tiles: ./retinanet_repvgg-a0_fpn_neon-trees.py
+# ATSS on the NEON tree-crown tiles: ./atss_repvgg-a0_fpn_neon-trees.py
 # with the block changed. Deploy twin: deploy/<same name>.
-_base_ = './retinanet_repvgg-a0_fpn_neon-trees.py'
+_base_ = './atss_repvgg-a0_fpn_neon-trees.py'
 
 model = dict(backbone=dict(block_cfg=dict(type='QARepVGGBlock')))

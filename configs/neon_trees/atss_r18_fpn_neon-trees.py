@@ -1,7 +1,7 @@
-# The baseline: mmdet's own ResNet-18 in the same RetinaNet, data and
-# schedule as ./retinanet_repvgg-a0_fpn_neon-trees.py, from scratch. It has
+# The baseline: mmdet's own ResNet-18 in the same ATSS detector, data and
+# schedule as ./atss_repvgg-a0_fpn_neon-trees.py, from scratch. It has
 # no multi-branch blocks, so no deploy twin: its deploy form is itself.
-_base_ = '../_base_/retinanet_fpn_neon-trees.py'
+_base_ = '../_base_/atss_fpn_neon-trees.py'
 
 model = dict(
     backbone=dict(

@@ -1,7 +1,7 @@
-# RepVGG-A0 RetinaNet on the NEON tree-crown tiles, from scratch.
+# RepVGG-A0 ATSS on the NEON tree-crown tiles, from scratch.
 # Data: python tools/dataset_converters/neon_tree_crowns.py
 # Deploy twin: deploy/<same name>.
-_base_ = '../_base_/retinanet_fpn_neon-trees.py'
+_base_ = '../_base_/atss_fpn_neon-trees.py'
 
 model = dict(
     backbone=dict(

@@ -1,0 +1,5 @@
+# Deploy twin of ../atss_qarepvgg-a0_fpn_neon-trees.py: every RepVGG module is
+# built fused, so that a checkpoint of tools/convert_deploy.py loads strictly.
+_base_ = '../atss_qarepvgg-a0_fpn_neon-trees.py'
+
+model = dict(backbone=dict(deploy=True))

@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""The README's real-image table: RepVGG-A0, QARepVGG-A0 and ResNet-18
+RetinaNets on the NEON tree crowns, over seeds, side by side.
+
+    python tools/analysis_tools/tree_crowns_table.py \\
+        --work-dir work_dirs/trees --seeds 0 1 2
+
+It reads the runs that ``tools/analysis_tools/seed_sweep.py`` trained in
+the same work dir, one label per config of :data:`RUNS`, every seed (the
+command is in docs/real_images.md). Per run and seed: AP50 and mAP on the
+spatial hold-out (the training's final validation) and on the other sites
+(``tools/test.py`` on ``annotations/test.json``); the deploy checkpoint
+(``tools/convert_deploy.py``; ResNet-18 has no multi-branch blocks and is
+its own deploy form), the end-to-end ONNX graph and its INT8 twin, each
+evaluated on the hold-out by ``tools/test.py`` (INT8 drop = ONNX FP32 AP50 -
+INT8 AP50). Parameters (training / deploy form) and GFLOPs at the test
+input. Latency of the first seed's forms, all runs timed in the same rounds
+(:func:`mmrepvgg.utils.timing.measure`). Each seed's evaluation is kept in
+``eval.json`` in its folder and reused by a rerun.
+"""
+import importlib.util
+import json
+import os
+import os.path as osp
+import runpy
+import subprocess
+import sys
+
+ROOT = osp.abspath(osp.join(__file__, '../../..'))  # the repository
+RUNS = (
+    ('RepVGG-A0', 'configs/neon_trees/atss_repvgg-a0_fpn_neon-trees.py'),
+    ('QARepVGG-A0',
+     'configs/neon_trees/atss_qarepvgg-a0_fpn_neon-trees.py'),
+    ('ResNet-18', 'configs/neon_trees/atss_r18_fpn_neon-trees.py'),
+)
+TEST_SET = ['test_dataloader.dataset.ann_file=annotations/test.json',
+            'test_dataloader.dataset.data_prefix.img=test/',
+            'test_evaluator.ann_file=data/neon_trees/annotations/test.json']
+#: Timed forms: (name, ONNX file key or None for PyTorch, runtime).
+FORMS = (('PyTorch training', None, None), ('PyTorch deploy', None, None),
+         ('ORT FP32', 'onnx', 'onnxruntime'),
+         ('ORT INT8', 'int8', 'onnxruntime'),
+         ('OV FP32', 'onnx', 'openvino'), ('OV INT8', 'int8', 'openvino'))
+
+
+def tools_test(config, checkpoint, work, options=()):
+    """AP50 and mAP of ``tools/test.py`` (a child process, its log in
+    ``work``)."""
+    from mmrepvgg.apis.sweep import test_metrics
+    from mmrepvgg.utils.cli import ToolError
+    os.makedirs(work, exist_ok=True)
+    cmd = [sys.executable, osp.join(ROOT, 'tools', 'test.py'), config,
+           checkpoint, '--work-dir', work]
+    if options:
+        cmd += ['--cfg-options', *options]
+    with open(osp.join(work, 'test.log'), 'w') as log:
+        if subprocess.call(cmd, cwd=ROOT, stdout=log,
+                           stderr=subprocess.STDOUT):
+            raise ToolError(f'tools/test.py failed on {checkpoint} (log: '
+                            f'{work}/test.log)')
+    m = test_metrics(work)
+    return dict(AP50=m['coco/bbox_mAP_50'], mAP=m['coco/bbox_mAP'])
+
+
+def evaluate_seed(label, config, seed_dir):
+    """Every accuracy number of one trained seed (cached in eval.json)."""
+    from mmrepvgg.apis.convert import convert_checkpoint, load_config
+    from mmrepvgg.apis.sweep import final_metric
+    from mmrepvgg.export.onnx_export import export_onnx
+    from mmrepvgg.export.quantize import quantize_checkpoint
+    from mmrepvgg.utils.cli import ToolError
+    from mmrepvgg.utils.fileio import atomic_write_bytes
+    cfg = load_config(config)
+    ckpt = osp.join(seed_dir, f'epoch_{cfg.train_cfg.max_epochs}.pth')
+    record = osp.join(seed_dir, 'eval.json')
+    if not osp.isfile(ckpt):
+        raise ToolError(f'{ckpt}: not trained; run the seed_sweep.py command '
+                        f'of {__file__} --help first')
+    if osp.isfile(record) and os.stat(record).st_mtime > os.stat(
+            ckpt).st_mtime:
+        with open(record) as f:
+            return json.load(f)
+    out = osp.join(seed_dir, 'deploy')
+    os.makedirs(out, exist_ok=True)
+    r = dict(val=dict(AP50=final_metric(seed_dir, 'coco/bbox_mAP_50'),
+                      mAP=final_metric(seed_dir, 'coco/bbox_mAP')),
+             test=tools_test(config, ckpt, osp.join(out, 'test_sites'),
+                             TEST_SET),
+             checkpoint=ckpt)
+    dcfg, dckpt = config, ckpt
+    if 'repvgg' in osp.basename(config):
+        dckpt = osp.join(out, 'deploy.pth')
+        dcfg = osp.join(out, 'deploy.py')
+        convert_checkpoint(cfg, config, ckpt, dckpt)
+    onnx = osp.join(out, 'end2end.onnx')
+    int8 = osp.join(out, 'end2end_int8.onnx')
+    export_onnx(load_config(dcfg), dcfg, dckpt, onnx, mode='end2end',
+                verify_images=8)
+    quantize_checkpoint(load_config(dcfg), dcfg, dckpt, int8)
+    r['onnx'], r['int8'] = onnx, int8
+    r['onnx_val'] = tools_test(config, onnx, osp.join(out, 'test_onnx'))
+    r['int8_val'] = tools_test(config, int8, osp.join(out, 'test_int8'))
+    atomic_write_bytes(record, json.dumps(r, indent=1))
+    return r
+
+
+def complexity(config):
+    """Parameters (M) of the training and deploy forms, GFLOPs (deploy
+    form, the config's test input, mmengine's counter)."""
+    import torch
+    from mmengine.analysis import get_model_complexity_info
+
+    from mmrepvgg.apis.convert import (build_model, load_config,
+                                       test_input_shape)
+    from mmrepvgg.deploy import switch_to_deploy
+    cfg = load_config(config)
+    model = build_model(cfg).eval()
+    deploy = switch_to_deploy(model, inplace=False, verbose=False)
+    h, w = test_input_shape(cfg)
+    flops = get_model_complexity_info(
+        deploy, inputs=(torch.zeros(1, 3, h, w), ), show_table=False,
+        show_arch=False)['flops']
+
+    def params(m):
+        return sum(p.numel() for p in m.parameters()) / 1e6
+    return params(model), params(deploy), flops / 1e9, (h, w)
+
+
+def time_forms(first_seeds, repeats):
+    """Latency (ms, median) of every form of every run, in the same rounds."""
+    import numpy as np
+    import torch
+
+    from mmrepvgg.apis.convert import (build_model, load_config,
+                                       load_weights, read_state_dict)
+    from mmrepvgg.deploy import switch_to_deploy
+    from mmrepvgg.export.openvino import unusable_reason
+    from mmrepvgg.export.runtime import input_names, make_session
+    from mmrepvgg.export.verify import dataset_batch
+    from mmrepvgg.utils.timing import measure
+    n = torch.get_num_threads()
+    no_openvino = unusable_reason()
+    fns = {}
+    for label, config in RUNS:
+        cfg, r = load_config(config), first_seeds[label]
+        model = build_model(cfg)
+        load_weights(model, read_state_dict(r['checkpoint'])[0],
+                     r['checkpoint'], config)
+        model.eval()
+        deploy = switch_to_deploy(model, inplace=False, verbose=False)
+        x, samples, _ = dataset_batch(cfg, model, 1)
+        feed = dict(input=x.numpy(), img_shape=np.asarray(
+            [s.metainfo['img_shape'][:2] for s in samples], np.int64))
+        for form, m in (('PyTorch training', model),
+                        ('PyTorch deploy', deploy)):
+            fns[label, form] = (lambda m=m, x=x, s=samples:
+                                m.predict(x, s, rescale=False))
+        for form, key, runtime in FORMS[2:]:
+            if runtime == 'openvino' and no_openvino:
+                continue
+            sess = make_session(r[key], n, runtime=runtime, precision='f32')
+            f = {k: feed[k] for k in input_names(sess)}
+            fns[label, form] = (lambda sess=sess, f=f: sess.run(None, f))
+    names = {f'{label} / {form}': fn for (label, form), fn in fns.items()}
+    with torch.inference_mode():
+        timing = measure(names, repeats, 3, threads=n)
+    latency = {k: timing.median(f'{k[0]} / {k[1]}') * 1e3 for k in fns}
+    return latency, timing, no_openvino
+
+
+def main(argv=None) -> int:
+    from mmrepvgg.utils.cli import ToolArgumentParser, add_cli_args, run_cli
+    p = ToolArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument('--work-dir', default='work_dirs/trees',
+                   help="seed_sweep.py's --work-dir")
+    p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    p.add_argument('--repeats', type=int, default=20, help='timed rounds')
+    p.add_argument('--out', help='also write the table (markdown) here')
+    add_cli_args(p, unsafe_load=False)
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        import torch
+
+        import mmrepvgg  # noqa: F401  (registers the modules)
+        from mmrepvgg.apis.sweep import summarize
+        from mmrepvgg.utils.fileio import atomic_write_bytes
+        os.chdir(ROOT)  # the configs' data_root is relative to the repo
+        results = {label: {s: evaluate_seed(
+            label, config, osp.join(args.work_dir, label, f'seed{s}'))
+            for s in args.seeds} for label, config in RUNS}
+        latency, timing, no_openvino = time_forms(
+            {k: v[args.seeds[0]] for k, v in results.items()}, args.repeats)
+
+        def stat(label, get):
+            s = summarize([get(results[label][seed]) for seed in args.seeds])
+            return f'{s["mean"]:.3f} ± {s["std"]:.3f}'
+
+        lines = [
+            '| model | params M (train / deploy) | GFLOPs | hold-out AP50 | '
+            'hold-out mAP | other sites AP50 | other sites mAP | '
+            + ' | '.join(f'{f} ms' for f, _, _ in FORMS) +
+            ' | INT8 AP50 drop |',
+            '|---|---|---:|---:|---:|---:|---:|' + '---:|' * len(FORMS)
+            + '---:|']
+        for label, config in RUNS:
+            pt, pd, gflops, (h, w) = complexity(config)
+            cells = [f'{pt:.2f} / {pd:.2f}', f'{gflops:.1f}',
+                     stat(label, lambda r: r['val']['AP50']),
+                     stat(label, lambda r: r['val']['mAP']),
+                     stat(label, lambda r: r['test']['AP50']),
+                     stat(label, lambda r: r['test']['mAP'])]
+            cells += [f'{latency[label, f]:.1f}' if (label, f) in latency
+                      else 'n/a' for f, _, _ in FORMS]
+            cells.append(stat(label, lambda r: r['onnx_val']['AP50'] -
+                              r['int8_val']['AP50']))
+            lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+        table = '\n'.join(lines)
+        note = (f'{len(args.seeds)} seeds ({", ".join(map(str, args.seeds))})'
+                f', mean ± sample std; latency: seed {args.seeds[0]}, batch '
+                f'1, {h}x{w}, {torch.get_num_threads()} threads, '
+                f'{timing.describe()}; OV = OpenVINO (f32 hint), ORT = '
+                'onnxruntime; INT8 drop: onnxruntime, hold-out')
+        if no_openvino:
+            note += f'; OpenVINO columns n/a: {no_openvino}'
+        print(table + '\n\n' + note)
+        if args.out:
+            atomic_write_bytes(args.out, table + '\n\n' + note + '\n')
+        return 0
+
+    return run_cli(body, debug=args.debug)
+
+
+if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py
+    PKG = importlib.util.find_spec('mmrepvgg').submodule_search_locations[0]
+    runpy.run_path(osp.join(PKG, 'utils', 'quiet.py'))['run_tool'](main)
