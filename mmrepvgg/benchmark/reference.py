@@ -184,17 +184,13 @@ def float32_noise(training: nn.Module,
         training (nn.Module): the float32 training form.
         x (torch.Tensor): a float32 input.
     """
+    from mmrepvgg.export.verify import as_channels_last, noisier
     truth = {k: v.cpu() for k, v in flatten_outputs(
         float64_outputs(training, x)).items()}
-    layouts = [flatten_outputs(training(x))]
-    if x.dim() == 4:
-        nhwc = copy.deepcopy(training).to(memory_format=torch.channels_last)
-        layouts.append(flatten_outputs(nhwc(x.contiguous(
-            memory_format=torch.channels_last))))
-    ref = {k: max((out[k].cpu() for out in layouts),
-                  key=lambda v, t=t: relative_error(t, v.to(t.dtype)))
-           for k, t in truth.items()}
-    return truth, ref
+    nhwc = copy.deepcopy(training).to(memory_format=torch.channels_last)
+    layouts = [{k: v.cpu() for k, v in flatten_outputs(m(xi)).items()}
+               for m, xi in ((training, x), (nhwc, as_channels_last(x)))]
+    return truth, noisier(truth, *layouts)
 
 
 def judge_form(label: str, form: str, truth: Outputs, reference: Outputs,
