@@ -51,7 +51,7 @@ PY_TAG="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info
 CUDA_TAG="$("$PY" -c 'import torch; print("cu" + torch.version.cuda.replace(".", "") if torch.version.cuda and torch.cuda.is_available() else "cpu")')"
 WHEEL_DIR="$CACHE/mmcv-${MMCV_VERSION}_torch-${TORCH_V}_${PY_TAG}_${CUDA_TAG}"
 if ! ls "$WHEEL_DIR"/mmcv-*.whl >/dev/null 2>&1; then
-  log "building mmcv $MMCV_VERSION with ops for torch $TORCH_V ($CUDA_TAG, $PY_TAG): about 15 minutes on 2 cores, once per machine"
+  log "building mmcv $MMCV_VERSION with ops for torch $TORCH_V ($CUDA_TAG, $PY_TAG): about 11-15 minutes on 2 cores, once per machine"
   mkdir -p "$CACHE"
   TMP_DIR="$(mktemp -d "$CACHE/.build.XXXXXX")"
   trap 'rm -rf "$TMP_DIR"' EXIT
