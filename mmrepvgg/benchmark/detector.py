@@ -204,7 +204,8 @@ def side_by_side(results: Mapping[str, str],
                  out_file: str,
                  classes: Sequence[str],
                  num_images: int = 4,
-                 scale: Optional[int] = None) -> str:
+                 scale: Optional[int] = None,
+                 score_thr: float = 0.3) -> str:
     """One PNG (written atomically, returned) of the first ``num_images``
     test images, one row per image and one column per form, each drawn with
     its detections by mmdet's ``DetLocalVisualizer``.
@@ -214,9 +215,10 @@ def side_by_side(results: Mapping[str, str],
             ``tools/test.py --out`` (same test set, same order).
         out_file (str): the PNG.
         classes (Sequence[str]): class names (the dataset's metainfo).
-        num_images (int): rows (detections drawn above score 0.3).
+        num_images (int): rows.
         scale (int, optional): images (and boxes) enlarged this many times
             before drawing; default: to about 384 pixels.
+        score_thr (float): detections drawn from this score up.
     """
     import cv2
     import mmcv
@@ -249,7 +251,7 @@ def side_by_side(results: Mapping[str, str],
             inst.bboxes = torch.as_tensor(res[i]['bboxes']).float() * k
             sample = DetDataSample(pred_instances=inst)
             vis.add_datasample(title, image, sample, draw_gt=False,
-                               pred_score_thr=0.3)
+                               pred_score_thr=score_thr)
             cell = vis.get_image()
             band = np.full((24, cell.shape[1], 3), 255, np.uint8)
             cv2.putText(band, title[:max(1, cell.shape[1] // 10)], (4, 17),

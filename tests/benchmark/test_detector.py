@@ -65,6 +65,15 @@ def test_side_by_side_picture(toy_data, tmp_path):
     assert pic.shape == (2 * (2 * h + 24), 2 * 2 * w, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         'a.pkl', 'b.pkl', 'side.png']
+    # boxes of score 0.9 are drawn from score_thr 0.5 up, not from 0.95
+    drawn = {}
+    for thr in (0.5, 0.95, 2.0):
+        side_by_side({'deploy': tmp_path / 'a.pkl'}, str(out),
+                     ('square', 'circle', 'triangle'), num_images=1,
+                     scale=1, score_thr=thr)
+        drawn[thr] = cv2.imread(str(out))
+    assert (drawn[0.95] == drawn[2.0]).all()
+    assert not (drawn[0.5] == drawn[2.0]).all()
     with pytest.raises(ValueError, match='no detection results'):
         side_by_side({}, str(out), ())
 
