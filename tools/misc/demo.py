@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     p.add_argument('--min-ap50', type=float, default=0.2,
                    help='lowest accepted hold-out AP50 of the training form: '
                    'a floor that a broken pipeline (about 0) fails; 24 '
-                   'epochs from scratch reach about 0.3 (docs/real_images.md)')
+                   'epochs from scratch reach about 0.3, 72 about 0.54 '
+                   '(docs/real_images.md)')
     p.add_argument('--repeats', type=int, default=20)
     p.add_argument('--max-int8-drop', type=float, default=0.02,
                    help='largest accepted INT8 AP50 drop vs ONNX FP32')
@@ -164,6 +165,7 @@ def main(argv=None) -> int:
              [py, osp.join(tools, 'train.py'), CONFIG, '--work-dir',
               train_dir, '--cfg-options',
               f'train_cfg.max_epochs={epochs}',
+              f'param_scheduler.1.end={epochs}',  # the cosine decay too
               f'train_cfg.val_interval={epochs}',
               f'default_hooks.checkpoint.interval={epochs}'],
              osp.join(wd, 'train.log'))
