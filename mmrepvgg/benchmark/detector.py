@@ -32,6 +32,60 @@ def format_summary(rows: Sequence[dict], title: str = '',
     return '\n'.join(lines)
 
 
+def forms(cfg, config_path: str, checkpoint: str,
+          onnx_files: Mapping[str, str], openvino: bool = False) -> dict:
+    """Zero-argument calls of a trained detector's forms on the first test
+    image (preprocessed): ``PyTorch training``, ``PyTorch deploy``
+    (``model.predict``), each ``onnx_files`` graph (name -> end-to-end
+    ``.onnx``) on onnxruntime and, with ``openvino``, ``<name> (OpenVINO)``
+    (float32 hint).
+
+    Returns:
+        dict: ``fns`` (form -> call), ``skipped`` (form -> why),
+        ``input`` (the batch), ``threads``, ``training``, ``deploy``.
+    """
+    from mmrepvgg.apis.convert import build_model, load_weights, \
+        read_state_dict
+    from mmrepvgg.deploy import switch_to_deploy
+    from mmrepvgg.export.openvino import unusable_reason
+    from mmrepvgg.export.runtime import input_names, make_session
+    from mmrepvgg.export.verify import dataset_batch
+    training = build_model(cfg)
+    sd, _ = read_state_dict(checkpoint)
+    load_weights(training, sd, checkpoint, config_path)
+    training.eval()
+    deploy = switch_to_deploy(training, inplace=False, verbose=False)
+    x, samples, note = dataset_batch(cfg, training, 1)
+    if x is None:
+        raise ValueError(f'{config_path}: {note}')
+    feed = dict(input=x.numpy(), img_shape=np.asarray(
+        [s.metainfo['img_shape'][:2] for s in samples], np.int64))
+
+    def predict(model):
+        return lambda: model.predict(x, samples, rescale=False)
+
+    n = torch.get_num_threads()
+
+    def run(path, runtime='onnxruntime'):
+        sess = make_session(path, n, runtime=runtime, precision='f32')
+        f = {k: feed[k] for k in input_names(sess)}
+        return lambda: sess.run(None, f)
+
+    fns = {'PyTorch training': predict(training),
+           'PyTorch deploy': predict(deploy)}
+    fns.update((name, run(path)) for name, path in onnx_files.items())
+    skipped = {}
+    if openvino:
+        why = unusable_reason()
+        for name, path in onnx_files.items():
+            if why is None:
+                fns[f'{name} (OpenVINO)'] = run(path, 'openvino')
+            else:
+                skipped[f'{name} (OpenVINO)'] = why
+    return dict(fns=fns, skipped=skipped, input=x, threads=n,
+                training=training, deploy=deploy)
+
+
 def demo_summary(cfg,
                  config_path: str,
                  checkpoint: str,
@@ -75,45 +129,10 @@ def demo_summary(cfg,
         ``shape``, ``threads``) with ``network_batch``; ``skipped``
         (form -> why).
     """
-    from mmrepvgg.apis.convert import (build_model, load_weights,
-                                       make_inputs, read_state_dict,
-                                       test_input_shape)
-    from mmrepvgg.deploy import switch_to_deploy
-    from mmrepvgg.export.openvino import unusable_reason
-    from mmrepvgg.export.runtime import input_names, make_session
-    from mmrepvgg.export.verify import dataset_batch
-    training = build_model(cfg)
-    sd, _ = read_state_dict(checkpoint)
-    load_weights(training, sd, checkpoint, config_path)
-    training.eval()
-    deploy = switch_to_deploy(training, inplace=False, verbose=False)
-    x, samples, note = dataset_batch(cfg, training, 1)
-    if x is None:
-        raise ValueError(f'{config_path}: {note}')
-    feed = dict(input=x.numpy(), img_shape=np.asarray(
-        [s.metainfo['img_shape'][:2] for s in samples], np.int64))
-
-    def predict(model):
-        return lambda: model.predict(x, samples, rescale=False)
-
-    n = torch.get_num_threads()
-
-    def run(path, runtime='onnxruntime'):
-        sess = make_session(path, n, runtime=runtime, precision='f32')
-        f = {k: feed[k] for k in input_names(sess)}
-        return lambda: sess.run(None, f)
-
-    fns = {'PyTorch training': predict(training),
-           'PyTorch deploy': predict(deploy)}
-    fns.update((name, run(path)) for name, path in onnx_files.items())
-    skipped = {}
-    if openvino:
-        why = unusable_reason()
-        for name, path in onnx_files.items():
-            if why is None:
-                fns[f'{name} (OpenVINO)'] = run(path, 'openvino')
-            else:
-                skipped[f'{name} (OpenVINO)'] = why
+    from mmrepvgg.apis.convert import make_inputs, test_input_shape
+    f = forms(cfg, config_path, checkpoint, onnx_files, openvino)
+    fns, skipped, x, n = f['fns'], f['skipped'], f['input'], f['threads']
+    training, deploy = f['training'], f['deploy']
     with torch.inference_mode():
         timing = measure(fns, repeats, warmup, threads=n)
     first = next(iter(fns))

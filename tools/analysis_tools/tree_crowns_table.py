@@ -36,11 +36,12 @@ RUNS = (
 TEST_SET = ['test_dataloader.dataset.ann_file=annotations/test.json',
             'test_dataloader.dataset.data_prefix.img=test/',
             'test_evaluator.ann_file=data/neon_trees/annotations/test.json']
-#: Timed forms: (name, ONNX file key or None for PyTorch, runtime).
-FORMS = (('PyTorch training', None, None), ('PyTorch deploy', None, None),
-         ('ORT FP32', 'onnx', 'onnxruntime'),
-         ('ORT INT8', 'int8', 'onnxruntime'),
-         ('OV FP32', 'onnx', 'openvino'), ('OV INT8', 'int8', 'openvino'))
+#: Table column -> form of :func:`mmrepvgg.benchmark.detector.forms`.
+FORMS = (('PyTorch training', 'PyTorch training'),
+         ('PyTorch deploy', 'PyTorch deploy'),
+         ('ORT FP32', 'ONNX FP32'), ('ORT INT8', 'ONNX INT8'),
+         ('OV FP32', 'ONNX FP32 (OpenVINO)'),
+         ('OV INT8', 'ONNX INT8 (OpenVINO)'))
 
 
 def tools_test(config, checkpoint, work, options=()):
@@ -127,45 +128,27 @@ def complexity(config):
 
 
 def time_forms(first_seeds, repeats):
-    """Latency (ms, median) of every form of every run, in the same rounds."""
-    import numpy as np
+    """Latency (ms, median) of every form of every run, in the same
+    rounds; also the timing and why OpenVINO was left out (None: it was
+    not)."""
     import torch
 
-    from mmrepvgg.apis.convert import (build_model, load_config,
-                                       load_weights, read_state_dict)
-    from mmrepvgg.deploy import switch_to_deploy
-    from mmrepvgg.export.openvino import unusable_reason
-    from mmrepvgg.export.runtime import input_names, make_session
-    from mmrepvgg.export.verify import dataset_batch
+    from mmrepvgg.apis.convert import load_config
+    from mmrepvgg.benchmark.detector import forms
     from mmrepvgg.utils.timing import measure
-    n = torch.get_num_threads()
-    no_openvino = unusable_reason()
-    fns = {}
+    fns, skipped = {}, {}
     for label, config in RUNS:
-        cfg, r = load_config(config), first_seeds[label]
-        model = build_model(cfg)
-        load_weights(model, read_state_dict(r['checkpoint'])[0],
-                     r['checkpoint'], config)
-        model.eval()
-        deploy = switch_to_deploy(model, inplace=False, verbose=False)
-        x, samples, _ = dataset_batch(cfg, model, 1)
-        feed = dict(input=x.numpy(), img_shape=np.asarray(
-            [s.metainfo['img_shape'][:2] for s in samples], np.int64))
-        for form, m in (('PyTorch training', model),
-                        ('PyTorch deploy', deploy)):
-            fns[label, form] = (lambda m=m, x=x, s=samples:
-                                m.predict(x, s, rescale=False))
-        for form, key, runtime in FORMS[2:]:
-            if runtime == 'openvino' and no_openvino:
-                continue
-            sess = make_session(r[key], n, runtime=runtime, precision='f32')
-            f = {k: feed[k] for k in input_names(sess)}
-            fns[label, form] = (lambda sess=sess, f=f: sess.run(None, f))
+        r = first_seeds[label]
+        f = forms(load_config(config), config, r['checkpoint'],
+                  {'ONNX FP32': r['onnx'], 'ONNX INT8': r['int8']},
+                  openvino=True)
+        fns.update(((label, form), fn) for form, fn in f['fns'].items())
+        skipped.update(f['skipped'])
     names = {f'{label} / {form}': fn for (label, form), fn in fns.items()}
     with torch.inference_mode():
-        timing = measure(names, repeats, 3, threads=n)
+        timing = measure(names, repeats, 3, threads=torch.get_num_threads())
     latency = {k: timing.median(f'{k[0]} / {k[1]}') * 1e3 for k in fns}
-    return latency, timing, no_openvino
+    return latency, timing, next(iter(skipped.values()), None)
 
 
 def main(argv=None) -> int:
@@ -199,7 +182,7 @@ def main(argv=None) -> int:
         lines = [
             '| model | params M (train / deploy) | GFLOPs | hold-out AP50 | '
             'hold-out mAP | other sites AP50 | other sites mAP | '
-            + ' | '.join(f'{f} ms' for f, _, _ in FORMS) +
+            + ' | '.join(f'{col} ms' for col, _ in FORMS) +
             ' | INT8 AP50 drop |',
             '|---|---|---:|---:|---:|---:|---:|' + '---:|' * len(FORMS)
             + '---:|']
@@ -211,7 +194,7 @@ def main(argv=None) -> int:
                      stat(label, lambda r: r['test']['AP50']),
                      stat(label, lambda r: r['test']['mAP'])]
             cells += [f'{latency[label, f]:.1f}' if (label, f) in latency
-                      else 'n/a' for f, _, _ in FORMS]
+                      else 'n/a' for _, f in FORMS]
             cells.append(stat(label, lambda r: r['onnx_val']['AP50'] -
                               r['int8_val']['AP50']))
             lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')

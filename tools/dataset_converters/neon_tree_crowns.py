@@ -156,7 +156,6 @@ def convert(wheel: str, out: str, tile: int = 400, gap: int = 100,
     The folder appears whole or not at all (built beside it, renamed)."""
     from PIL import Image
     from mmrepvgg.utils.cli import ToolError
-    Image.MAX_IMAGE_PIXELS = 4 * 2472 * 2299  # the largest image, with room
     parent = osp.dirname(osp.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix='.neon_trees.', dir=parent)

@@ -135,9 +135,8 @@ def main(argv=None) -> int:
                    help="training epochs (default: the config's)")
     p.add_argument('--min-ap50', type=float, default=0.2,
                    help='lowest accepted hold-out AP50 of the training form: '
-                   'a floor that a broken pipeline (about 0) fails; 24 '
-                   'epochs from scratch reach about 0.3, 72 about 0.54 '
-                   '(docs/real_images.md)')
+                   'a floor that a broken pipeline (about 0) fails; what '
+                   'the schedules reach: docs/real_images.md')
     p.add_argument('--repeats', type=int, default=20)
     p.add_argument('--max-int8-drop', type=float, default=0.02,
                    help='largest accepted INT8 AP50 drop vs ONNX FP32')
