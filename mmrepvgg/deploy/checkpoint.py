@@ -8,8 +8,10 @@ storage records, plain containers and scalars, numpy arrays, mmengine's
 ``HistoryBuffer``), within bounds on depth, objects and hashing work.
 Archive checks, before anything is unpickled: a torch zip archive (not
 legacy, TorchScript, .npy/.npz, safetensors), every member stored
-uncompressed as ``torch.save`` writes it (so no declared size exceeds the
-file), ``data.pkl`` at most :data:`MAX_PICKLE_BYTES`, every member's CRC-32
+uncompressed as ``torch.save`` writes it, its declared size equal to the
+bytes it holds and all members together no larger than the file (so members
+cannot overlap, and reading them all reads the file once), ``data.pkl``
+at most :data:`MAX_PICKLE_BYTES`, every member's CRC-32
 (torch itself never checks them). ``docs/safe_loading.md`` says why this is
 enough.
 
@@ -104,11 +106,22 @@ def _check_archive(path: str, f: BinaryIO) -> zipfile.ZipFile:
         raise CheckpointError(
             f'{path}: a TorchScript archive (torch.jit.save), not a '
             'checkpoint: load it with torch.jit.load')
+    size = os.fstat(f.fileno()).st_size
+    if sum(i.compress_size for i in archive.infolist()) > size:
+        # Overlapping members would make every read below N times the file.
+        raise CheckpointError(
+            f'{path}: corrupt archive: its members declare more bytes than '
+            f'the file holds ({size}); members overlap')
     for info in archive.infolist():
         if info.compress_type != zipfile.ZIP_STORED:
             raise CheckpointError(
                 f'{path}: member {info.filename} is compressed; torch.save '
                 'stores members uncompressed (a crafted or re-packed file)')
+        if info.file_size != info.compress_size:
+            raise CheckpointError(
+                f'{path}: corrupt archive: stored member {info.filename} '
+                f'declares {info.file_size} bytes but holds '
+                f'{info.compress_size}')
         if info.filename == pickles[0] and info.file_size > MAX_PICKLE_BYTES:
             raise CheckpointError(
                 f'{path}: {info.filename} declares {info.file_size} bytes, '

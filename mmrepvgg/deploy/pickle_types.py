@@ -8,6 +8,7 @@ mmengine complete with a ``BUILD`` are returned as :class:`Pending` and
 built from the checked state by the interpreter.
 """
 import collections
+import math
 import pickle
 import re
 from typing import Any, Callable, Dict, List, Tuple
@@ -70,12 +71,23 @@ class StorageType(Token):
         self.dtype = dtype
 
 
-class Storage:
-    """A storage record of the archive, as a flat tensor."""
-    __slots__ = ('data', )
+#: Tensor views may cover at most this many times the bytes of the storage
+#: records loaded (plus :data:`VIEW_SLACK_BYTES`): a stride-0 view of a tiny
+#: record would otherwise make its first reader allocate any size.
+VIEW_FACTOR = 4
+VIEW_SLACK_BYTES = 1 << 20
 
-    def __init__(self, data: torch.Tensor) -> None:
+
+class Storage:
+    """A storage record of the archive, as a flat tensor; ``budget`` is the
+    one-element list, shared by every storage of a load, of the bytes tensor
+    views may still cover."""
+    __slots__ = ('data', 'budget')
+
+    def __init__(self, data: torch.Tensor, budget: List[int]) -> None:
         self.data = data
+        self.budget = budget
+        budget[0] += VIEW_FACTOR * data.numel() * data.element_size()
 
 
 class Pending:
@@ -151,6 +163,12 @@ def _rebuild_tensor(storage: Any,
                           'elements')
     elif offset > base.numel():
         raise Refused(f'{what}: offset {offset} beyond its storage')
+    nbytes = math.prod(size) * base.element_size()
+    storage.budget[0] -= nbytes
+    if storage.budget[0] < 0:
+        raise Refused(f'{what}: views of size {list(size)} cover more than '
+                      f'{VIEW_FACTOR} times the data of the archive '
+                      '(stride-0 or overlapping views)', True)
     t = torch.empty((0, ), dtype=base.dtype)
     t.set_(base.untyped_storage(), offset, size, stride)
     if requires_grad:

@@ -16,7 +16,8 @@ here:
   that exists only as a record of the archive (``storage(key, dtype,
   numel)``, supplied by the caller, checks the record's size): no size in
   the pickle allocates anything; offsets, sizes and strides must lie inside
-  the storage;
+  the storage, and all views together cover at most a few times the bytes
+  of the records (so no stride-0 view makes a reader allocate any size);
 - numpy: plain numeric arrays, dtypes and scalars, built fresh from bytes of
   exactly the declared size (numpy's own ``__setstate__`` never runs on an
   object the pickle can reach);
@@ -40,7 +41,8 @@ from typing import Any, Callable, Dict, List, Tuple
 import numpy as np
 import torch
 
-from mmrepvgg.deploy.pickle_types import (HISTORY, Pending, Refused, Storage,
+from mmrepvgg.deploy.pickle_types import (HISTORY, VIEW_SLACK_BYTES,
+                                          Pending, Refused, Storage,
                                           StorageType, Token, allowed_globals,
                                           build_ordered_dict, check_item,
                                           check_key, int_in_range)
@@ -216,8 +218,9 @@ def _persistent(pid: Any, storage: StorageLoader,
         if storages[key].data.numel() != numel:
             raise Refused(f'storage {key} declared with two sizes')
         return storages[key]
-    data = storage(key, kind.dtype, numel)
-    storages[key] = Storage(data)
+    budget = next(iter(storages.values())).budget if storages else [
+        VIEW_SLACK_BYTES]
+    storages[key] = Storage(storage(key, kind.dtype, numel), budget)
     return storages[key]
 
 

@@ -3,7 +3,9 @@ changed global state under torch's weights-only unpickler with an
 allowlist. The restricted unpickler refuses each in one line, fast."""
 import collections
 import pickle
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -111,11 +113,11 @@ def test_compressed_members_are_refused_before_inflating(tmp_path):
     _refused(path, 'member archive/data.pkl is compressed')
 
 
-def _tensor_pickle(numel, size, offset=0):
+def _tensor_pickle(numel, size, offset=0, stride=1):
     w = PickleWriter().glob('torch._utils', '_rebuild_tensor_v2').mark()
     w.mark().str('storage').glob('torch', 'FloatStorage').str('0')
     w.str('cpu').int(numel).tuple().op(b'Q')
-    w.int(offset).values((size, )).values((1, )).false()
+    w.int(offset).values((size, )).values((stride, )).false()
     w.glob('collections', 'OrderedDict').op(b')').reduce()
     return w.tuple().reduce().stop()
 
@@ -132,6 +134,74 @@ def test_tensors_stay_inside_their_archive_records(
         'data.pkl': _tensor_pickle(numel, size, offset),
         'data/0': b'\0' * record})
     _refused(path, match)
+
+
+def test_stride_0_views_cannot_cover_more_than_the_archive(tmp_path):
+    """A 16-byte record viewed as 2^30 floats (stride 0): loading allocates
+    nothing, but the first reader (isfinite, sum) would allocate 4 GiB or
+    hang."""
+    path = _zip_with(tmp_path / 't.pth', {
+        'data.pkl': _tensor_pickle(4, 1 << 30, stride=0),
+        'data/0': b'\0' * 16})
+    assert 'only if you trust this file' in _refused(path, 'cover more than')
+
+
+def _stored_member(name: bytes, data: bytes, declared: int) -> bytes:
+    """A local header + data of a stored zip member (for crafted archives)."""
+    return struct.pack('<IHHHHHIIIHH', 0x04034b50, 20, 0, 0, 0, 0,
+                       zlib.crc32(data), declared, declared, len(name),
+                       0) + name + data
+
+
+def _crafted_zip(path, members) -> str:
+    """``members``: ``(name, offset of its local header, crc, size)`` over
+    ``body``, the archive's bytes before the central directory."""
+    body, entries = members
+    cd = b''.join(
+        struct.pack('<IHHHHHHIIIHHHHHII', 0x02014b50, 20, 20, 0, 0, 0, 0,
+                    crc, size, size, len(name), 0, 0, 0, 0, 0, off) + name
+        for name, off, crc, size in entries)
+    eocd = struct.pack('<IHHHHIIH', 0x06054b50, 0, 0, len(entries),
+                       len(entries), len(cd), len(body), 0)
+    path.write_bytes(body + cd + eocd)
+    return str(path)
+
+
+def test_overlapping_members_are_refused_before_reading(tmp_path):
+    """Each member's data spans the members after it ("quoted overlap"):
+    reading all of them reads the file N times (1 GB from 10 MB)."""
+    pkl = b'\x80\x02N.'
+    body = _stored_member(b'archive/data.pkl', pkl, len(pkl))
+    entries = [(b'archive/data.pkl', 0, zlib.crc32(pkl), len(pkl))]
+    tail, names = b'\1' * 65536, [b'archive/data/%d' % i for i in range(8)]
+    headers = []
+    for name in reversed(names):  # member i holds members i+1.. + kernel
+        h = _stored_member(name, b'', 0)
+        h = _stored_member(name, tail, len(tail))[:len(h)]
+        headers.insert(0, (name, h, zlib.crc32(tail), len(tail)))
+        tail = h + tail
+    off = len(body)
+    for name, h, crc, size in headers:
+        entries.append((name, off, crc, size))
+        off += len(h)
+    path = _crafted_zip(tmp_path / 'overlap.pth', (body + tail, entries))
+    _refused(path, 'members overlap')
+
+
+def test_a_declared_size_beyond_the_stored_bytes_is_refused(tmp_path):
+    """A stored member whose central record declares 3.75 GiB over 16 real
+    bytes: the storage was allocated at the declared size before reading."""
+    pkl, data = _tensor_pickle(4, 4), b'\0' * 16
+    body = _stored_member(b'archive/data.pkl', pkl, len(pkl))
+    entries = [(b'archive/data.pkl', 0, zlib.crc32(pkl), len(pkl)),
+               (b'archive/data/0', len(body), zlib.crc32(data), 16)]
+    body += _stored_member(b'archive/data/0', data, 16)
+    path = _crafted_zip(tmp_path / 'lie.pth', (body, entries))
+    raw = bytearray((tmp_path / 'lie.pth').read_bytes())
+    cd = raw.rfind(b'PK\x01\x02')  # the last central record: data/0
+    struct.pack_into('<I', raw, cd + 24, 0xF0000000)  # its file_size
+    (tmp_path / 'lie.pth').write_bytes(bytes(raw))
+    _refused(path, 'declares 4026531840 bytes but holds 16')
 
 
 def test_a_well_formed_tensor_pickle_loads(tmp_path):
