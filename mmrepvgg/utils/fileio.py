@@ -448,6 +448,24 @@ def _identity(path: str):
         return ('path', osp.realpath(path))
 
 
+def _with_bases(path: str, what: str, depth: int = 0) -> list:
+    """``[(path, what)]`` and, for a config, every ``_base_`` file it
+    inherits (mmengine's own resolution; a config that cannot be parsed is
+    reported by its loader, not here)."""
+    out = [(path, what)]
+    if 'config' not in what.lower() or depth > 16 or not osp.isfile(path):
+        return out
+    from mmengine.config import Config
+    try:
+        bases = Config._get_base_files(path)
+        for base in bases:
+            base = Config._get_cfg_path(base, path)[0]
+            out += _with_bases(base, f'base config of {path}', depth + 1)
+    except Exception:  # noqa: B902  (any parse error: the loader says it)
+        pass
+    return out
+
+
 def check_output_paths(inputs: Sequence[Tuple[str, str]],
                        outputs: Sequence[str],
                        error: type = ToolError) -> None:
@@ -456,12 +474,13 @@ def check_output_paths(inputs: Sequence[Tuple[str, str]],
     as folders. The one check every tool runs before it writes anything.
 
     Args:
-        inputs: ``(path, what)`` of every file read.
+        inputs: ``(path, what)`` of every file read; a ``what`` naming a
+            config brings the ``_base_`` files it inherits along.
         outputs: every file to be written.
         error: the :class:`ToolError` subclass raised.
     """
     seen = {}
-    for path, what in inputs:
+    for path, what in (i for p, w in inputs for i in _with_bases(p, w)):
         if osp.exists(path):
             seen[_identity(path)] = f'the {what} {path}'
     for out in outputs:

@@ -91,7 +91,7 @@ BAD_CASES = ['missing', 'not_a_checkpoint', 'truncated', 'mismatch',
              'nan_running_mean', 'negative_var', 'complex_weight',
              'input_named_like_config', 'output_through_symlink',
              'out_py_is_folder', 'huge_shape', 'negative_tolerance',
-             'nan_tolerance', 'both_criteria']
+             'nan_tolerance', 'both_criteria', 'output_is_a_base_config']
 
 
 @pytest.mark.parametrize('case', BAD_CASES)
@@ -179,6 +179,14 @@ def test_bad_inputs_exit_1_with_one_line_and_no_output(case, ckpt, tmp_path,
         out_dir = tmp_path / 'link'
         out = out_dir / 'toy.pth'
         expect = 'refusing to overwrite the input config'
+    elif case == 'output_is_a_base_config':
+        # OUT.py would replace the _base_ file the config inherits
+        out_dir.mkdir()
+        shutil.copy(TOY_CONFIG, out_dir / 'base.py')
+        config = tmp_path / 'child.py'
+        config.write_text(f"_base_ = [{str(out_dir / 'base.py')!r}]\n")
+        out = out_dir / 'base.pth'
+        expect = 'refusing to overwrite the base config of'
     elif case == 'out_py_is_folder':
         out_dir.mkdir()
         (out_dir / 'model.py').mkdir()

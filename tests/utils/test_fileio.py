@@ -387,3 +387,26 @@ def test_every_atomic_write_tidies_its_folder(tmp_path):
     stale.write_text('left by a killed run')
     atomic_write(str(tmp_path / 'y.txt'), _text('y'))
     assert sorted(os.listdir(tmp_path)) == ['y.txt']
+
+
+def test_outputs_never_replace_a_config_or_its_bases(tmp_path):
+    """A config's ``_base_`` files (relative, in a list, two levels) are
+    inputs too: the deploy config written over one changed every config
+    inheriting it."""
+    (tmp_path / 'cfgs').mkdir()
+    (tmp_path / 'root.py').write_text('a = 1\n')
+    (tmp_path / 'cfgs' / 'mid.py').write_text("_base_ = '../root.py'\n")
+    child = tmp_path / 'cfgs' / 'child.py'
+    child.write_text("_base_ = ['./mid.py']\nb = 2\n")
+    for victim in ('root.py', 'cfgs/mid.py', 'cfgs/child.py'):
+        with pytest.raises(fileio.ToolError,
+                           match='refusing to overwrite the .*config'):
+            fileio.check_output_paths([(str(child), 'input config')],
+                                      [str(tmp_path / victim)])
+    fileio.check_output_paths([(str(child), 'input config')],
+                              [str(tmp_path / 'out.py')])
+    # only configs have bases; an unparsable one is left to its loader
+    (tmp_path / 'bad.py').write_text('_base_ = [\n')
+    fileio.check_output_paths([(str(child), 'checkpoint'),
+                               (str(tmp_path / 'bad.py'), 'config')],
+                              [str(tmp_path / 'root.py')])
