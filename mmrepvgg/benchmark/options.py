@@ -3,8 +3,8 @@
 Every refusal raises :class:`BenchmarkError`, whose message names the option
 at fault; the tool prints it as its single ``error:`` line. Every size an
 option declares is bounded (:data:`MAX_SIDE`, :data:`MAX_BATCH`,
-:data:`MAX_BLOCKS`, :data:`MAX_WIDTH_FACTOR`, :data:`MAX_PARAMS`) before
-anything is allocated, far above what a benchmark of real models uses.
+:data:`MAX_BATCH_PIXELS`, :data:`MAX_BLOCKS`, :data:`MAX_WIDTH_FACTOR`,
+:data:`MAX_PARAMS`) before anything is allocated, far above what a benchmark of real models uses.
 """
 import json
 import math
@@ -19,6 +19,9 @@ from mmrepvgg.utils.cli import ToolError
 #: input of a backbone). Not :data:`mmrepvgg.export.evaluate.MAX_BATCH`,
 #: which bounds what an untrusted ONNX file may declare.
 MAX_BATCH = 1024
+#: Most pixels of one batch (batch x H x W): each bound alone still let
+#: 1024 x 4096x4096 ask for a 200 GB input.
+MAX_BATCH_PIXELS = 1 << 24
 #: Most blocks of a JSON arch, all stages together (the published archs
 #: have at most 47).
 MAX_BLOCKS = 256

@@ -25,7 +25,8 @@ from mmrepvgg.deploy.verify import flatten_outputs
 from mmrepvgg.utils.timing import (ORDERS, ROUND_TOLERANCE, measure,
                                    predecessor_effect)
 from .memory import peak_activation_bytes
-from .options import (DEFAULT_FORMS, MAX_BATCH, ONNX_FORMS, BenchmarkError,
+from .options import (DEFAULT_FORMS, MAX_BATCH, MAX_BATCH_PIXELS,
+                      ONNX_FORMS, BenchmarkError,
                       check_device_options, parse_forms, skipped_forms)
 from .reference import build_forms, float32_noise, judge_form, lossy_error
 
@@ -169,6 +170,11 @@ def run_benchmark(archs: Sequence[Tuple[str, Union[str, dict]]],
     """
     opts = replace(options or BenchOptions(), **overrides)
     dev = opts.check(batch_sizes)
+    pixels = max(batch_sizes) * max(h * w for h, w in sizes) if sizes else 0
+    if pixels > MAX_BATCH_PIXELS:
+        raise BenchmarkError(
+            f'--batch-sizes x --sizes: {pixels} pixels in one batch; at most '
+            f'{MAX_BATCH_PIXELS} (e.g. 16 x 1024x1024)')
     skipped = skipped_forms(opts.forms)
     for form, why in skipped.items():
         log(f'note: form {form} skipped: {why}')

@@ -7,9 +7,10 @@ that
 - the ``pkg_resources is deprecated`` warnings that mmengine and mmcv
   trigger when they import ``pkg_resources`` are not printed (an error is
   then really one line on stderr);
-- Ctrl-C while the tool imports torch/mmdet, or while the interpreter shuts
-  down, prints one ``error: interrupted`` line and exits 130 instead of a
-  traceback.
+- Ctrl-C while the tool imports torch/mmdet, or while it exits, prints one
+  ``error: interrupted`` line and exits 130 instead of a traceback or a
+  death by signal (:func:`run_tool` ends the process itself once the exit
+  functions ran, before Python's teardown restores SIGINT's default).
 
 Because ``import mmrepvgg.utils.quiet`` would first run the package's
 ``__init__`` (which imports torch and mmdet), a tool runs this file by path
@@ -21,6 +22,7 @@ While the tool's body runs, :func:`mmrepvgg.utils.cli.run_cli` (which takes
 Ctrl-C back to Python's ``KeyboardInterrupt`` (so partial outputs are cleaned
 up) and restores the handler installed here afterwards, for the exit phase.
 """
+import atexit
 import os
 import signal
 import sys
@@ -101,6 +103,27 @@ def run_tool(main, exit_on_ctrl_c: bool = True) -> None:
             handles Ctrl-C itself passes False).
     """
     silence_warnings()
-    if exit_on_ctrl_c:
-        exit_on_interrupt()
-    sys.exit(main())
+    if not exit_on_ctrl_c:
+        sys.exit(main())
+    exit_on_interrupt()
+    try:
+        code = main()
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    # Exit as the interpreter would (non-daemon threads, atexit, flushed
+    # streams) with the handler still installed, then at once: Python's
+    # finalization restores SIGINT's default action before tearing down
+    # torch and mmdet, and a Ctrl-C there killed the tool by signal.
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed stream: still exit with the code
+            pass
+    os._exit(code or 0)

@@ -145,6 +145,8 @@ def test_threads_restored(tmp_path, capsys):
     (['--forms', 'deploy', 'tensorrt'], "unknown form(s) ['tensorrt']"),
     # bounds on every size an option declares, refused before any work
     (['--sizes', '8000'], "--sizes: '8000': each side must be at most 4096"),
+    (['--sizes', '4096', '--batch-sizes', '1', '1024'],
+     '--batch-sizes x --sizes: 17179869184 pixels in one batch'),
     (['--sizes', '16x5000'], 'at most 4096'),
     (['--batch-sizes', '100000'], '--batch-sizes must be >= 1 and <= 1024'),
     (['--archs', json.dumps(dict(num_blocks=[10**8, 1, 1, 1],

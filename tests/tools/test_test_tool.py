@@ -1,6 +1,7 @@
 """tools/test.py: strict checkpoint loading and one-line errors (issue 9,
 items 7, 9, 10, 13)."""
 import glob
+import inspect
 import os
 import os.path as osp
 import pickle
@@ -204,18 +205,33 @@ def test_sigint_while_importing_exits_130_with_one_line(toy_trained):
     assert err.strip() == 'error: interrupted', err
 
 
-@pytest.mark.parametrize('phase', ['before', 'during', 'after'])
+class _Teardown:
+    def __del__(self):  # runs in Python's module teardown, if ever
+        import os, signal, time
+        os.kill(os.getpid(), signal.SIGINT); time.sleep(5)
+
+
+@pytest.mark.parametrize('phase', ['before', 'during', 'after', 'atexit',
+                                   'teardown'])
 def test_quiet_entry_sigint(phase, tmp_path):
     """quiet.run_tool(): Ctrl-C outside the body exits 130 at once with one
-    line; inside run_cli it is a KeyboardInterrupt (cleanup runs), 130."""
+    line; inside run_cli it is a KeyboardInterrupt (cleanup runs), 130; in
+    the exit functions 130 too. Nothing runs after them: Ctrl-C during
+    Python's teardown (SIGINT back to its default) killed tools by signal."""
     script = tmp_path / 'tool.py'
     script.write_text(f'''
-import os, signal, sys, time
+import atexit, os, signal, sys, time
 sys.path.insert(0, {ROOT!r})
 import runpy
 quiet = os.path.join({ROOT!r}, 'mmrepvgg', 'utils', 'quiet.py')
 phase = {phase!r}
+{inspect.getsource(_Teardown)}
+if phase == 'teardown':
+    KEEP = _Teardown()
 def main():
+    if phase == 'atexit':
+        atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT),
+                                 time.sleep(5)))
     if phase == 'before':
         os.kill(os.getpid(), signal.SIGINT); time.sleep(5)
     from mmrepvgg.utils.cli import run_cli
@@ -235,11 +251,14 @@ runpy.run_path(quiet)['run_tool'](main)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True,
                           text=True, timeout=120,
                           env=_env_without_warning_filters())
+    assert ('cleanup ran' in proc.stdout) == (phase != 'before')
+    if phase == 'teardown':
+        assert proc.returncode == 0 and not proc.stderr, proc
+        return
     assert proc.returncode == 130, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: interrupted'), \
         proc.stderr
-    assert ('cleanup ran' in proc.stdout) == (phase != 'before')
 
 
 def test_non_strict_loads_anyway(deployed, toy_trained, tmp_path):
