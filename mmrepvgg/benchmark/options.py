@@ -4,7 +4,8 @@ Every refusal raises :class:`BenchmarkError`, whose message names the option
 at fault; the tool prints it as its single ``error:`` line. Every size an
 option declares is bounded (:data:`MAX_SIDE`, :data:`MAX_BATCH`,
 :data:`MAX_BATCH_PIXELS`, :data:`MAX_BLOCKS`, :data:`MAX_WIDTH_FACTOR`,
-:data:`MAX_PARAMS`) before anything is allocated, far above what a benchmark of real models uses.
+:data:`MAX_PARAMS`) before anything is allocated, far above what a
+benchmark of real models uses.
 """
 import json
 import math

@@ -11,6 +11,7 @@ import collections
 import math
 import pickle
 import re
+import reprlib
 from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
@@ -35,6 +36,15 @@ class Refused(pickle.UnpicklingError):
 
 
 _SCALARS = (type(None), bool, int, float, str, bytes)
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+
+
+def short(v: Any) -> str:
+    """A bounded ``repr`` of a value from the pickle, for a message (a 256 MB
+    string or a million-deep tuple stays one short line)."""
+    return _REPR.repr(v)
 
 
 # ------------------------------------------------------------------ tokens
@@ -133,7 +143,7 @@ class Statistic(Token):
 
 def check_item(v: Any) -> Any:
     if isinstance(v, (Token, Storage, Pending)) and type(v) is not Statistic:
-        raise Refused(f'{v!r} used as a value')
+        raise Refused(f'{short(v)} used as a value')
     return v
 
 
@@ -193,7 +203,7 @@ def _size(dims: Any) -> torch.Size:
 def _device(name: Any, index: Any = None) -> torch.device:
     if type(name) is not str or not re.fullmatch(r'[a-z]{1,16}(:\d{1,4})?',
                                                  name) or index is not None:
-        raise Refused(f'torch.device({name!r}): not a device name')
+        raise Refused(f'torch.device({short(name)}): not a device name')
     return torch.device(name)
 
 
@@ -295,27 +305,29 @@ def _np_reconstruct(subtype: Any, shape: Any, typecode: Any) -> Pending:
 
 def _np_dtype_new(code: Any, align: Any = False, copy: Any = True) -> Pending:
     if type(code) is not str or code not in _NP_CODES:
-        raise Refused(f'numpy.dtype({code!r}): only plain numeric dtypes',
+        raise Refused(f'numpy.dtype({short(code)}): only plain numeric dtypes',
                       True)
     if align is not False or type(copy) is not bool:
-        raise Refused(f'numpy.dtype({code!r}, {align!r}, {copy!r}): only '
-                      'numpy\'s own (code, False, True) arguments')
+        raise Refused(f'numpy.dtype({short(code)}, {short(align)}, '
+                      f'{short(copy)}): only numpy\'s own (code, False, '
+                      'True) arguments')
 
     def build(state: Any) -> np.dtype:
         if type(state) is not tuple or len(state) != 8 or any(
                 type(x) not in (int, str, type(None)) for x in state):
-            raise Refused(f'numpy dtype {code!r}: state must be numpy\'s '
+            raise Refused(f'numpy dtype {short(code)}: state must be numpy\'s '
                           '8-tuple')
         if state[1] not in ('<', '>', '|', '='):
-            raise Refused(f'numpy dtype {code!r}: byte order {state[1]!r}')
+            raise Refused(f'numpy dtype {short(code)}: byte order '
+                          f'{short(state[1])}')
         dt = np.dtype(code)
         if state[1] in ('<', '>'):
             dt = dt.newbyteorder(state[1])
         expected = dt.__reduce__()[2]
         # Only the byte order may vary from the plain dtype's state.
         if state[0] != expected[0] or state[2:] != expected[2:]:
-            raise Refused(f'numpy dtype {code!r}: state {state!r} is not '
-                          'that of a plain dtype')
+            raise Refused(f'numpy dtype {short(code)}: state {short(state)} '
+                          'is not that of a plain dtype')
         return dt
 
     return Pending('numpy dtype', build)
@@ -340,8 +352,8 @@ def _history_statistic(obj: Any, name: Any) -> 'Statistic':
     """``getattr(HistoryBuffer, 'min' | 'max' | 'current' | 'mean')``, how
     mmengine pickles its statistics methods."""
     if obj is not HISTORY or name not in _STATISTICS:
-        raise Refused(f'getattr({obj!r}, {name!r}): only HistoryBuffer '
-                      'statistics are allowed', True)
+        raise Refused(f'getattr({short(obj)}, {short(name)}): only '
+                      'HistoryBuffer statistics are allowed', True)
     return Statistic(f'HistoryBuffer.{name}')
 
 

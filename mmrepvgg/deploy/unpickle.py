@@ -45,7 +45,7 @@ from mmrepvgg.deploy.pickle_types import (HISTORY, VIEW_SLACK_BYTES,
                                           Pending, Refused, Storage,
                                           StorageType, Token, allowed_globals,
                                           build_ordered_dict, check_item,
-                                          check_key, int_in_range)
+                                          check_key, int_in_range, short)
 
 #: Nesting depth of containers in a loaded checkpoint.
 MAX_DEPTH = 100
@@ -255,7 +255,8 @@ def _check_graph(root: Any) -> None:
         children = _children(obj)
         if children is None:
             if not isinstance(obj, _LEAVES) and type(obj) is not HistoryBuffer:
-                raise Refused(f'unexpected object {obj!r} in the checkpoint')
+                raise Refused(f'unexpected object {short(obj)} in the '
+                              'checkpoint')
             continue
         oid = id(obj)
         if expanded:

@@ -103,7 +103,12 @@ def run_tool(main, exit_on_ctrl_c: bool = True) -> None:
             handles Ctrl-C itself passes False).
     """
     silence_warnings()
-    if not exit_on_ctrl_c:
+    if not exit_on_ctrl_c or process_rank():
+        # Other ranks of a torchrun leave at Python's pace: when one of them
+        # ends first, torchrun stops the rest, and rank 0 may not yet have
+        # printed the refusal that only it reports.
+        if exit_on_ctrl_c:
+            exit_on_interrupt()
         sys.exit(main())
     exit_on_interrupt()
     try:

@@ -204,6 +204,14 @@ def test_a_declared_size_beyond_the_stored_bytes_is_refused(tmp_path):
     _refused(path, 'declares 4026531840 bytes but holds 16')
 
 
+def test_refusals_quote_the_pickle_briefly(tmp_path):
+    """A refusal quotes what it refused: a 32 MB device name made a 32 MB
+    "one line"."""
+    w = PickleWriter().glob('torch', 'device').mark().str('x' * (32 << 20))
+    path = write_checkpoint(tmp_path / 'd.pth', w.tuple().reduce().stop())
+    assert len(_refused(path, 'not a device name')) < 400
+
+
 def test_a_well_formed_tensor_pickle_loads(tmp_path):
     """The same hand-written pickle, within bounds, loads (so the refusals
     above are about the bounds)."""

@@ -207,8 +207,11 @@ def test_sigint_while_importing_exits_130_with_one_line(toy_trained):
 
 class _Teardown:
     def __del__(self):  # runs in Python's module teardown, if ever
-        import os, signal, time
-        os.kill(os.getpid(), signal.SIGINT); time.sleep(5)
+        import os
+        import signal
+        import time
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
 
 
 @pytest.mark.parametrize('phase', ['before', 'during', 'after', 'atexit',
