@@ -25,8 +25,7 @@ import sys
 
 
 def parse_args(argv=None):
-    from mmrepvgg.utils.cli import (CfgOptionsAction, ToolArgumentParser,
-                                    add_cli_args)
+    from mmrepvgg.utils.cli import ToolArgumentParser, add_cli_args
     p = ToolArgumentParser(
         description='Fuse every RepVGG block of a trained detector and write '
         'a deploy checkpoint plus its config.')
@@ -35,8 +34,6 @@ def parse_args(argv=None):
                    help='checkpoint file, folder of *.pth, or glob pattern')
     p.add_argument('output', help='output .pth (or a folder when several '
                    'checkpoints are given)')
-    p.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
-                   help='override settings in the config, key=value')
     p.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
                    help='verification input size (default: the config\'s '
                    'test resize)')
@@ -55,8 +52,13 @@ def parse_args(argv=None):
     p.add_argument('--repeats', type=int, default=5,
                    help='latency repeats per form, interleaved, median '
                    '(0 to skip timing)')
-    add_cli_args(p)
+    add_cli_args(p, cfg_options=True)
     return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from mmrepvgg.utils.cli import tool_main
+    return tool_main(parse_args, run, argv)
 
 
 def _mb(n: int) -> str:
@@ -147,12 +149,6 @@ def run(args) -> int:
             f'converted {len(items) - len(failed)} of {len(items)} '
             f'checkpoints; failed: {", ".join(failed)}')
     return 0
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from mmrepvgg.utils.cli import run_cli
-    return run_cli(lambda: run(args), debug=args.debug)
 
 
 if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py

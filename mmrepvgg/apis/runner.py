@@ -18,7 +18,7 @@ from mmengine.config import Config
 from mmrepvgg.apis.convert import (build_model, key_mismatch, load_config,
                                    read_state_dict)
 from mmrepvgg.utils import allow_cpu_distributed, cpu_model_wrapper_cfg
-from mmrepvgg.utils.cli import (CfgOptionsAction, ToolError, add_cli_args,
+from mmrepvgg.utils.cli import (ToolError, add_cli_args,
                                 error_message, merge_cfg_options, run_cli)
 from mmrepvgg.utils.quiet import process_rank
 
@@ -28,10 +28,7 @@ def add_runner_args(parser: argparse.ArgumentParser) -> None:
     ``--unsafe-load`` and ``--debug``)."""
     parser.add_argument('--work-dir',
                         help='the dir to save logs, models and metrics')
-    add_cli_args(parser)
-    parser.add_argument(
-        '--cfg-options', nargs='+', action=CfgOptionsAction,
-        help='override settings in the config, key=value (see mmdet)')
+    add_cli_args(parser, cfg_options=True)
     parser.add_argument('--launcher',
                         choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')

@@ -114,6 +114,13 @@ def run_cli(body: Callable[[], int],
         torch.set_num_threads(threads)
 
 
+def tool_main(parse_args: Callable, run: Callable, argv=None) -> int:
+    """A tool's ``main(argv)``: ``run(parse_args(argv))`` under
+    :func:`run_cli`, with the tool's ``--debug``."""
+    args = parse_args(argv)
+    return run_cli(lambda: run(args), debug=args.debug)
+
+
 class ToolArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one line,
     ``error: <what>`` (exit 2), like every other refusal of the tools;
@@ -179,8 +186,16 @@ UNSAFE_LOAD_HELP = ('unpickle checkpoints with weights_only=False: ONLY for '
                     'files you trust (a malicious checkpoint can run code)')
 
 
-def add_cli_args(parser, unsafe_load: bool = True):
-    """The ``--unsafe-load`` and ``--debug`` flags every tool shares."""
+def add_cli_args(parser, unsafe_load: bool = True,
+                 cfg_options: bool = False):
+    """The ``--unsafe-load`` and ``--debug`` flags every tool shares, and
+    ``--cfg-options`` (:class:`CfgOptionsAction`) for tools that read a
+    config."""
+    if cfg_options:
+        parser.add_argument('--cfg-options', nargs='+',
+                            action=CfgOptionsAction,
+                            help='override settings in the config, '
+                            'key=value (see mmdet)')
     if unsafe_load:
         parser.add_argument('--unsafe-load', action='store_true',
                             help=UNSAFE_LOAD_HELP)

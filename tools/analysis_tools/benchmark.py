@@ -112,7 +112,15 @@ def parse_args(argv=None):
                    help='where benchmark.md/.png/.json go; default '
                    'work_dirs/benchmark')
     add_cli_args(p, unsafe_load=False)
-    return p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    args.argv = argv  # for the report's command line
+    return args
+
+
+def main(argv=None) -> int:
+    from mmrepvgg.utils.cli import tool_main
+    return tool_main(parse_args, run, argv)
 
 
 def default_forms(log=print):
@@ -127,7 +135,7 @@ def default_forms(log=print):
     return list(DEFAULT_FORMS) + list(ORT_FORMS)
 
 
-def run(args, argv) -> int:
+def run(args) -> int:
     import torch
 
     import mmrepvgg  # noqa: F401  (registers the modules)
@@ -165,7 +173,7 @@ def run(args, argv) -> int:
                                       args.warmup)
 
     command = 'python tools/analysis_tools/benchmark.py ' + ' '.join(
-        shlex.quote(a) for a in argv)
+        shlex.quote(a) for a in args.argv)
     settings = {
         'device': args.device, 'forms': ' '.join(forms),
         'channels_last': str(args.channels_last),
@@ -227,13 +235,6 @@ def _detector_section(d: dict, detector) -> str:
     lines += [f'- skipped: {k} ({v})' for k, v in d['skipped'].items()]
     lines += [f'- {t}' for t in d['targets']]
     return '\n'.join(lines) + '\n'
-
-
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    from mmrepvgg.utils.cli import run_cli
-    return run_cli(lambda: run(args, argv), debug=args.debug)
 
 
 if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py

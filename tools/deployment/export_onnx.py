@@ -41,8 +41,7 @@ DEFAULT_OPSET = 17
 
 
 def parse_args(argv=None):
-    from mmrepvgg.utils.cli import (CfgOptionsAction, ToolArgumentParser,
-                                    add_cli_args)
+    from mmrepvgg.utils.cli import ToolArgumentParser, add_cli_args
     p = ToolArgumentParser(
         description='Export a RepVGG model in deploy form to ONNX, verified '
         'with onnxruntime.')
@@ -105,10 +104,13 @@ def parse_args(argv=None):
                    help='what runs the graph in verification and --bench: '
                    'onnxruntime (default) or OpenVINO (float32, pip install '
                    '-e .[openvino])')
-    p.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
-                   help='override settings in the config, key=value')
-    add_cli_args(p)
+    add_cli_args(p, cfg_options=True)
     return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from mmrepvgg.utils.cli import tool_main
+    return tool_main(parse_args, run, argv)
 
 
 def print_report(r) -> None:
@@ -197,12 +199,6 @@ def run(args) -> int:
     print_report(export_onnx(cfg, args.config, args.checkpoint, args.output,
                              opts))
     return 0
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from mmrepvgg.utils.cli import run_cli
-    return run_cli(lambda: run(args), debug=args.debug)
 
 
 if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py

@@ -44,8 +44,7 @@ def parse_args(argv=None):
                                           DEFAULT_MIN_SQNR,
                                           DEFAULT_VERIFY_IMAGES,
                                           QUANT_FORMATS, QUANT_TYPES)
-    from mmrepvgg.utils.cli import (CfgOptionsAction, ToolArgumentParser,
-                                    add_cli_args)
+    from mmrepvgg.utils.cli import ToolArgumentParser, add_cli_args
     p = ToolArgumentParser(
         description='Post-training static INT8 quantization of a fused '
         'RepVGG detector or backbone (onnxruntime), calibrated on real '
@@ -132,10 +131,13 @@ def parse_args(argv=None):
                    help='also write the FP32 graph the INT8 one comes from')
     p.add_argument('--threads', type=int,
                    help='onnxruntime (and PyTorch) threads')
-    p.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
-                   help='override settings in the config, key=value')
-    add_cli_args(p)
+    add_cli_args(p, cfg_options=True)
     return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from mmrepvgg.utils.cli import tool_main
+    return tool_main(parse_args, run, argv)
 
 
 def _db(v: float) -> str:
@@ -302,12 +304,6 @@ def run(args) -> int:
     if args.layers_json:
         print(f'wrote {args.layers_json}')
     return 0
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from mmrepvgg.utils.cli import run_cli
-    return run_cli(lambda: run(args), debug=args.debug)
 
 
 if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py

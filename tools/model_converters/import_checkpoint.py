@@ -49,6 +49,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def main(argv=None) -> int:
+    from mmrepvgg.utils.cli import tool_main
+    return tool_main(parse_args, run, argv)
+
+
 #: Largest number of blocks per stage accepted in an --arch dict (the
 #: published archs have at most 24; a typo must not build for minutes).
 MAX_STAGE_BLOCKS = 64
@@ -139,12 +144,6 @@ def print_report(args, info: dict) -> None:
         print(f"  use with      : backbone=dict(type='RepVGG', "
               f'arch={arch_repr}{deploy}, init_cfg=dict(type=\'Pretrained\','
               f' checkpoint={args.out!r}))')
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from mmrepvgg.utils.cli import run_cli
-    return run_cli(lambda: run(args), debug=args.debug)
 
 
 if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py
