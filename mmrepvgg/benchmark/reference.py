@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 
 from mmrepvgg.deploy import switch_to_deploy
-from mmrepvgg.deploy.verify import describe, flatten_outputs, judge_fp32
-from mmrepvgg.testing import float64_outputs, randomize_, relative_error
+from mmrepvgg.deploy.verify import describe, judge_fp32
+from mmrepvgg.export.verify import TruthAndReference
+from mmrepvgg.testing import randomize_, relative_error
 from .options import BenchmarkError
 
 Outputs = Mapping[str, torch.Tensor]
@@ -175,22 +176,15 @@ def float32_noise(training: nn.Module,
     The float32 reference of each output is the training form's in the
     memory layout (contiguous or channels_last) that is further from the
     truth there: oneDNN's NHWC kernels, which ``torch.compile`` (Inductor)
-    and OpenVINO use, round differently from its NCHW ones (on A0 at
-    224x224 the deploy form in channels_last is 4.1x the NCHW noise, the
-    training form itself 2.7x), and both are this network's float32 noise on
-    this CPU.
+    and OpenVINO use, round differently from its NCHW ones, and both are
+    this network's float32 noise on this CPU (``docs/exactness.md``).
 
     Args:
         training (nn.Module): the float32 training form.
         x (torch.Tensor): a float32 input.
     """
-    from mmrepvgg.export.verify import as_channels_last, noisier
-    truth = {k: v.cpu() for k, v in flatten_outputs(
-        float64_outputs(training, x)).items()}
-    nhwc = copy.deepcopy(training).to(memory_format=torch.channels_last)
-    layouts = [{k: v.cpu() for k, v in flatten_outputs(m(xi)).items()}
-               for m, xi in ((training, x), (nhwc, as_channels_last(x)))]
-    return truth, noisier(truth, *layouts)
+    return tuple({k: v.cpu() for k, v in d.items()}
+                 for d in TruthAndReference(training).named(x))
 
 
 def judge_form(label: str, form: str, truth: Outputs, reference: Outputs,

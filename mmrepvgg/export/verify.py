@@ -126,9 +126,8 @@ class TruthAndReference:
     channels_last, that is further from the truth there
     (:func:`noisier`): oneDNN's NHWC kernels, which OpenVINO and
     ``torch.compile`` use, round differently from its NCHW ones, and both
-    are this network's float32 noise on this CPU (A0 backbone at 224x224:
-    OpenVINO's error was 4.05x the NCHW noise alone, 2.9x and less against
-    both).
+    are this network's float32 noise on this CPU (measured:
+    ``docs/exactness.md``).
 
     Args:
         module (nn.Module): the float32 PyTorch model (eval mode).
@@ -142,12 +141,18 @@ class TruthAndReference:
             memory_format=torch.channels_last).eval()
 
     @torch.no_grad()
-    def __call__(self, *inputs: torch.Tensor
-                 ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def named(self, *inputs: torch.Tensor
+              ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """``(truth, reference)`` by output name (``output.0`` ...)."""
         truth = flatten_outputs(self.twin(*(x.double() for x in inputs)))
         ref = noisier(truth, flatten_outputs(self.module(*inputs)),
                       flatten_outputs(self.nhwc(*map(as_channels_last,
                                                      inputs))))
+        return truth, ref
+
+    def __call__(self, *inputs: torch.Tensor
+                 ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        truth, ref = self.named(*inputs)
         return list(truth.values()), list(ref.values())
 
 

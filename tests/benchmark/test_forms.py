@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from mmrepvgg import benchmark as bm
 from mmrepvgg.deploy.switch import count_params
+from mmrepvgg.deploy.verify import flatten_outputs
 from mmrepvgg.testing import relative_error
 
 TINY = dict(num_blocks=(1, 2, 1, 1), width_factor=(0.25, 0.25, 0.25, 0.25))
@@ -41,7 +42,7 @@ def test_reference_equals_deploy(arch):
     truth, noise_ref = bm.reference.float32_noise(forms['training'], x)
     for name in ('deploy', 'reference'):
         with torch.inference_mode():
-            cand = bm.reference.flatten_outputs(forms[name](x))
+            cand = flatten_outputs(forms[name](x))
         v = bm.reference.judge_form('tiny', name, truth, noise_ref, cand)
         assert v['passed'] and v['num_outputs'] == 4
 
@@ -53,7 +54,7 @@ def test_equivalence_failure_names_both_errors():
         forms['deploy'].stage_2[0].conv_reparam.bias.add_(0.05)
     truth, ref = bm.reference.float32_noise(forms['training'], x)
     with torch.inference_mode():
-        cand = bm.reference.flatten_outputs(forms['deploy'](x))
+        cand = flatten_outputs(forms['deploy'](x))
     with pytest.raises(bm.BenchmarkError) as e:
         bm.reference.judge_form('tiny 32x32', 'deploy', truth, ref, cand)
     msg = str(e.value)
