@@ -22,7 +22,7 @@ from .reference import (PlainReference, PlainSE, build_forms,
                         build_reference, plain_block)
 from .report import (check_targets, columns, environment, format_accuracy,
                      format_markdown, format_table, plot, report_paths,
-                     summary_title, write_report)
+                     write_report)
 from .run import (RATIO_PAIRS, BenchOptions, bench_row, make_input,
                   run_benchmark)
 
@@ -35,5 +35,5 @@ __all__ = [
     'make_input', 'parse_arch',
     'parse_forms', 'parse_size', 'peak_activation_bytes',
     'peak_from_memory_events', 'plain_block', 'plot', 'report_paths',
-    'run_benchmark', 'summary_title', 'write_report'
+    'run_benchmark', 'write_report'
 ]

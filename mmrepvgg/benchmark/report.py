@@ -414,12 +414,3 @@ def write_report(rows: Sequence[dict], out_dir: str, markdown: str,
     atomic_write_all([(paths[ext], lambda t, d=data: Path(t).write_bytes(d))
                       for ext, data in contents.items()])
     return paths
-
-
-def summary_title(device: str, channels_last: bool, compile: bool) -> str:
-    parts = [device]
-    if channels_last:
-        parts.append('channels_last')
-    if compile:
-        parts.append('torch.compile')
-    return 'RepVGG backbone latency (' + ', '.join(parts) + ')'

@@ -91,8 +91,6 @@ class BenchOptions:
         settle (int): untimed calls of a form before each timed call.
         order (str): ``balanced`` or ``random`` order of forms per round.
         device (str): ``cpu`` or ``cuda[:N]``.
-        channels_last (bool): PyTorch models and inputs in channels_last.
-        compile (bool): ``torch.compile`` the PyTorch forms.
         ort_spinning (bool): onnxruntime threads busy-wait between runs.
         tolerance (float): a round slower than the median round by more
             than this fraction is disturbed.
@@ -103,8 +101,6 @@ class BenchOptions:
     settle: int = 1
     order: str = 'balanced'
     device: str = 'cpu'
-    channels_last: bool = False
-    compile: bool = False
     ort_spinning: bool = False
     tolerance: float = ROUND_TOLERANCE
 
@@ -133,13 +129,10 @@ def ratio_name(a: str, b: str) -> str:
 
 
 def make_input(batch: int, hw: Tuple[int, int], device: torch.device,
-               channels_last: bool = False) -> torch.Tensor:
+               ) -> torch.Tensor:
     """A seeded standard-normal float32 ``batch x 3 x H x W`` input."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, *hw, generator=g).to(device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    return torch.randn(batch, 3, *hw, generator=g).to(device)
 
 
 def run_benchmark(archs: Sequence[Tuple[str, Union[str, dict]]],
@@ -182,10 +175,6 @@ def run_benchmark(archs: Sequence[Tuple[str, Union[str, dict]]],
     if not opts.forms:
         raise BenchmarkError('--forms: every form asked for is skipped on '
                              'this machine')
-    if opts.compile and opts.warmup < 1:
-        log('note: --compile: warmup raised to 1 (compilation happens on '
-            'the first call)')
-        opts.warmup = 1
     rows = []
     cudnn_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = dev.type == 'cuda'
@@ -205,9 +194,7 @@ def _bench_arch(label: str, arch, sizes, batch_sizes, opts: BenchOptions,
     from .onnx_forms import OnnxForms, describe_ops, ort_threads
     base = {}
     for k, m in build_forms(arch).items():
-        m = m.to(device=dev)
-        base[k] = (m.to(memory_format=torch.channels_last)
-                   if opts.channels_last else m).eval()
+        base[k] = m.to(device=dev).eval()
     params = {k: count_params(m) for k, m in base.items()}
     if params['deploy'] != params['reference']:
         raise BenchmarkError(f'{label}: reference has {params["reference"]} '
@@ -225,8 +212,7 @@ def _bench_arch(label: str, arch, sizes, batch_sizes, opts: BenchOptions,
             for line in describe_ops(info):
                 log(line)
     try:
-        calls = {k: (torch.compile(m, dynamic=False) if opts.compile else m)
-                 for k, m in models.items()}
+        calls = dict(models)
         if 'compile' in opts.forms:
             calls['compile'] = Compiled(copy.deepcopy(base['deploy']))
         accuracy = {hw: _check(f'{label} {hw[0]}x{hw[1]}', hw,
@@ -282,7 +268,7 @@ def _check(name: str, hw, training: nn.Module, models, ort,
            opts: BenchOptions, dev, log) -> dict:
     """Float32-noise verdicts of the float32 forms and the error of the
     lossy ones, at batch 1; returns ``form -> accuracy dict``."""
-    x = make_input(1, hw, dev, opts.channels_last)
+    x = make_input(1, hw, dev)
     truth, ref = float32_noise(training, x)
     out: Dict[str, dict] = {}
     with torch.inference_mode():
@@ -318,7 +304,7 @@ def bench_row(calls: Dict[str, nn.Module], ort, batch: int,
               dev: torch.device) -> dict:
     """Latency, throughput, ratios and peak memory of the forms on one
     input (see :func:`run_benchmark`)."""
-    x = make_input(batch, hw, dev, opts.channels_last)
+    x = make_input(batch, hw, dev)
     fns, torch_inputs = _inputs(calls, ort, opts, x)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' \
         else None

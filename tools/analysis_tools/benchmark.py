@@ -87,11 +87,6 @@ def parse_args(argv=None):
                    help='a round whose total exceeds the median round by '
                    'more than this fraction is disturbed; default 0.15')
     p.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
-    p.add_argument('--channels-last', action='store_true',
-                   help='PyTorch models and inputs in channels_last')
-    p.add_argument('--compile', action='store_true',
-                   help='torch.compile every PyTorch form (dynamic=False); '
-                   'compilation happens in the warm-up')
     p.add_argument('--ort-spinning', action='store_true',
                    help='let onnxruntime threads busy-wait between runs '
                    '(faster alone, but steals the cores of the PyTorch '
@@ -176,8 +171,6 @@ def run(args) -> int:
         shlex.quote(a) for a in args.argv)
     settings = {
         'device': args.device, 'forms': ' '.join(forms),
-        'channels_last': str(args.channels_last),
-        'torch.compile': str(args.compile),
         'repeats (timed rounds)': str(args.repeats),
         'warmup rounds': str(args.warmup),
         'settle calls': str(args.settle), 'order': args.order,
@@ -191,8 +184,8 @@ def run(args) -> int:
     markdown = bm.format_markdown(rows, command, settings, env, targets)
     if detector is not None:
         markdown += _detector_section(detector, args.detector)
-    title = bm.summary_title(args.device, args.channels_last, args.compile)
-    paths = bm.write_report(rows, args.out_dir, markdown, title)
+    paths = bm.write_report(rows, args.out_dir, markdown,
+                            f'RepVGG backbone latency ({args.device})')
     print()
     print(bm.format_table(rows))
     print()
