@@ -231,29 +231,3 @@ def test_explicit_resume_of_a_bad_file_is_one_line(toy_trained, tmp_path,
         assert len(lines) == 1 and lines[0].startswith('error: --resume: ')
         assert str(path) in lines[0] and expect in lines[0], lines
     assert not (tmp_path / 'w').exists()  # refused before the runner
-
-
-def test_train_uses_atomic_hook_for_plain_checkpoint_hooks():
-    from mmengine.config import Config
-
-    from mmrepvgg.apis.runner import use_atomic_checkpoints
-    cfg = Config(dict(
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook',
-                                           interval=2)),
-        custom_hooks=[dict(type='CheckpointHook', by_epoch=False),
-                      dict(type='EMAHook')]))
-    assert use_atomic_checkpoints(cfg) == 2
-    assert cfg.default_hooks.checkpoint.type == 'AtomicCheckpointHook'
-    assert cfg.default_hooks.checkpoint.interval == 2
-    assert [h['type'] for h in cfg.custom_hooks] == [
-        'AtomicCheckpointHook', 'EMAHook']
-
-
-def test_atomic_hook_is_registered_for_any_scope():
-    import mmrepvgg  # noqa: F401
-    from mmdet.registry import HOOKS as MMDET_HOOKS
-    from mmengine.registry import HOOKS
-
-    from mmrepvgg.engine import AtomicCheckpointHook
-    assert HOOKS.get('AtomicCheckpointHook') is AtomicCheckpointHook
-    assert MMDET_HOOKS.get('AtomicCheckpointHook') is AtomicCheckpointHook
