@@ -96,8 +96,9 @@ def evaluate_seed(label, config, seed_dir):
     onnx = osp.join(out, 'end2end.onnx')
     int8 = osp.join(out, 'end2end_int8.onnx')
     export_onnx(load_config(dcfg), dcfg, dckpt, onnx, mode='end2end',
-                verify_images=8)
-    quantize_checkpoint(load_config(dcfg), dcfg, dckpt, int8)
+                img_shape_input=True, verify_images=8)  # as the demo
+    quantize_checkpoint(load_config(dcfg), dcfg, dckpt, int8,
+                        img_shape_input=True)
     r['onnx'], r['int8'] = onnx, int8
     r['onnx_val'] = tools_test(config, onnx, osp.join(out, 'test_onnx'))
     r['int8_val'] = tools_test(config, int8, osp.join(out, 'test_int8'))

@@ -11,7 +11,9 @@ test both forms -> ONNX -> INT8 -> speed.
 4. tests the training form and the deploy form with tools/test.py on the
    spatial hold-out (tiles never overlapping the training tiles),
 5. exports the deploy model end to end, post-processing in the graph (what
-   tools/deployment/export_onnx.py --postprocess runs) and tests the ONNX
+   tools/deployment/export_onnx.py --postprocess --img-shape-input runs:
+   boxes clipped to each tile's own shape, as mmdet does, so the 400 px tiles
+   padded to 416 give mmdet's detections) and tests the ONNX
    file with tools/test.py (onnxruntime in mmdet's test loop),
 6. quantizes it to INT8 (what tools/deployment/quantize.py runs, calibrated on
    training tiles), tests the INT8 file the same way and draws ground truth,
@@ -197,9 +199,10 @@ def main(argv=None) -> int:
     exp = run_step(
         '5/7 export the deploy model end to end to ONNX',
         ['tools/deployment/export_onnx.py', deploy_cfg, deploy_ckpt, onnx_file,
-         '--postprocess', '--verify-images', '8'],
+         '--postprocess', '--img-shape-input', '--verify-images', '8'],
         lambda: export_onnx(load_config(deploy_cfg), deploy_cfg, deploy_ckpt,
-                            onnx_file, mode='end2end', verify_images=8))
+                            onnx_file, mode='end2end', img_shape_input=True,
+                            verify_images=8))
     print(f'    verified on {", ".join(exp.batches)}: '
           f'{exp.predict_check["matched"]} of '
           f'{exp.predict_check["reference_detections"]} detections of '
@@ -210,9 +213,11 @@ def main(argv=None) -> int:
     q = run_step(
         '6/7 quantize the end-to-end graph to INT8 (calibrated on 64 '
         'training tiles)',
-        ['tools/deployment/quantize.py', deploy_cfg, deploy_ckpt, int8_file],
+        ['tools/deployment/quantize.py', deploy_cfg, deploy_ckpt, int8_file,
+         '--img-shape-input'],
         lambda: quantize_checkpoint(load_config(deploy_cfg), deploy_cfg,
-                                    deploy_ckpt, int8_file))
+                                    deploy_ckpt, int8_file,
+                                    img_shape_input=True))
     convs = q['ops_fp32'].get('Conv', 0)
     print(f'    {q["runtime_ops"].get("QLinearConv", 0)} of {convs} convs '
           'run as QLinearConv')
