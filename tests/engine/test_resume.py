@@ -128,3 +128,53 @@ def test_atomic_hook_never_deletes_a_later_step(tmp_path):
         hook._save_checkpoint_with_step(runner, 3, {})
     assert sorted(p.name for p in tmp_path.glob('epoch_*.pth')) == [
         'epoch_2.pth', 'epoch_3.pth', 'epoch_9.pth']
+
+
+def _damaged_newest(wd, kind):
+    """epoch_1 and epoch_2 good, epoch_3 (newest, named by last_checkpoint)
+    damaged as ``kind``."""
+    _ckpt(wd / 'epoch_1.pth', 1, mtime=1e9 + 1)
+    _ckpt(wd / 'epoch_2.pth', 2, mtime=1e9 + 2)
+    (wd / 'last_checkpoint').write_text(str(wd / 'epoch_3.pth'))
+    if kind == 'missing':
+        return
+    data = (wd / 'epoch_2.pth').read_bytes()
+    if kind == 'truncated':
+        data = data[:len(data) // 2]
+    elif kind == 'empty':
+        data = b''
+    elif kind == 'flipped':  # same size, bytes changed inside
+        mid = len(data) // 2
+        data = data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 64]) + \
+            data[mid + 64:]
+    (wd / 'epoch_3.pth').write_bytes(data)
+
+
+@pytest.mark.parametrize('kind', ['truncated', 'empty', 'flipped', 'missing'])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_good(
+        tmp_path, kind):
+    _damaged_newest(tmp_path, kind)
+    found, warnings = _find(tmp_path)
+    assert found == str(tmp_path / 'epoch_2.pth')
+    assert len(warnings) == 1, warnings
+    if kind == 'missing':
+        assert 'does not exist' in warnings[0]
+    else:
+        assert 'skipping unreadable checkpoint' in warnings[0]
+        assert str(tmp_path / 'epoch_3.pth') in warnings[0]
+
+
+def test_more_progress_wins_over_a_stale_last_checkpoint(tmp_path):
+    """Killed after the new checkpoint was renamed into place but before
+    last_checkpoint was updated: the file recording more progress wins."""
+    _ckpt(tmp_path / 'epoch_1.pth', 1)
+    _ckpt(tmp_path / 'epoch_2.pth', 2)
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'epoch_1.pth'))
+    assert _find(tmp_path)[0] == str(tmp_path / 'epoch_2.pth')
+
+
+def test_nothing_readable_is_none(tmp_path):
+    (tmp_path / 'epoch_1.pth').write_bytes(b'\0' * 100)
+    found, warnings = _find(tmp_path)
+    assert found is None and len(warnings) == 1
+    assert find_resume_checkpoint(str(tmp_path / 'absent')) is None

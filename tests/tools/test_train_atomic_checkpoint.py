@@ -159,48 +159,6 @@ def _make_latest(wd, kind, good):
         os.utime(latest, (1e9 + 3, 1e9 + 3))
 
 
-@pytest.mark.parametrize('kind', ['truncated', 'empty', 'flipped', 'missing'])
-def test_find_resume_checkpoint_falls_back_to_newest_good(
-        three_checkpoints, toy_trained, kind):
-    from mmrepvgg.engine import find_resume_checkpoint
-    wd = three_checkpoints
-    _make_latest(wd, kind, toy_trained['ckpt'])
-    warnings = []
-    found = find_resume_checkpoint(str(wd), warn=warnings.append)
-    assert found == str(wd / 'epoch_2.pth')
-    assert len(warnings) == 1, warnings
-    if kind == 'missing':
-        assert 'does not exist' in warnings[0]
-    else:
-        assert 'skipping unreadable checkpoint' in warnings[0]
-        assert str(wd / 'epoch_3.pth') in warnings[0]
-
-
-def test_find_resume_checkpoint_prefers_newer_than_last_checkpoint(
-        three_checkpoints):
-    """Killed after the new checkpoint was renamed into place but before
-    last_checkpoint was updated: the file recording more progress wins."""
-    import torch
-
-    from mmrepvgg.deploy import load_checkpoint
-    from mmrepvgg.engine import find_resume_checkpoint
-    wd = three_checkpoints
-    ckpt = load_checkpoint(str(wd / 'epoch_2.pth'))
-    ckpt['meta']['iter'] += 1
-    torch.save(ckpt, wd / 'epoch_2.pth')
-    (wd / 'last_checkpoint').write_text(str(wd / 'epoch_1.pth'))
-    assert find_resume_checkpoint(str(wd)) == str(wd / 'epoch_2.pth')
-
-
-def test_find_resume_checkpoint_none_when_nothing_readable(tmp_path):
-    from mmrepvgg.engine import find_resume_checkpoint
-    (tmp_path / 'epoch_1.pth').write_bytes(b'\0' * 100)
-    warnings = []
-    assert find_resume_checkpoint(str(tmp_path), warn=warnings.append) is None
-    assert len(warnings) == 1
-    assert find_resume_checkpoint(str(tmp_path / 'absent')) is None
-
-
 def test_resume_skips_a_truncated_latest_checkpoint(toy_trained,
                                                     three_checkpoints):
     """A real --resume: epoch_3.pth truncated, last_checkpoint naming it:
