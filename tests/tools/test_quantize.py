@@ -171,21 +171,6 @@ def test_tool_bad_inputs_one_line_no_file(case, toy_workspace,
         assert not osp.exists(out)
 
 
-def test_layers_against_bad_spec(toy_workspace, random_toy_ckpt, tmp_path,
-                                 capsys, monkeypatch):
-    monkeypatch.chdir(toy_workspace)
-    bad = tmp_path / 'bad.json'
-    bad.write_text('{"a": 1}')
-    for spec, expect in ((f'{bad}', 'expected LABEL=PATH.json'),
-                         (f'X={bad}', 'not a --layers-json file'),
-                         (f'X={tmp_path / "none.json"}', 'cannot read it')):
-        code, _, err = _run([TOY_CONFIG, random_toy_ckpt,
-                             tmp_path / 'o.onnx', '--backbone-only',
-                             '--layers-against', spec], capsys)
-        assert code == 1 and expect in err and err.count('\n') == 1
-        assert not (tmp_path / 'o.onnx').exists()
-
-
 @pytest.fixture
 def hostile_ws(toy_workspace, random_toy_ckpt, tmp_path, monkeypatch):
     """A private copy of the toy data (cwd), a config and a checkpoint in
@@ -197,11 +182,9 @@ def hostile_ws(toy_workspace, random_toy_ckpt, tmp_path, monkeypatch):
     config.write_text(f"_base_ = '{TOY_CONFIG}'\n")
     ckpt = ws / 'ckpt.onnx'  # a checkpoint may have any name
     shutil.copyfile(random_toy_ckpt, ckpt)
-    against = ws / 'against.json'
-    against.write_text(json.dumps([{'layer': 'stem', 'sqnr_db': 30.0}]))
     (ws / 'rows.json').mkdir()
     monkeypatch.chdir(ws)
-    return dict(ws=ws, config=config, ckpt=ckpt, against=against,
+    return dict(ws=ws, config=config, ckpt=ckpt,
                 ann=ws / 'data' / 'toy' / 'annotations' / 'train.json')
 
 
@@ -211,7 +194,6 @@ def hostile_ws(toy_workspace, random_toy_ckpt, tmp_path, monkeypatch):
     ('layers_json_out', '--layers-json'),
     ('save_fp32_ckpt', 'refusing to overwrite the CHECKPOINT'),
     ('layers_json_annotations', 'refusing to overwrite the train annotation'),
-    ('layers_json_against', 'refusing to overwrite the --layers-against'),
     ('layers_json_dir', 'is a folder'),
     ('out_is_config_link', 'refusing to overwrite the CONFIG'),
 ])
@@ -229,16 +211,13 @@ def test_outputs_never_overwrite_inputs(case, expect, hostile_ws, capsys):
         layers_json_out=['--layers-json', out],
         save_fp32_ckpt=['--save-fp32', hostile_ws['ckpt']],
         layers_json_annotations=['--layers-json', hostile_ws['ann']],
-        layers_json_against=['--layers-json', hostile_ws['against'],
-                             '--layers-against',
-                             f'A={hostile_ws["against"]}'],
         layers_json_dir=['--layers-json', ws / 'rows.json'],
         out_is_config_link=[])[case]
     if case == 'out_is_config_link':
         out = ws / 'link.onnx'
         os.link(hostile_ws['config'], out)
         argv[2] = out
-    files = [hostile_ws[k] for k in ('config', 'ckpt', 'against', 'ann')]
+    files = [hostile_ws[k] for k in ('config', 'ckpt', 'ann')]
     before = [f.read_bytes() for f in files]
     code, _, err = _run(argv + extra, capsys)
     assert code == 1, err
@@ -247,29 +226,6 @@ def test_outputs_never_overwrite_inputs(case, expect, hostile_ws, capsys):
     assert [f.read_bytes() for f in files] == before
     assert not (ws / 'out').exists()
     assert (ws / 'rows.json').is_dir()
-
-
-@pytest.mark.parametrize('rows', [
-    [{'layer': 1}],
-    [{'layer': 'stem', 'sqnr_db': 'high'}],
-    [{'layer': 'stem', 'w_peak_over_mean': [1]}],
-    [['stem']],
-])
-def test_tampered_layers_against_is_refused_before_writing(
-        rows, toy_workspace, random_toy_ckpt, tmp_path, capsys, monkeypatch):
-    """Rows that printed fine before the run but broke the table after
-    OUTPUT was written (exit 1 with the file already there)."""
-    monkeypatch.chdir(toy_workspace)
-    bad = tmp_path / 'bad.json'
-    bad.write_text(json.dumps(rows))
-    out = tmp_path / 'o.onnx'
-    code, _, err = _run([TOY_CONFIG, random_toy_ckpt, out, '--backbone-only',
-                         '--calib-images', '2', '--verify-images', '1',
-                         '--threads', '1', '--layers-against', f'X={bad}'],
-                        capsys)
-    assert code == 1 and err.count('\n') == 1, err
-    assert f'--layers-against {bad}: not a --layers-json file' in err
-    assert not out.exists()
 
 
 @pytest.mark.parametrize('argv, expect', [

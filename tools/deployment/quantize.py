@@ -23,19 +23,15 @@ verified alike); with --max-drop X, NNCF's accuracy control keeps the bbox
 mAP (the config's evaluator on --verify-split, --ac-images images) within X
 of FP32, and the result is measured again before it is written.
 Every output (OUT.onnx, --save-fp32, --layers-json) is checked against every
-input (config, checkpoint, annotation files, --layers-against files) and the
+input (config and its bases, checkpoint, annotation files) and the
 other outputs before any work, and all are written together at the very
 end; any bad input exits 1 with one ``error: ...`` line (2 for a command
 line that does not parse) and writes nothing. Intermediate graphs live in a
 private temporary folder that the next run removes if this one was killed.
 """
 import importlib.util
-import json
-import os
 import os.path as osp
 import runpy
-import stat
-from typing import Optional
 
 
 def parse_args(argv=None):
@@ -116,14 +112,6 @@ def parse_args(argv=None):
     p.add_argument('--layers-json', metavar='PATH.json',
                    help='write the per-layer rows as JSON (implies '
                    '--layers)')
-    p.add_argument('--layers-label', default='INT8',
-                   help='column label of this run in the per-layer table '
-                   '(e.g. RepVGG); default INT8')
-    p.add_argument('--layers-against', nargs='+', default=[],
-                   metavar='LABEL=JSON',
-                   help='show saved --layers-json rows of other runs beside '
-                   'this one (e.g. RepVGG=repvgg_layers.json; same arch, '
-                   'layers matched by position; implies --layers)')
     p.add_argument('--bench', type=int, default=0, metavar='ROUNDS',
                    help='time FP32 vs INT8 onnxruntime on one verification '
                    'image with this many interleaved rounds')
@@ -151,7 +139,7 @@ def _ops(hist: dict, n: int) -> str:
                    if len(items) > n else '')
 
 
-def print_report(r: dict, against: Optional[dict] = None) -> None:
+def print_report(r: dict) -> None:
     mib = 2**20
     print(f'quantized {r["exported"]} -> {r["output"]} '
           f'({r["size"] / mib:.2f} MiB; FP32 {r["size_fp32"] / mib:.2f} '
@@ -202,64 +190,7 @@ def print_report(r: dict, against: Optional[dict] = None) -> None:
     if 'layers' in r:
         from mmrepvgg.export.quantize import format_layer_table
         print()
-        print(format_layer_table(dict(
-            [(r['layers_label'], r['layers'])] +
-            list((against or {}).items()))))
-
-
-#: A --layers-json file holds a few hundred rows; a larger one is refused
-#: unread.
-MAX_LAYERS_JSON_BYTES = 2**20
-#: Row keys format_layer_table prints as numbers (or n/a for None).
-_LAYER_NUMBERS = ('sqnr_db', 'act_sqnr_db', 'weight_sqnr_db',
-                  'w_peak_over_mean')
-
-
-def layer_report_paths(specs) -> list:
-    """``[(label, path)]`` of ``LABEL=PATH.json`` items."""
-    from mmrepvgg.export.quantize import QuantizeError
-    out = []
-    for spec in specs:
-        label, sep, path = spec.partition('=')
-        if not sep or not label or not path:
-            raise QuantizeError(f'--layers-against {spec!r}: expected '
-                                'LABEL=PATH.json')
-        out.append((label, path))
-    return out
-
-
-def _is_layer_row(r) -> bool:
-    return isinstance(r, dict) and isinstance(r.get('layer'), str) and all(
-        r.get(k) is None or (isinstance(r[k], (int, float))
-                             and not isinstance(r[k], bool))
-        for k in _LAYER_NUMBERS)
-
-
-def read_layer_reports(paths) -> dict:
-    """``{label: rows}`` of ``(label, path)`` pairs (--layers-json files of
-    earlier runs), checked in full so that printing them cannot fail after
-    the outputs are written."""
-    from mmrepvgg.export.quantize import QuantizeError
-    out = {}
-    for label, path in paths:
-        try:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError('not a regular file')
-            if st.st_size > MAX_LAYERS_JSON_BYTES:
-                raise ValueError(f'larger than {MAX_LAYERS_JSON_BYTES} '
-                                 'bytes')
-            with open(path, encoding='utf-8') as f:
-                rows = json.load(f)
-        except (OSError, ValueError, RecursionError) as e:
-            raise QuantizeError(f'--layers-against {path}: cannot read it '
-                                f'({e})') from None
-        if not isinstance(rows, list) or not all(map(_is_layer_row, rows)):
-            raise QuantizeError(f'--layers-against {path}: not a '
-                                '--layers-json file (a list of rows with a '
-                                'str "layer" and numbers)')
-        out[label] = rows
-    return out
+        print(format_layer_table({'INT8': r['layers']}))
 
 
 def run(args) -> int:
@@ -268,7 +199,6 @@ def run(args) -> int:
     from mmrepvgg.export.quantize import (QuantConfig, QuantizeError,
                                           quantize_checkpoint)
     from mmrepvgg.export.runtime import set_threads
-    from mmrepvgg.utils.fileio import check_output_paths
     set_threads(args.threads)
     qcfg = QuantConfig(
         quant_format=args.format, activation_type=args.activation_type,
@@ -276,14 +206,7 @@ def run(args) -> int:
         reduce_range=args.reduce_range, calibrate_method=args.calibration,
         percentile=args.percentile,
         symmetric_activations=args.symmetric_activations)
-    paths = layer_report_paths(args.layers_against)
-    if paths:  # read here; quantize_checkpoint checks what it reads
-        check_output_paths([(p, '--layers-against file') for _, p in paths],
-                           [p for p in (args.output, args.save_fp32,
-                                        args.layers_json) if p is not None],
-                           QuantizeError)
-    against = read_layer_reports(paths)
-    layers = args.layers or args.layers_json is not None or bool(against)
+    layers = args.layers or args.layers_json is not None
     if layers and args.format != 'QDQ':
         raise QuantizeError('--layers needs --format QDQ (it reads the '
                             'quantization parameters of the QDQ pairs)')
@@ -299,8 +222,7 @@ def run(args) -> int:
         fp32_output=args.save_fp32, layers_json=args.layers_json,
         backend=args.backend, max_drop=args.max_drop,
         ac_images=args.ac_images, max_iterations=args.max_iterations)
-    report['layers_label'] = args.layers_label
-    print_report(report, against)
+    print_report(report)
     if args.layers_json:
         print(f'wrote {args.layers_json}')
     return 0
