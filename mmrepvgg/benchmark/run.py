@@ -128,8 +128,8 @@ def ratio_name(a: str, b: str) -> str:
     return f'{a}/{b}'
 
 
-def make_input(batch: int, hw: Tuple[int, int], device: torch.device,
-               ) -> torch.Tensor:
+def make_input(batch: int, hw: Tuple[int, int],
+               device: torch.device) -> torch.Tensor:
     """A seeded standard-normal float32 ``batch x 3 x H x W`` input."""
     g = torch.Generator().manual_seed(0)
     return torch.randn(batch, 3, *hw, generator=g).to(device)

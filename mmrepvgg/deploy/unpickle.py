@@ -79,6 +79,7 @@ def unpickle(data: bytes, storage: StorageLoader) -> Any:
     marks: List[int] = []
     memo: Dict[int, Any] = {}
     storages: Dict[str, Storage] = {}
+    budget = [VIEW_SLACK_BYTES]  # bytes tensor views may still cover
     ops = 0
 
     def pop_mark() -> List[Any]:
@@ -195,7 +196,8 @@ def unpickle(data: bytes, storage: StorageLoader) -> Any:
         elif name == 'BINPERSID':
             if not stack:
                 raise Refused('BINPERSID on an empty stack')
-            stack.append(_persistent(stack.pop(), storage, storages))
+            stack.append(_persistent(stack.pop(), storage, storages,
+                                     budget))
         else:
             raise Refused(f'pickle opcode {ord(op.code)} ({name}) is not '
                           'supported (torch.save writes protocol 2)', True)
@@ -203,7 +205,7 @@ def unpickle(data: bytes, storage: StorageLoader) -> Any:
 
 
 def _persistent(pid: Any, storage: StorageLoader,
-                storages: Dict[str, Storage]) -> Storage:
+                storages: Dict[str, Storage], budget: List[int]) -> Storage:
     if type(pid) is not tuple or len(pid) != 5 or pid[0] != 'storage' \
             or not isinstance(pid[1], StorageType) or type(pid[2]) is not str \
             or not re.fullmatch(r'\d{1,12}', pid[2]) or \
@@ -218,8 +220,6 @@ def _persistent(pid: Any, storage: StorageLoader,
         if storages[key].data.numel() != numel:
             raise Refused(f'storage {key} declared with two sizes')
         return storages[key]
-    budget = next(iter(storages.values())).budget if storages else [
-        VIEW_SLACK_BYTES]
     storages[key] = Storage(storage(key, kind.dtype, numel), budget)
     return storages[key]
 

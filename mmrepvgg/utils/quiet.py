@@ -61,16 +61,23 @@ def silence_warnings() -> None:
         warnings.filterwarnings('ignore', message=message, category=category)
 
 
-def _exit_interrupted(signum=None, frame=None) -> None:
-    """SIGINT handler outside a tool's body: one line, exit 130 at once."""
+def _exit_now(code: int, message: str = '') -> None:
+    """Write ``message`` to stderr, flush both streams (``os._exit`` does
+    not) and end the process with ``code``, skipping Python's teardown."""
     for stream in (sys.stdout, sys.stderr):
         try:
-            if stream is sys.stderr and process_rank() == 0:
-                stream.write('error: interrupted\n')
-            stream.flush()  # os._exit does not flush what was printed
+            if message and stream is sys.stderr:
+                stream.write(message)
+            stream.flush()
         except Exception:  # a closed stream: still exit with the right code
             pass
-    os._exit(INTERRUPT_EXIT_CODE)
+    os._exit(code)
+
+
+def _exit_interrupted(signum=None, frame=None) -> None:
+    """SIGINT handler outside a tool's body: one line, exit 130 at once."""
+    _exit_now(INTERRUPT_EXIT_CODE,
+              'error: interrupted\n' if process_rank() == 0 else '')
 
 
 def exit_on_interrupt() -> bool:
@@ -126,9 +133,4 @@ def run_tool(main, exit_on_ctrl_c: bool = True) -> None:
         if t is not threading.main_thread() and not t.daemon:
             t.join()
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # a closed stream: still exit with the code
-            pass
-    os._exit(code or 0)
+    _exit_now(code or 0)
