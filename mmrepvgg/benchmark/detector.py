@@ -1,11 +1,9 @@
-"""Whole-detector forms for the demo's one-table summary and the
-benchmark's ``--detector`` part (:func:`detector_forms`): end-to-end latency
-(preprocessed batch in, detections out) of the PyTorch training and deploy
-forms and of exported graphs run by onnxruntime (and OpenVINO), timed side
-by side
-(:func:`mmrepvgg.utils.timing.measure`); and a picture of the detections of
-two forms side by side (:func:`side_by_side`).
+"""Whole-detector forms for the demo's summary and the benchmark's
+``--detector`` part: end-to-end latency (preprocessed image in, detections
+out) of PyTorch and exported graphs timed side by side, each with its mAP;
+and a picture of the detections of several forms (:func:`side_by_side`).
 """
+from functools import partial
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -20,8 +18,8 @@ MAX_INT8_DROP = 0.01
 def format_summary(rows: Sequence[dict], title: str = '',
                    map_label: str = 'toy-val mAP') -> str:
     """The demo's one table, Markdown: form | ``map_label`` | latency |
-    speed-up, from rows of ``form``, ``map`` (``None``: n/a),
-    ``latency_ms`` and ``speedup`` (vs the first row), under ``title``."""
+    speed-up (vs the first row), from rows of ``form``, ``map`` (None:
+    n/a), ``latency_ms`` and ``speedup``, under ``title``."""
     lines = [title] if title else []
     lines += [f'| form | {map_label} | latency ms | speed-up |',
               '|---|---:|---:|---:|']
@@ -32,47 +30,48 @@ def format_summary(rows: Sequence[dict], title: str = '',
     return '\n'.join(lines)
 
 
+def _models(cfg, config_path: str, checkpoint: str):
+    """The trained detector (eval mode) and its deploy form."""
+    from mmrepvgg.apis.convert import (build_model, load_weights,
+                                       read_state_dict)
+    from mmrepvgg.deploy import switch_to_deploy
+    training = build_model(cfg)
+    load_weights(training, read_state_dict(checkpoint)[0], checkpoint,
+                 config_path)
+    training.eval()
+    return training, switch_to_deploy(training, inplace=False, verbose=False)
+
+
 def forms(cfg, config_path: str, checkpoint: str,
           onnx_files: Mapping[str, str], openvino: bool = False) -> dict:
     """Zero-argument calls of a trained detector's forms on the first test
     image (preprocessed): ``PyTorch training``, ``PyTorch deploy``
     (``model.predict``), each ``onnx_files`` graph (name -> end-to-end
     ``.onnx``) on onnxruntime and, with ``openvino``, ``<name> (OpenVINO)``
-    (float32 hint).
+    (float32 hint), every runtime with PyTorch's thread count.
 
     Returns:
         dict: ``fns`` (form -> call), ``skipped`` (form -> why),
         ``input`` (the batch), ``threads``, ``training``, ``deploy``.
     """
-    from mmrepvgg.apis.convert import build_model, load_weights, \
-        read_state_dict
-    from mmrepvgg.deploy import switch_to_deploy
     from mmrepvgg.export.openvino import unusable_reason
     from mmrepvgg.export.runtime import input_names, make_session
     from mmrepvgg.export.verify import dataset_batch
-    training = build_model(cfg)
-    sd, _ = read_state_dict(checkpoint)
-    load_weights(training, sd, checkpoint, config_path)
-    training.eval()
-    deploy = switch_to_deploy(training, inplace=False, verbose=False)
+    training, deploy = _models(cfg, config_path, checkpoint)
     x, samples, note = dataset_batch(cfg, training, 1)
     if x is None:
         raise ValueError(f'{config_path}: {note}')
     feed = dict(input=x.numpy(), img_shape=np.asarray(
         [s.metainfo['img_shape'][:2] for s in samples], np.int64))
-
-    def predict(model):
-        return lambda: model.predict(x, samples, rescale=False)
-
     n = torch.get_num_threads()
 
     def run(path, runtime='onnxruntime'):
         sess = make_session(path, n, runtime=runtime, precision='f32')
-        f = {k: feed[k] for k in input_names(sess)}
-        return lambda: sess.run(None, f)
+        return partial(sess.run, None, {k: feed[k] for k in input_names(sess)})
 
-    fns = {'PyTorch training': predict(training),
-           'PyTorch deploy': predict(deploy)}
+    fns = {name: (lambda m=m: m.predict(x, samples, rescale=False))
+           for name, m in (('PyTorch training', training),
+                           ('PyTorch deploy', deploy))}
     fns.update((name, run(path)) for name, path in onnx_files.items())
     skipped = {}
     if openvino:
@@ -96,59 +95,35 @@ def demo_summary(cfg,
                  network_batch: int = 0,
                  openvino: bool = False,
                  map_label: str = 'toy-val mAP') -> dict:
-    """Time the forms of a detector side by side and build the summary.
-
-    Forms, in table order: ``PyTorch training``, ``PyTorch deploy``
-    (``model.predict``: network and mmdet's post-processing), then one row
-    per ``onnx_files`` entry (form name -> end-to-end graph) run by
-    onnxruntime, then with ``openvino`` the same graphs run by OpenVINO
-    (rows ``<name> (OpenVINO)``, ``INFERENCE_PRECISION_HINT f32``). The
-    input is the first image of the test set through the test pipeline;
-    every runtime gets PyTorch's thread count.
-
-    Args:
-        cfg (Config): the training config.
-        config_path (str): its file.
-        checkpoint (str): the training-form checkpoint.
-        onnx_files (Mapping[str, str]): form name -> end-to-end graph.
-        maps (Mapping[str, float]): form name -> test-set mAP measured
-            elsewhere (``tools/test.py``); missing forms show ``n/a``.
-        repeats (int): timed rounds.
-        warmup (int): untimed rounds.
-        network_batch (int): also time the training and deploy networks
-            alone (tensor forward, no post-processing) on a random batch of
-            this size (0: not).
-        openvino (bool): add the OpenVINO rows; when OpenVINO is not usable
-            here they are left out and ``skipped`` says why.
-        map_label (str): the mAP column's header.
+    """Time the forms of :func:`forms` side by side and build the summary
+    (``maps``: form -> mAP measured elsewhere, else ``n/a``); with
+    ``network_batch``, also the training and deploy networks alone (tensor
+    forward, no post-processing) on a random batch of that size.
 
     Returns:
-        dict: ``rows`` (for :func:`format_summary`), ``table`` (text),
-        ``timing`` (:class:`~mmrepvgg.utils.timing.Timing`), ``shape``;
-        ``network`` (``timing`` of the forms ``training`` and ``deploy``,
-        ``shape``, ``threads``) with ``network_batch``; ``skipped``
-        (form -> why).
+        dict: ``rows`` (for :func:`format_summary`), ``table``, ``timing``
+        (:class:`~mmrepvgg.utils.timing.Timing`), ``shape``, ``skipped``;
+        with ``network_batch``, ``network`` (``timing`` of the forms
+        ``training`` and ``deploy``, ``shape``, ``threads``).
     """
     from mmrepvgg.apis.convert import make_inputs, test_input_shape
     f = forms(cfg, config_path, checkpoint, onnx_files, openvino)
-    fns, skipped, x, n = f['fns'], f['skipped'], f['input'], f['threads']
-    training, deploy = f['training'], f['deploy']
+    fns, n = f['fns'], f['threads']
     with torch.inference_mode():
         timing = measure(fns, repeats, warmup, threads=n)
     first = next(iter(fns))
     rows = [dict(form=k, map=maps.get(k), latency_ms=1e3 * timing.median(k),
                  speedup=timing.ratio(first, k)['median']) for k in fns]
-    shape = tuple(x.shape)
+    shape = tuple(f['input'].shape)
     title = (f'input {"x".join(map(str, shape))}, {n} PyTorch threads; '
              f'{timing.describe()}')
     out = dict(rows=rows, table=format_summary(rows, title, map_label),
-               timing=timing,
-               shape=shape, skipped=skipped)
+               timing=timing, shape=shape, skipped=f['skipped'])
     if network_batch:
         xb, sb = make_inputs(test_input_shape(cfg), batch=network_batch)
         with torch.inference_mode():
-            net = measure({'training': lambda: training._forward(xb, sb),
-                           'deploy': lambda: deploy._forward(xb, sb)},
+            net = measure({k: (lambda m=f[k]: m._forward(xb, sb))
+                           for k in ('training', 'deploy')},
                           repeats, warmup, threads=n)
         out['network'] = dict(timing=net, shape=tuple(xb.shape), threads=n)
     return out
@@ -161,33 +136,23 @@ def detector_forms(cfg,
                    repeats: int = 20,
                    warmup: int = 3,
                    log=print) -> dict:
-    """The detector end to end, every form with its accuracy: PyTorch
-    training and deploy (``predict``), the end-to-end FP32 graph and its
-    INT8 graph (:func:`mmrepvgg.export.quantize.quantize_checkpoint`,
-    onnxruntime's quantizer, verified) each run by onnxruntime and OpenVINO
-    (float32 hint), timed side by side by :func:`demo_summary`; the bbox mAP
-    of each on ``images`` val images scored by the config's evaluator
-    (:class:`mmrepvgg.export.evaluate.SplitScorer`).
+    """The detector end to end, every form with its bbox mAP on ``images``
+    val images (all: None) scored by the config's evaluator: PyTorch
+    training and deploy, the end-to-end FP32 graph and its verified INT8
+    graph (:func:`mmrepvgg.export.quantize.quantize_checkpoint`), each on
+    onnxruntime and OpenVINO, timed by :func:`demo_summary`.
 
     Returns:
-        dict: :func:`demo_summary`'s, plus ``scored`` (the scorer's
-        ``info``), ``quantization`` (the INT8 graph's config), ``maps``
-        and ``targets`` (INT8 mAP within :data:`MAX_INT8_DROP` of FP32,
-        per runtime).
+        dict: :func:`demo_summary`'s, plus ``maps``, ``targets`` (INT8 mAP
+        within :data:`MAX_INT8_DROP` of FP32, per runtime) and
+        ``markdown`` (the report's section).
     """
-    from mmrepvgg.apis.convert import build_model, load_weights, \
-        read_state_dict
-    from mmrepvgg.deploy import switch_to_deploy
     from mmrepvgg.export.evaluate import SplitScorer
     from mmrepvgg.export.openvino import unusable_reason
     from mmrepvgg.export.quantize import quantize_checkpoint
     from mmrepvgg.utils.fileio import scratch_dir
     scorer = SplitScorer(cfg, 'val', images, torch.get_num_threads())
-    training = build_model(cfg)
-    load_weights(training, read_state_dict(checkpoint)[0], checkpoint,
-                 config_path)
-    training.eval()
-    deploy = switch_to_deploy(training, inplace=False, verbose=False)
+    training, deploy = _models(cfg, config_path, checkpoint)
     maps = {'PyTorch training': scorer.score(training.predict),
             'PyTorch deploy': scorer.score(deploy.predict)}
     with scratch_dir('mmrepvgg-bench-detector') as tmp:
@@ -214,8 +179,14 @@ def detector_forms(cfg,
             targets.append(f'{"PASS" if drop <= MAX_INT8_DROP else "MISS"}'
                            f' detector {a} mAP within {MAX_INT8_DROP:g} of '
                            f'{b}: {maps[a]:.3f} vs {maps[b]:.3f}')
-    out.update(scored=scorer.info, quantization=q['config'], maps=maps,
-               targets=targets)
+    s = scorer.info
+    lines = ['', '## Detector end to end', '',
+             f'`{config_path}` with `{checkpoint}`: mAP on {s["images"]} of '
+             f'{s["of"]} {s["split"]} images (the config\'s evaluator); '
+             f'INT8: {q["config"]}.', '', out['table'], '']
+    lines += [f'- skipped: {k} ({v})' for k, v in out['skipped'].items()]
+    out.update(maps=maps, targets=targets, markdown='\n'.join(
+        lines + [f'- {t}' for t in targets]) + '\n')
     return out
 
 
@@ -227,17 +198,14 @@ def side_by_side(results: Mapping[str, str],
                  score_thr: float = 0.3) -> str:
     """One PNG (written atomically, returned) of the first ``num_images``
     test images, one row per image and one column per form, each drawn with
-    its detections by mmdet's ``DetLocalVisualizer``.
+    its detections (score from ``score_thr``) by mmdet's
+    ``DetLocalVisualizer``.
 
     Args:
         results (Mapping[str, str]): column title -> detection pickle of
             ``tools/test.py --out`` (same test set, same order).
-        out_file (str): the PNG.
-        classes (Sequence[str]): class names (the dataset's metainfo).
-        num_images (int): rows.
         scale (int, optional): images (and boxes) enlarged this many times
             before drawing; default: to about 384 pixels.
-        score_thr (float): detections drawn from this score up.
     """
     import cv2
     import mmcv

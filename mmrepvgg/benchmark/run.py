@@ -1,64 +1,142 @@
-"""One benchmark run: every (arch, size, batch) row, every form timed side
-by side (:mod:`mmrepvgg.utils.timing`), checked equal first
-(:mod:`.reference`).
+"""The forms of a backbone and one benchmark run: every form checked
+against the training form in float64 (float32 forms within a small multiple
+of the training form's own float32 error, lossy forms report their SQNR),
+then all timed in the same rounds (:func:`mmrepvgg.utils.timing.measure`).
 
-Forms (:data:`.options.ALL_FORMS`): PyTorch ``training``, ``deploy`` and
-``reference`` in float32, ``compile`` (the deploy form through
-``torch.compile``, Inductor with freezing; its compilation is timed apart,
-before the rounds), optionally ``deploy-bf16`` / ``deploy-fp16`` (the
-deploy form in bfloat16 / float16, input cast too), the onnxruntime forms
-``ort-fp32`` / ``ort-int8`` and the OpenVINO forms ``ov-fp32`` / ``ov-int8``
-/ ``ov-bf16`` (:mod:`.onnx_forms`). All forms of a row run in the same
-rounds, so every ratio is a median of per-round ratios.
+A form is ``make(x)``: the zero-argument call on the float32 input ``x``
+(cast or converted once, outside the call). ``reference`` copies the deploy
+weights into plain ``nn.Conv2d`` + activation stages (a hand-written VGG).
+The INT8 graph of random weights is calibrated on random inputs: INT8
+kernels cost the same whatever the values, but its SQNR is synthetic.
 """
 import copy
-import statistics
+import os.path as osp
+import tempfile
 import time
-from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from functools import partial
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from mmrepvgg.deploy import switch_to_deploy
 from mmrepvgg.deploy.switch import count_params
-from mmrepvgg.deploy.verify import flatten_outputs
-from mmrepvgg.utils.timing import (ORDERS, ROUND_TOLERANCE, measure,
-                                   predecessor_effect)
-from .memory import peak_activation_bytes
-from .options import (DEFAULT_FORMS, MAX_BATCH, MAX_BATCH_PIXELS,
-                      ONNX_FORMS, BenchmarkError,
-                      check_device_options, parse_forms, skipped_forms)
-from .reference import build_forms, float32_noise, judge_form, lossy_error
+from mmrepvgg.deploy.verify import describe, judge_fp32
+from mmrepvgg.export.verify import TruthAndReference
+from mmrepvgg.testing import randomize_, relative_error
+from mmrepvgg.utils.cli import error_message
+from mmrepvgg.utils.timing import measure
+from .options import (ALL_FORMS, DEFAULT_FORMS, MAX_BATCH_PIXELS,
+                      BenchmarkError, check_forms)
 
 #: Ratios reported when both forms ran: ``(numerator, denominator)``.
-RATIO_PAIRS = (('deploy', 'reference'), ('training', 'deploy'),
-               ('deploy-bf16', 'deploy'), ('deploy-fp16', 'deploy'),
-               ('compile', 'deploy'), ('ort-fp32', 'deploy'),
-               ('ort-int8', 'ort-fp32'), ('ort-int8', 'deploy'),
-               ('ov-fp32', 'deploy'), ('ov-bf16', 'deploy'),
-               ('ov-int8', 'ov-fp32'), ('ov-int8', 'deploy'))
+RATIO_PAIRS = (('deploy', 'reference'), ('training', 'deploy')) + tuple(
+    (f, 'deploy') for f in ALL_FORMS[3:]) + (('ort-int8', 'ort-fp32'),
+                                             ('ov-int8', 'ov-fp32'))
 #: Forms judged by the float32-noise criterion (the others are lossy).
 FP32_FORMS = ('deploy', 'reference', 'compile', 'ort-fp32', 'ov-fp32')
-LOW_PRECISION = {'deploy-bf16': torch.bfloat16, 'deploy-fp16': torch.float16}
-TORCH_PRECISION = {'deploy-bf16': 'bfloat16', 'deploy-fp16': 'float16'}
+#: ONNX form -> (graph, runtime, precision hint)
+ONNX_SPECS = {'ort-fp32': ('fp32', 'onnxruntime', 'f32'),
+              'ort-int8': ('int8', 'onnxruntime', 'f32'),
+              'ov-fp32': ('fp32', 'openvino', 'f32'),
+              'ov-int8': ('int8', 'openvino', 'f32'),
+              'ov-bf16': ('fp32', 'openvino', 'bf16')}
+#: Random calibration inputs of the INT8 graph per benchmarked size.
+CALIB_PER_SIZE = 4
+
+
+class PlainReference(nn.Module):
+    """Stages of plain ``nn.Sequential(Conv2d, act, ...)`` (the stem heads
+    the first); returns the outputs of the stages in ``out_indices``, like
+    :class:`RepVGG`."""
+
+    def __init__(self, stages: Sequence[nn.Sequential],
+                 out_indices: Sequence[int]) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.out_indices = tuple(out_indices)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(x)
+        return tuple(outs)
+
+
+def build_reference(backbone: nn.Module) -> PlainReference:
+    """The plain network holding own copies of the conv, SE and activation
+    of every block of a deploy-form ``RepVGG`` (``ValueError`` for a block
+    not in deploy form), eval mode."""
+    stages = []
+    for i, name in enumerate(backbone.stage_names):
+        mods, blocks = [], [backbone.stem] if i == 0 else []
+        for block in blocks + list(getattr(backbone, name)):
+            if not getattr(block, 'deploy', False):
+                raise ValueError(f'{type(block).__name__} is not in deploy '
+                                 'form: call switch_to_deploy first')
+            mods += [copy.deepcopy(m) for m in (
+                block.conv_reparam, block.se, block.act)
+                if not isinstance(m, nn.Identity)]
+        stages.append(nn.Sequential(*mods))
+    return PlainReference(stages, backbone.out_indices).eval()
+
+
+def build_forms(arch: Union[str, dict],
+                seed: int = 0) -> Dict[str, nn.Module]:
+    """``training``, ``deploy`` and ``reference`` modules of one backbone
+    (float32, CPU, eval mode), with random weights and batch-norm
+    statistics drawn from ``seed``."""
+    from mmrepvgg.models import RepVGG
+    training = RepVGG(arch=arch)
+    randomize_(training, seed=seed)
+    training.eval()
+    deploy = switch_to_deploy(training, inplace=False, verbose=False)
+    return dict(training=training, deploy=deploy,
+                reference=build_reference(deploy))
+
+
+def judge_form(label: str, form: str, truth: dict, reference: dict,
+               candidate: dict) -> dict:
+    """The float32-noise verdict of one float32 form (``label``: the row,
+    for the message); :class:`BenchmarkError` naming its error and the
+    training form's own float32 error when it fails."""
+    try:
+        verdict = judge_fp32(truth, reference, candidate)
+    except ValueError as e:
+        raise BenchmarkError(f'{label}: {form}: {e}') from None
+    if not verdict['passed']:
+        raise BenchmarkError(
+            f'{label}: the {form} form does not compute the training form\'s '
+            f'function: ' + describe(verdict, candidate=form,
+                                     reference='training') +
+            '; the comparison would not be honest')
+    return verdict
+
+
+def lossy_error(truth: dict, candidate: dict) -> dict:
+    """``rel_err`` (largest ``max|a-b|/max|a|``) and ``sqnr_db`` (smallest
+    signal-to-quantization-noise ratio, dB) over the outputs of a lossy form
+    against the float64 truth."""
+    from mmrepvgg.export.quantize import sqnr_db
+    rel, sqnr = 0.0, float('inf')
+    for k, t in truth.items():
+        c = candidate[k]
+        rel = max(rel, relative_error(t, c.to(t.dtype)))
+        sqnr = min(sqnr, sqnr_db(t.numpy(), c.double().numpy()))
+    return dict(rel_err=rel, sqnr_db=sqnr)
 
 
 class Compiled:
-    """The ``compile`` form: ``torch.compile`` (Inductor, ``dynamic=False``)
-    of a module, compiled with ``torch._inductor.config.freezing`` (weights
-    folded as constants; inference only). The first call on each input
-    shape compiles; its seconds are kept in ``compile_s`` (by shape) and it
-    is made before the timed rounds (:func:`bench_row`).
-
-    Args:
-        module (nn.Module): the deploy form (a copy of its own).
-    """
+    """The ``compile`` form: ``torch.compile`` (Inductor, ``dynamic=False``,
+    ``freezing``: weights folded as constants) of the deploy form. The first
+    call on each input shape compiles, before the timed rounds; its seconds
+    are kept in ``compile_s`` by shape."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.module = module
         self.fn = torch.compile(module, dynamic=False)
         self.compile_s: Dict[Tuple[int, ...], float] = {}
-        self.dtype = next(module.parameters()).dtype
 
     def __call__(self, x: torch.Tensor):
         key = tuple(x.shape)
@@ -70,288 +148,182 @@ class Compiled:
             with inductor_config.patch(freezing=True):
                 out = self.fn(x)
         except Exception as e:  # Inductor needs a working C++ compiler
-            text = str(e).strip().splitlines()
             raise BenchmarkError(
                 f'compile: torch.compile failed on input {list(key)} '
-                f'({type(e).__name__}: {text[0] if text else ""}); '
-                'Inductor on CPU needs a C++ compiler') from None
+                f'({error_message(e)}); Inductor on CPU needs a C++ '
+                'compiler') from None
         self.compile_s[key] = time.perf_counter() - t0
         return out
 
 
-@dataclass
-class BenchOptions:
-    """How :func:`run_benchmark` times (the options of
-    ``tools/analysis_tools/benchmark.py`` of the same names).
-
-    Args:
-        forms (Sequence[str]): forms to time (:data:`.options.ALL_FORMS`).
-        repeats (int): timed rounds per row.
-        warmup (int): untimed rounds per row first.
-        settle (int): untimed calls of a form before each timed call.
-        order (str): ``balanced`` or ``random`` order of forms per round.
-        device (str): ``cpu`` or ``cuda[:N]``.
-        ort_spinning (bool): onnxruntime threads busy-wait between runs.
-        tolerance (float): a round slower than the median round by more
-            than this fraction is disturbed.
-    """
-    forms: Sequence[str] = DEFAULT_FORMS
-    repeats: int = 24
-    warmup: int = 3
-    settle: int = 1
-    order: str = 'balanced'
-    device: str = 'cpu'
-    ort_spinning: bool = False
-    tolerance: float = ROUND_TOLERANCE
-
-    def check(self, batch_sizes: Sequence[int]) -> torch.device:
-        """Refuse bad options (the message names the option); returns the
-        device."""
-        self.forms = parse_forms(self.forms)
-        for name, value, low in (('repeats', self.repeats, 1),
-                                 ('warmup', self.warmup, 0),
-                                 ('settle', self.settle, 0)):
-            if value < low:
-                raise BenchmarkError(f'--{name} must be >= {low}, got '
-                                     f'{value}')
-        if not batch_sizes or min(batch_sizes) < 1 or \
-                max(batch_sizes) > MAX_BATCH:
-            raise BenchmarkError(f'--batch-sizes must be >= 1 and <= '
-                                 f'{MAX_BATCH}, got {list(batch_sizes)}')
-        if self.order not in ORDERS:
-            raise BenchmarkError(f'--order must be balanced or random, got '
-                                 f'{self.order!r}')
-        return check_device_options(self.device, self.forms)
+def onnx_forms(backbone: nn.Module, sizes: Sequence[Tuple[int, int]],
+               forms: Sequence[str]) -> dict:
+    """The ONNX ``forms`` of a deploy-form backbone: ``calls`` (form ->
+    ``make``), ``precision`` (form -> what it computes in; OpenVINO's hint
+    read back) and ``int8`` (the INT8 graph's ``config`` and the
+    ``optimized_ops`` onnxruntime runs; None when not made)."""
+    from mmrepvgg.export import quantize as qz
+    from mmrepvgg.export.runtime import make_session
+    out = dict(calls={}, precision={}, int8=None)
+    if not forms:
+        return out
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix='mmrepvgg-bench-') as tmp:
+        paths = {g: osp.join(tmp, f'backbone_{g}.onnx')
+                 for g in ('fp32', 'int8')}
+        qz.export_module(copy.deepcopy(backbone),
+                         torch.zeros(1, 3, *sizes[0]), paths['fp32'])
+        if any(ONNX_SPECS[f][0] == 'int8' for f in forms):
+            g = torch.Generator().manual_seed(1)
+            calib = [torch.randn(1, 3, *hw, generator=g).numpy()
+                     for hw in sizes for _ in range(CALIB_PER_SIZE)]
+            try:
+                info = qz.quantize_onnx(paths['fp32'], paths['int8'], calib)
+            except Exception as e:
+                raise BenchmarkError(f'ort-int8: quantization failed: '
+                                     f'{error_message(e)}') from None
+            out['int8'] = dict(config=info['config'], optimized_ops=dict(
+                qz.optimized_op_types(paths['int8'], threads)))
+        for form in forms:
+            graph, runtime, hint = ONNX_SPECS[form]
+            session = make_session(paths[graph], threads, runtime=runtime,
+                                   precision=hint)
+            out['calls'][form] = lambda x, s=session: partial(
+                s.run, None, {'input': x.contiguous().numpy()})
+            text = 'float32' if runtime == 'onnxruntime' else \
+                f'INFERENCE_PRECISION_HINT {session.precision}'
+            out['precision'][form] = text if graph == 'fp32' else \
+                'INT8 (QDQ), ' + text.replace('float32', 'rest float32')
+    return out
 
 
-def ratio_name(a: str, b: str) -> str:
-    return f'{a}/{b}'
-
-
-def make_input(batch: int, hw: Tuple[int, int],
-               device: torch.device) -> torch.Tensor:
+def make_input(batch: int, hw: Tuple[int, int]) -> torch.Tensor:
     """A seeded standard-normal float32 ``batch x 3 x H x W`` input."""
     g = torch.Generator().manual_seed(0)
-    return torch.randn(batch, 3, *hw, generator=g).to(device)
+    return torch.randn(batch, 3, *hw, generator=g)
 
 
 def run_benchmark(archs: Sequence[Tuple[str, Union[str, dict]]],
                   sizes: Sequence[Tuple[int, int]],
                   batch_sizes: Sequence[int],
-                  options: Optional[BenchOptions] = None,
-                  log: Callable[[str], None] = print,
-                  **overrides) -> List[dict]:
-    """Benchmark every (arch, size, batch); returns one dict per row.
+                  forms: Sequence[str] = DEFAULT_FORMS,
+                  repeats: int = 24,
+                  warmup: int = 3,
+                  settle: int = 1,
+                  order: str = 'balanced',
+                  log: Callable[[str], None] = print) -> List[dict]:
+    """Benchmark every (arch, size, batch) on the CPU; one dict per row.
 
     Args:
-        archs (Sequence[tuple]): ``(label, arch)`` pairs
-            (:func:`.options.parse_arch`).
-        sizes (Sequence[tuple]): input ``(H, W)``.
-        batch_sizes (Sequence[int]): batch sizes.
-        options (BenchOptions, optional): how; ``overrides`` replace its
-            fields.
+        archs (Sequence[tuple]): ``(label, arch)``, arch as ``RepVGG`` takes
+            it.
+        repeats, warmup, settle, order: see
+            :func:`mmrepvgg.utils.timing.measure`.
         log (callable): progress lines.
-
-    Returns:
-        list[dict]: rows with ``latency_ms``, ``throughput``, ``ratios``,
-        ``params``, ``peak_bytes``, ``accuracy``, ``rounds`` and the raw
-        ``times_ms``.
 
     Raises:
         BenchmarkError: bad options, or a float32 form that does not compute
             the training form's function.
     """
-    opts = replace(options or BenchOptions(), **overrides)
-    dev = opts.check(batch_sizes)
-    pixels = max(batch_sizes) * max(h * w for h, w in sizes) if sizes else 0
+    skipped = check_forms(forms)
+    for form, why in skipped.items():
+        log(f'note: form {form} skipped: {why}')
+    forms = [f for f in ALL_FORMS if f in forms and f not in skipped]
+    if not forms:
+        raise BenchmarkError('--forms: every form asked for is skipped on '
+                             'this machine')
+    pixels = max(batch_sizes) * max(h * w for h, w in sizes)
     if pixels > MAX_BATCH_PIXELS:
         raise BenchmarkError(
             f'--batch-sizes x --sizes: {pixels} pixels in one batch; at most '
             f'{MAX_BATCH_PIXELS} (e.g. 16 x 1024x1024)')
-    skipped = skipped_forms(opts.forms)
-    for form, why in skipped.items():
-        log(f'note: form {form} skipped: {why}')
-    opts.forms = tuple(f for f in opts.forms if f not in skipped)
-    if not opts.forms:
-        raise BenchmarkError('--forms: every form asked for is skipped on '
-                             'this machine')
     rows = []
-    cudnn_benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = dev.type == 'cuda'
-    try:
-        for label, arch in archs:
-            rows += _bench_arch(label, arch, sizes, batch_sizes, opts, dev,
-                                log)
-    finally:
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-    for r in rows:
-        r['skipped'] = dict(skipped)
-    return rows
-
-
-def _bench_arch(label: str, arch, sizes, batch_sizes, opts: BenchOptions,
-                dev: torch.device, log) -> List[dict]:
-    from .onnx_forms import OnnxForms, describe_ops, ort_threads
-    base = {}
-    for k, m in build_forms(arch).items():
-        base[k] = m.to(device=dev).eval()
-    params = {k: count_params(m) for k, m in base.items()}
-    if params['deploy'] != params['reference']:
-        raise BenchmarkError(f'{label}: reference has {params["reference"]} '
-                             f'parameters, deploy {params["deploy"]}')
-    models: Dict[str, nn.Module] = {
-        f: copy.deepcopy(base['deploy']).to(dtype=LOW_PRECISION[f])
-        if f in LOW_PRECISION else base[f]
-        for f in opts.forms if f not in ONNX_FORMS and f != 'compile'}
-    ort = None
-    if any(f in ONNX_FORMS for f in opts.forms):
-        ort = OnnxForms(copy.deepcopy(base['deploy']).cpu(), sizes,
-                        [f for f in opts.forms if f in ONNX_FORMS],
-                        ort_threads(), spinning=opts.ort_spinning)
-        for info in ort.info.values():
-            for line in describe_ops(info):
-                log(line)
-    try:
-        calls = dict(models)
-        if 'compile' in opts.forms:
-            calls['compile'] = Compiled(copy.deepcopy(base['deploy']))
-        accuracy = {hw: _check(f'{label} {hw[0]}x{hw[1]}', hw,
-                               base['training'], calls, ort, opts, dev, log)
-                    for hw in sizes}
-        rows = []
+    for label, arch in archs:
+        base = build_forms(arch)
+        calls = {f: (lambda x, m=base[f]: partial(m, x))
+                 for f in DEFAULT_FORMS if f in forms}
+        if 'deploy-bf16' in forms:
+            bf16 = copy.deepcopy(base['deploy']).bfloat16()
+            calls['deploy-bf16'] = lambda x: partial(bf16, x.bfloat16())
+        if 'compile' in forms:
+            compiled = Compiled(copy.deepcopy(base['deploy']))
+            calls['compile'] = lambda x: partial(compiled, x)
+        ort = onnx_forms(base['deploy'], sizes,
+                         [f for f in forms if f in ONNX_SPECS])
+        calls.update(ort['calls'])
+        calls = {f: calls[f] for f in forms}
+        head = dict(arch=label, forms=forms, skipped=skipped, params={
+            k: count_params(base[k]) for k in ('training', 'deploy')},
+            precision={f: ort['precision'].get(f, 'bfloat16' if 'bf16' in f
+                                               else 'float32')
+                       for f in forms})
+        if ort['int8']:
+            head['int8_graph'] = ort['int8']
         for hw in sizes:
+            accuracy = _check(f'{label} {hw[0]}x{hw[1]}', base['training'],
+                              calls, make_input(1, hw), log)
             for batch in batch_sizes:
-                row = bench_row(calls, ort, batch, hw, opts, dev)
-                row.update(arch=label, accuracy=accuracy[hw], params=dict(
-                    training=params['training'], deploy=params['deploy']))
-                row['precision'] = {f: ort.precision[f] if ort is not None
-                                    and f in ort.precision else
-                                    TORCH_PRECISION.get(f, 'float32')
-                                    for f in opts.forms}
-                if ort is not None and 'int8' in ort.info:
-                    info = ort.info['int8']
-                    row['int8_graph'] = dict(
-                        config=info['config'],
-                        optimized_ops=dict(info['optimized_ops']))
+                x = make_input(batch, hw)
+                row = dict(head, accuracy=accuracy, **_time(
+                    calls, x, repeats, warmup, settle, order))
+                if 'compile' in forms:
+                    row['compile_s'] = dict(
+                        compile=compiled.compile_s[tuple(x.shape)])
                 rows.append(row)
-                log(row_line(row))
-    finally:
-        if ort is not None:
-            ort.close()
+                log(f'{row_name(row)}: ' + ', '.join(
+                    f'{k} {v:.2f} ms' for k, v in row['latency_ms'].items())
+                    + f'; {row["rounds"]["summary"]}')
     return rows
 
 
-def _dtype(m) -> torch.dtype:
-    return m.dtype if isinstance(m, Compiled) else next(
-        m.parameters()).dtype
-
-
-def _inputs(models, ort, opts, x):
-    """Per form the zero-argument call on ``x`` (cast to the form's dtype;
-    a numpy copy for the ONNX runtimes) and, for the eager PyTorch forms,
-    ``(model, input)`` (peak memory)."""
-    fns, torch_inputs = {}, {}
-    for form in opts.forms:
-        if form in models:
-            m = models[form]
-            xi = x.to(_dtype(m))
-            fns[form] = (lambda m=m, xi=xi: m(xi))
-            if not isinstance(m, Compiled):
-                torch_inputs[form] = (m, xi)
-        elif ort is not None and form in ONNX_FORMS:
-            fns[form] = ort.callable(form,
-                                     x.float().cpu().contiguous().numpy())
-    return fns, torch_inputs
-
-
-def _check(name: str, hw, training: nn.Module, models, ort,
-           opts: BenchOptions, dev, log) -> dict:
+def _check(name: str, training: nn.Module, calls: dict, x: torch.Tensor,
+           log) -> Dict[str, dict]:
     """Float32-noise verdicts of the float32 forms and the error of the
-    lossy ones, at batch 1; returns ``form -> accuracy dict``."""
-    x = make_input(1, hw, dev)
-    truth, ref = float32_noise(training, x)
+    lossy ones on ``x``; form -> accuracy dict."""
+    truth, ref = TruthAndReference(training).named(x)
     out: Dict[str, dict] = {}
     with torch.inference_mode():
-        for form in opts.forms:
-            if form in models and form != 'training':
-                m = models[form]
-                cand = {k: v.float().cpu() for k, v in flatten_outputs(
-                    m(x.to(_dtype(m)))).items()}
-            elif ort is not None and form in ONNX_FORMS:
-                cand = ort.outputs(form, x.float().cpu().contiguous().numpy())
-            else:
+        for form, make in calls.items():
+            if form == 'training':
                 continue
+            cand = {f'output.{i}': torch.as_tensor(o).float() for i, o in
+                    enumerate(make(x)())}
             if form in FP32_FORMS:
                 v = judge_form(name, form, truth, ref, cand)
-                out[form] = dict(kind='fp32', error=v['error'],
-                                 noise=v['noise'], ratio=v['ratio'],
-                                 passed=v['passed'])
+                out[form] = dict(kind='fp32', **{k: v[k] for k in (
+                    'error', 'noise', 'ratio', 'passed')})
             else:
                 out[form] = dict(kind='lossy', **lossy_error(truth, cand))
-    parts = [f'{form} {a["error"]:.2g} ({a["ratio"]:.2f}x noise)'
-             if a['kind'] == 'fp32' else f'{form} SQNR {a["sqnr_db"]:.1f} dB'
-             for form, a in out.items()]
-    noise = max((a['noise'] for a in out.values() if a['kind'] == 'fp32'),
-                default=None)
-    log(f'check {name}: error vs float64 truth: ' + ', '.join(parts) +
-        (f'; training float32 noise {noise:.2g}' if noise is not None
-         else ''))
+    log(f'check {name}: error vs float64 truth: ' + ', '.join(
+        f'{f} {a["ratio"]:.2f}x the float32 noise' if a['kind'] == 'fp32'
+        else f'{f} SQNR {a["sqnr_db"]:.1f} dB' for f, a in out.items()))
     return out
 
 
-def bench_row(calls: Dict[str, nn.Module], ort, batch: int,
-              hw: Tuple[int, int], opts: BenchOptions,
-              dev: torch.device) -> dict:
-    """Latency, throughput, ratios and peak memory of the forms on one
-    input (see :func:`run_benchmark`)."""
-    x = make_input(batch, hw, dev)
-    fns, torch_inputs = _inputs(calls, ort, opts, x)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' \
-        else None
-    threads = torch.get_num_threads() if dev.type == 'cpu' else 1
-    compiled = {f: m for f, m in calls.items() if isinstance(m, Compiled)}
+def _time(calls: dict, x: torch.Tensor, repeats: int, warmup: int,
+          settle: int, order: str) -> dict:
+    """Latency, throughput, ratios and rounds of the forms on ``x``."""
+    fns = {f: make(x) for f, make in calls.items()}
+    threads = torch.get_num_threads()
     with torch.inference_mode():
-        for form in compiled:  # compilation, before (not in) the rounds
-            fns[form]()
-        t = measure(fns, opts.repeats, opts.warmup, settle=opts.settle,
-                    order=opts.order, sync=sync, threads=threads,
-                    tolerance=opts.tolerance)
+        if 'compile' in fns:
+            fns['compile']()  # compilation, before (not in) the rounds
+        t = measure(fns, repeats, warmup, settle=settle, order=order,
+                    threads=threads)
     lat = {k: t.median(k) for k in t.times}
-    others = [r['others_cpu'] / r['wall'] for r in t.rounds
-              if r['others_cpu'] is not None and r['wall'] > 0]
     return dict(
-        height=hw[0], width=hw[1], batch=batch, forms=list(opts.forms),
+        height=x.shape[2], width=x.shape[3], batch=x.shape[0],
         latency_ms={k: v * 1e3 for k, v in lat.items()},
-        throughput={k: batch / v for k, v in lat.items()},
-        ratios={ratio_name(a, b): t.ratio(a, b) for a, b in RATIO_PAIRS
+        throughput={k: x.shape[0] / v for k, v in lat.items()},
+        ratios={f'{a}/{b}': t.ratio(a, b) for a, b in RATIO_PAIRS
                 if a in t.times and b in t.times},
-        peak_bytes={f: peak_activation_bytes(*torch_inputs[f])
-                    if f in torch_inputs else None for f in opts.forms},
         rounds=dict(total=len(t.reasons), kept=len(t.kept),
                     dropped=t.disturbed, busy=t.busy, reasons=t.reasons,
-                    own_cores=[r['own_cpu'] / r['wall'] if r['wall'] else 0
-                               for r in t.rounds],
-                    others_cores_median=statistics.median(others)
-                    if others else None),
-        order_effect=predecessor_effect(t.times, t.orders, t.kept),
-        compile_s={f: m.compile_s[tuple(x.shape)]
-                   for f, m in compiled.items()},
-        settle=opts.settle, order=opts.order, threads=threads,
+                    summary=t.describe(), samples=t.rounds),
+        settle=settle, order=order, threads=threads,
         times_ms={k: [s * 1e3 for s in v] for k, v in t.times.items()},
         orders=[list(o) for o in t.orders])
 
 
 def row_name(r: dict) -> str:
     return f'{r["arch"]} {r["height"]}x{r["width"]} batch {r["batch"]}'
-
-
-def row_line(row: dict) -> str:
-    """One progress line: latencies and ratios of a row."""
-    lat = ', '.join(f'{k} {v:.2f} ms' for k, v in row['latency_ms'].items())
-    rat = ', '.join(f'{k} {v["median"]:.3f}'
-                    for k, v in row['ratios'].items())
-    r = row['rounds']
-    dropped = f'; {r["dropped"]}/{r["total"]} rounds disturbed' + (
-        ' (BUSY: all kept)' if r['busy'] else ' (dropped)') \
-        if r['dropped'] else ''
-    return f'{row_name(row)}: {lat}; {rat}{dropped}'

@@ -1,13 +1,15 @@
 """mmrepvgg.benchmark: the forms of a backbone (the hand-built plain
-reference holds the deploy weights and computes the same function), the
-float32-noise equivalence check and peak activation memory."""
+reference holds the deploy weights and computes the same function) and the
+float32-noise equivalence check."""
 import pytest
 import torch
 import torch.nn as nn
 
-from mmrepvgg import benchmark as bm
+from mmrepvgg.benchmark import run as bm
+from mmrepvgg.benchmark.options import BenchmarkError
 from mmrepvgg.deploy.switch import count_params
 from mmrepvgg.deploy.verify import flatten_outputs
+from mmrepvgg.export.verify import TruthAndReference
 from mmrepvgg.testing import relative_error
 
 TINY = dict(num_blocks=(1, 2, 1, 1), width_factor=(0.25, 0.25, 0.25, 0.25))
@@ -39,11 +41,11 @@ def test_reference_equals_deploy(arch):
         assert d.shape == r.shape
         assert relative_error(d, r) <= 1e-6
         assert relative_error(t, d) <= 1e-4
-    truth, noise_ref = bm.reference.float32_noise(forms['training'], x)
+    truth, noise_ref = TruthAndReference(forms['training']).named(x)
     for name in ('deploy', 'reference'):
         with torch.inference_mode():
             cand = flatten_outputs(forms[name](x))
-        v = bm.reference.judge_form('tiny', name, truth, noise_ref, cand)
+        v = bm.judge_form('tiny', name, truth, noise_ref, cand)
         assert v['passed'] and v['num_outputs'] == 4
 
 
@@ -52,11 +54,11 @@ def test_equivalence_failure_names_both_errors():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():  # a wrong bias in one fused conv
         forms['deploy'].stage_2[0].conv_reparam.bias.add_(0.05)
-    truth, ref = bm.reference.float32_noise(forms['training'], x)
+    truth, ref = TruthAndReference(forms['training']).named(x)
     with torch.inference_mode():
         cand = flatten_outputs(forms['deploy'](x))
-    with pytest.raises(bm.BenchmarkError) as e:
-        bm.reference.judge_form('tiny 32x32', 'deploy', truth, ref, cand)
+    with pytest.raises(BenchmarkError) as e:
+        bm.judge_form('tiny 32x32', 'deploy', truth, ref, cand)
     msg = str(e.value)
     assert 'tiny 32x32' in msg and 'deploy model error vs float64 truth' in msg
     assert "training model's own float32 error" in msg
@@ -66,13 +68,3 @@ def test_reference_refuses_training_form():
     from mmrepvgg.models import RepVGG
     with pytest.raises(ValueError, match='not in deploy form'):
         bm.build_reference(RepVGG(arch=TINY))
-
-
-def test_peak_memory_counts_the_activations():
-    assert bm.peak_from_memory_events([(0, 10), (2, -10), (1, 5),
-                                       (3, 4)]) == 15
-    conv = nn.Conv2d(3, 8, 3, padding=1).eval()
-    x = torch.randn(1, 3, 64, 64)
-    peak = bm.peak_activation_bytes(conv, x)
-    assert peak >= 8 * 64 * 64 * 4  # at least its output
-    assert peak < 100 * 2**20

@@ -7,7 +7,9 @@ import pytest
 
 pytest.importorskip('onnxruntime')
 
-from mmrepvgg import benchmark as bm  # noqa: E402
+from mmrepvgg.benchmark import report  # noqa: E402
+from mmrepvgg.benchmark.options import BenchmarkError  # noqa: E402
+from mmrepvgg.benchmark.run import run_benchmark  # noqa: E402
 from mmrepvgg.export import openvino  # noqa: E402
 
 TINY = ('tiny', dict(num_blocks=(1, 1, 1, 1),
@@ -22,9 +24,9 @@ def _usable():
 
 def _run(forms, **kw):
     lines = []
-    rows = bm.run_benchmark([TINY], [(32, 32)], kw.pop('batches', [1]),
-                            forms=forms, repeats=2, warmup=1,
-                            log=lines.append, **kw)
+    rows = run_benchmark([TINY], [(32, 32)], kw.pop('batches', [1]),
+                         forms=forms, repeats=2, warmup=1,
+                         log=lines.append, **kw)
     return rows, lines
 
 
@@ -59,9 +61,9 @@ def test_compile_and_openvino_forms_side_by_side():
             assert prec['ov-bf16'] == 'INFERENCE_PRECISION_HINT bf16'
             assert 20 < acc['ov-bf16']['sqnr_db'] < 80
             assert r['skipped'] == {}
-    table = bm.format_table(rows)
+    table = report.format_table(rows)
     assert 'compile s' in table and 'ov-int8 ms' in table
-    assert 'INFERENCE_PRECISION_HINT f32' in bm.format_accuracy(rows)
+    assert 'INFERENCE_PRECISION_HINT f32' in report.format_accuracy(rows)
     assert any(ln.startswith('check tiny 32x32') and 'ov-fp32' in ln
                for ln in lines)
 
@@ -74,16 +76,16 @@ def test_ov_bf16_skipped_without_native_bf16(monkeypatch):
     assert list(r['latency_ms']) == ['deploy', 'ov-fp32']
     assert 'no native bfloat16' in r['skipped']['ov-bf16']
     assert any(ln.startswith('note: form ov-bf16 skipped') for ln in lines)
-    md = bm.format_markdown(rows, 'cmd', {}, {}, [])
+    md = report.format_markdown(rows, 'cmd', {}, {}, [])
     assert 'Skipped: ov-bf16 (OpenVINO reports no native bfloat16' in md
-    with pytest.raises(bm.BenchmarkError, match='every form asked for'):
+    with pytest.raises(BenchmarkError, match='every form asked for'):
         _run(['ov-bf16'])
 
 
 def test_unusable_openvino_is_one_line(monkeypatch):
     monkeypatch.setattr(openvino, '_verdict', {})
     monkeypatch.setattr(openvino, '_probe', lambda: 'simulated SIGFPE')
-    with pytest.raises(bm.BenchmarkError) as e:
+    with pytest.raises(BenchmarkError) as e:
         _run(['deploy', 'ov-fp32', 'ov-int8'])
     assert str(e.value) == ('--forms ov-fp32 ov-int8: OpenVINO is not '
                             'usable here: simulated SIGFPE')
@@ -100,7 +102,7 @@ def test_targets_of_the_fastest_forms():
                         'ort-fp32/deploy': 0.55, 'ov-fp32/deploy': 0.52,
                         'compile/deploy': 0.6}),
             _row('B3', {'ov-int8/deploy': 0.01})]
-    lines = bm.check_targets(rows, 'cpu')
+    lines = report.check_targets(rows)
     assert ('PASS fastest INT8 form/deploy <= 0.15 (A0, 224, CPU; ov-int8): '
             'A0 224x224 batch 1: 0.140') in lines
     assert ('MISS fastest float32 form/deploy <= 0.5 (A0, 224, CPU; '
