@@ -1,11 +1,7 @@
 """mmrepvgg: RepVGG blocks and backbones for mmdet, with exact deploy fusion.
 
-``import mmrepvgg`` registers ``RepVGGBlock``, ``QARepVGGBlock``, the
-``RepVGG`` backbone, ``RepVGGFPN`` and the hooks into mmdet's registries.
-It imports no checkpoint code: ``safe_loading`` and ``register_safe_globals``
-are resolved on first use (PEP 562). Nothing is allowlisted for
-``torch.load`` at import: ``load_checkpoint`` and ``with safe_loading():``
-scope it (docs/safe_loading.md).
+``import mmrepvgg`` registers the modules and hooks and loads no checkpoint
+code: ``safe_loading`` and ``register_safe_globals`` resolve on first use.
 """
 from .deploy import count_reparam_blocks, switch_to_deploy
 from .engine import SwitchToDeployHook

@@ -1,25 +1,8 @@
-"""Safe checkpoint I/O.
-
-:func:`load_checkpoint` reads torch's zip checkpoints without running any
-code a file names: after the archive checks below, ``data.pkl`` is read by
-:mod:`mmrepvgg.deploy.unpickle`, an interpreter of the pickle opcodes
-``torch.save`` writes that builds only data (tensors over the archive's own
-storage records, plain containers and scalars, numpy arrays, mmengine's
-``HistoryBuffer``), within bounds on depth, objects and hashing work.
-Archive checks, before anything is unpickled: a torch zip archive (not
-legacy, TorchScript, .npy/.npz, safetensors), every member stored
-uncompressed as ``torch.save`` writes it, its declared size equal to the
-bytes it holds and all members together no larger than the file (so members
-cannot overlap, and reading them all reads the file once), ``data.pkl``
-at most :data:`MAX_PICKLE_BYTES`, every member's CRC-32
-(torch itself never checks them). ``docs/safe_loading.md`` says why this is
-enough.
-
-Scope: nothing is registered at import. :func:`safe_loading` routes
-mmengine's loads of local checkpoints (``load_from``, ``resume``,
-``init_cfg=dict(type='Pretrained')``) through :func:`load_checkpoint` while
-a block runs; :func:`register_safe_globals` does so for the rest of the
-process. torch's own ``weights_only`` allowlist is never extended.
+"""Safe checkpoint I/O (docs/safe_loading.md): :func:`load_checkpoint`
+checks the zip archive (members stored, sizes consistent, CRCs right,
+``data.pkl`` bounded), then :mod:`mmrepvgg.deploy.unpickle` reads it.
+:func:`safe_loading` and :func:`register_safe_globals` route mmengine's
+loads of local files through it; nothing is registered at import.
 """
 import contextlib
 import os
@@ -31,13 +14,8 @@ from typing import Any, BinaryIO, Iterator
 import torch
 
 from mmrepvgg.deploy.unpickle import Refused, unpickle
-from mmrepvgg.utils.cli import ToolError
+from mmrepvgg.utils.cli import ToolError, error_message
 from mmrepvgg.utils.fileio import atomic_write
-
-__all__ = [
-    'CheckpointError', 'atomic_write', 'load_checkpoint',
-    'register_safe_globals', 'safe_loading', 'save_checkpoint'
-]
 
 #: Largest ``data.pkl`` read (tensor data lives in other members).
 MAX_PICKLE_BYTES = 256 << 20
@@ -45,23 +23,18 @@ _UNSAFE_HINT = 'pass --unsafe-load only if you trust this file'
 
 
 class CheckpointError(ToolError, RuntimeError):
-    """A checkpoint file that cannot be read or written (the message names
-    the file and what was expected)."""
+    """A checkpoint file that cannot be read or written."""
 
 
-# ------------------------------------------------------------ file formats
 _ZIP_MAGIC = b'PK\x03\x04'
 _EMPTY_ZIP_MAGIC = b'PK\x05\x06'
 _NPY_MAGIC = b'\x93NUMPY'
 _CHUNK = 1 << 20
 
 
-def _legacy_magic() -> bytes:
-    # torch.save(..., _use_new_zipfile_serialization=False) starts with the
-    # pickled MAGIC_NUMBER (a LONG1 opcode) right after the protocol header.
-    magic = torch.serialization.MAGIC_NUMBER
-    return b'\x8a\x0a' + magic.to_bytes(10, 'little')
-
+# torch's legacy format pickles MAGIC_NUMBER (LONG1) after the header.
+_LEGACY_MAGIC = b'\x8a\x0a' + torch.serialization.MAGIC_NUMBER.to_bytes(
+    10, 'little')
 
 def _not_torch(path: str, what: str) -> CheckpointError:
     return CheckpointError(
@@ -73,7 +46,7 @@ def _sniff(path: str, head: bytes) -> str:
     """'zip' or 'legacy' for torch.save's formats, else CheckpointError."""
     if head.startswith(_ZIP_MAGIC):
         return 'zip'
-    if head.startswith(b'\x80') and _legacy_magic() in head[:32]:
+    if head.startswith(b'\x80') and _LEGACY_MAGIC in head[:32]:
         return 'legacy'
     if head.startswith(_EMPTY_ZIP_MAGIC):
         raise _not_torch(path, 'an empty zip archive')
@@ -87,9 +60,7 @@ def _sniff(path: str, head: bytes) -> str:
 
 
 def _check_archive(path: str, f: BinaryIO) -> zipfile.ZipFile:
-    """The open archive, once it is known to be a complete torch archive:
-    ``data.pkl`` present and bounded, every member stored uncompressed, every
-    CRC right (torch's reader checks none). Streams every member once."""
+    """The open archive, once every member is streamed and checked."""
     try:
         archive = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
@@ -146,12 +117,17 @@ def _check_archive(path: str, f: BinaryIO) -> zipfile.ZipFile:
     return archive
 
 
-def _storage_reader(path: str, archive: zipfile.ZipFile, prefix: str):
-    """``storage(key, dtype, numel)`` for the unpickler: a fresh flat tensor
-    holding the record ``<prefix>data/<key>``, whose size must be exactly
-    ``numel`` elements of ``dtype``."""
+def _load_zip(path: str, archive: zipfile.ZipFile) -> Any:
+    pickle_name = next(n for n in archive.namelist()
+                       if n == 'data.pkl' or n.endswith('/data.pkl'))
+    prefix = pickle_name[:-len('data.pkl')]
+    order = f'{prefix}byteorder'
+    if order in archive.namelist() and archive.read(order) != b'little':
+        raise CheckpointError(f'{path}: a big-endian checkpoint; only '
+                              'little-endian ones are read')
 
     def storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        # A fresh flat tensor of the record <prefix>data/<key>, numel long.
         name = f'{prefix}data/{key}'
         try:
             info = archive.getinfo(name)
@@ -168,20 +144,8 @@ def _storage_reader(path: str, archive: zipfile.ZipFile, prefix: str):
                 raise Refused(f'storage {key}: record {name} is short')
         return data.view(dtype)
 
-    return storage
-
-
-def _load_zip(path: str, archive: zipfile.ZipFile) -> Any:
-    pickle_name = next(n for n in archive.namelist()
-                       if n == 'data.pkl' or n.endswith('/data.pkl'))
-    prefix = pickle_name[:-len('data.pkl')]
-    order = f'{prefix}byteorder'
-    if order in archive.namelist() and archive.read(order) != b'little':
-        raise CheckpointError(f'{path}: a big-endian checkpoint; only '
-                              'little-endian ones are read')
     try:
-        return unpickle(archive.read(pickle_name),
-                        _storage_reader(path, archive, prefix))
+        return unpickle(archive.read(pickle_name), storage)
     except Refused as e:
         if e.trust:
             raise CheckpointError(
@@ -193,14 +157,9 @@ def _load_zip(path: str, archive: zipfile.ZipFile) -> Any:
             'corrupt)') from None
     except (ValueError, TypeError, RuntimeError, OverflowError,
             MemoryError, IndexError, KeyError, EOFError) as e:
-        msg = _first_line(str(e))
         raise CheckpointError(
             f'{path}: not a valid checkpoint, truncated or corrupt '
-            f'({type(e).__name__}{": " + msg if msg else ""})') from None
-
-
-def _first_line(msg: str) -> str:
-    return msg.strip().splitlines()[0] if msg.strip() else ''
+            f'({error_message(e)})') from None
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -216,32 +175,13 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-# ------------------------------------------------------------------ loading
 def load_checkpoint(path: str,
                     map_location: Any = 'cpu',
                     unsafe: bool = False) -> Any:
-    """Load a checkpoint file written by ``torch.save``, safely.
-
-    The file must be torch's zip format; its archive is checked first (see
-    the module docstring), then ``data.pkl`` is read by
-    :func:`mmrepvgg.deploy.unpickle.unpickle`.
-
-    Args:
-        path (str): checkpoint file.
-        map_location: ``None``, ``'cpu'`` or a device (string or
-            ``torch.device``) the tensors are moved to. Defaults to 'cpu'.
-        unsafe (bool): ``torch.load(weights_only=False)`` instead: only for
-            files you trust (a malicious pickle runs code). The format and
-            CRC checks still apply; torch's legacy format loads only so.
-
-    Returns:
-        The unpickled object (mmengine checkpoints: a dict).
-
-    Raises:
-        CheckpointError: naming ``path``: missing, empty, not a PyTorch
-            checkpoint (random bytes, .npy/.npz, safetensors, TorchScript),
-            truncated, compressed, CRC mismatch, or a pickle outside what
-            torch, numpy and mmengine write (the construct is named).
+    """Load a file written by ``torch.save`` safely, onto ``map_location``
+    (None, 'cpu' or a device), or raise :class:`CheckpointError`. ``unsafe``:
+    ``torch.load(weights_only=False)`` for trusted files only (the archive
+    checks still apply; torch's legacy format loads only so).
     """
     path = os.fspath(path)
     if not osp.exists(path):
@@ -280,15 +220,13 @@ def load_checkpoint(path: str,
                 return torch.load(f, map_location=map_location,
                                   weights_only=False)
             except Exception as e:  # any error of a trusted file's pickle
-                raise CheckpointError(
-                    f'{path}: cannot be loaded '
-                    f'({type(e).__name__}: {_first_line(str(e))})') from None
+                raise CheckpointError(f'{path}: cannot be loaded '
+                                      f'({error_message(e)})') from None
         with _check_archive(path, f) as archive:
             obj = _load_zip(path, archive)
     return obj if device.type == 'cpu' else _to_device(obj, device)
 
 
-# ------------------------------------------- mmengine's loads of local files
 _LOCK = threading.RLock()
 _DEPTH = 0
 _PERMANENT = False
@@ -297,9 +235,8 @@ _UNSAFE = [False]
 
 
 def _mmengine_local_loader(filename: str, map_location: Any = None) -> Any:
-    """mmengine's local checkpoint scheme, through :func:`load_checkpoint`
-    (``'default'`` and callables map to the CPU: mmengine copies the
-    weights into the model and the optimizer moves its state itself)."""
+    # 'default' and callables map to the CPU: mmengine copies the weights
+    # into the model and the optimizer moves its state itself.
     if not isinstance(map_location, (str, torch.device)):
         map_location = 'cpu'
     return load_checkpoint(osp.expanduser(filename), map_location,
@@ -318,12 +255,7 @@ def _route(on: bool) -> None:
 
 def register_safe_globals() -> None:
     """Route mmengine's loads of local checkpoints through
-    :func:`load_checkpoint` for the rest of the process.
-
-    Not done by ``import mmrepvgg``: programs that ask for it (mmdet's own
-    ``tools/train.py --resume`` with ``custom_imports=['mmrepvgg']``) call
-    it. Idempotent.
-    """
+    :func:`load_checkpoint` for the rest of the process (idempotent)."""
     global _PERMANENT
     with _LOCK:
         if not _PERMANENT and _DEPTH == 0:
@@ -333,22 +265,9 @@ def register_safe_globals() -> None:
 
 @contextlib.contextmanager
 def safe_loading(unsafe: bool = False) -> Iterator[None]:
-    """Route mmengine's loads of local checkpoints (``load_from``,
-    ``resume``, ``Pretrained`` init) through :func:`load_checkpoint` while
-    the block runs.
-
-    Re-entrant (the outermost block decides ``unsafe`` and restores
-    mmengine's loader at its end) and thread-safe, but process-wide while
-    active, like mmengine's scheme table itself.
-
-    Args:
-        unsafe (bool): load with ``weights_only=False`` (trusted files).
-
-    Example::
-
-        with safe_loading():
-            runner.train()
-    """
+    """Route mmengine's loads of local checkpoints through
+    :func:`load_checkpoint` while the block runs; re-entrant (the outermost
+    block decides ``unsafe``), thread-safe, but process-wide."""
     global _DEPTH
     with _LOCK:
         if _DEPTH == 0:
@@ -367,14 +286,10 @@ def safe_loading(unsafe: bool = False) -> Iterator[None]:
                     _route(False)
 
 
-# ------------------------------------------------------------------ saving
 def save_checkpoint(obj: Any, path: str) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically.
-
-    Raises:
-        CheckpointError: naming ``path`` when the write fails part-way
-            (disk full, quota, file size limit); ``path`` is left as it was.
-    """
+    """``torch.save`` ``obj`` to ``path`` atomically; a failed write
+    (disk full, quota) raises :class:`CheckpointError` and leaves ``path``
+    as it was."""
     try:
         atomic_write(path, lambda tmp: torch.save(obj, tmp))
     except OSError as e:

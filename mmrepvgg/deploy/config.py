@@ -1,4 +1,5 @@
-"""Turn a training config into its deploy twin (``deploy=True`` everywhere)."""
+"""A training config's deploy twin (``deploy=True`` wherever a module takes
+it)."""
 import copy
 import inspect
 from typing import Any, Callable, Optional
@@ -34,49 +35,32 @@ def drop_pretrained(node: dict) -> None:
         node['init_cfg'] = None
 
 
-def set_deploy(node: Any, lookup: Callable[[str], Any]) -> int:
-    """Set ``deploy=True`` in place on every module config of ``node`` whose
-    registered class takes a ``deploy`` argument and has ``switch_to_deploy``.
-
-    Pretrained ``init_cfg`` of those modules is dropped (the deploy weights
-    come from the converted checkpoint). Returns the number of configs set.
-    """
-    count = 0
-
-    def visit(cfg: dict) -> None:
-        nonlocal count
-        t = cfg.get('type')
-        cls = lookup(t) if isinstance(t, str) else (
-            t if inspect.isclass(t) else None)
-        if cls is not None and _accepts_deploy(cls):
-            cfg['deploy'] = True
-            drop_pretrained(cfg)
-            count += 1
-
-    walk_dicts(node, visit)
-    return count
-
-
 def make_deploy_config(cfg: Config,
                        lookup: Callable[[str], Any],
                        load_from: Optional[str] = None) -> Config:
-    """Deploy twin of ``cfg``: a copy whose model builds in fused form.
-
-    Args:
-        cfg (Config): training config.
-        lookup (callable): maps a ``type`` string to its class (e.g. mmdet's
-            ``MODELS.get``).
-        load_from (str, optional): checkpoint the twin loads by default.
-
-    Raises:
-        ValueError: if the model config has no re-parameterizable module.
+    """A copy of ``cfg`` whose model builds in fused form: ``deploy=True``
+    (and no Pretrained ``init_cfg``) in every module config whose class
+    (``lookup(type)``, e.g. mmdet's ``MODELS.get``) takes ``deploy`` and has
+    ``switch_to_deploy``; ``ValueError`` if there is none.
     """
     new = Config(copy.deepcopy(cfg.to_dict()),
                  filename=getattr(cfg, 'filename', None))
     model = new.get('model')
     if not isinstance(model, (dict, ConfigDict)):
         raise ValueError('config has no "model" dict')
-    if set_deploy(model, lookup) == 0:
+    found = []
+
+    def visit(node: dict) -> None:
+        t = node.get('type')
+        cls = lookup(t) if isinstance(t, str) else (
+            t if inspect.isclass(t) else None)
+        if cls is not None and _accepts_deploy(cls):
+            node['deploy'] = True
+            drop_pretrained(node)
+            found.append(node)
+
+    walk_dicts(model, visit)
+    if not found:
         raise ValueError('config model has no module with a deploy option '
                          '(RepVGG, RepVGGBlock, ...)')
     new.load_from = load_from

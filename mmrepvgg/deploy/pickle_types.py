@@ -1,18 +1,15 @@
-"""What a checkpoint's pickle may build, for :mod:`mmrepvgg.deploy.unpickle`.
-
-Each allowed global of a pickle maps to a token of this module: a value
-(torch dtypes), a storage type, or a function that checks its arguments and
-builds a fresh object (tensors over archive storages, numpy arrays, dtypes
-and scalars, ``OrderedDict``, ``HistoryBuffer``). Objects that numpy and
-mmengine complete with a ``BUILD`` are returned as :class:`Pending` and
-built from the checked state by the interpreter.
+"""What a checkpoint's pickle may build, for :mod:`mmrepvgg.deploy.unpickle`:
+each allowed global maps to a token, a value (torch dtypes), a storage type
+or a function that checks its arguments and builds a fresh object. Objects
+that numpy and mmengine complete with a ``BUILD`` are :class:`Pending` until
+the interpreter builds them from the checked state.
 """
 import collections
 import math
 import pickle
 import re
 import reprlib
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,12 +20,9 @@ _MAX_DIMS = 64
 
 
 class Refused(pickle.UnpicklingError):
-    """A pickle construct outside what torch, numpy and mmengine write.
-
-    ``trust`` is True when the construct is legitimate elsewhere but not
-    allowed here (an object array, a custom class): ``--unsafe-load`` may be
-    the way out for a trusted file.
-    """
+    """A pickle construct outside what torch, numpy and mmengine write;
+    ``trust``: legitimate elsewhere (an object array, a custom class), so
+    ``--unsafe-load`` may be the way out for a trusted file."""
 
     def __init__(self, what: str, trust: bool = False) -> None:
         super().__init__(what)
@@ -42,34 +36,26 @@ _REPR.maxstring = _REPR.maxother = 80
 
 
 def short(v: Any) -> str:
-    """A bounded ``repr`` of a value from the pickle, for a message (a 256 MB
-    string or a million-deep tuple stays one short line)."""
+    """A bounded ``repr`` for a message (a 256 MB string or a million-deep
+    tuple stays one short line)."""
     return _REPR.repr(v)
 
 
-# ------------------------------------------------------------------ tokens
 class Token:
-    """An allowed global: inert, only meaningful to this interpreter."""
-    __slots__ = ('name', )
+    """An allowed global, only meaningful to this interpreter; calling it
+    runs ``fn``, which checks the arguments and builds a fresh object."""
+    __slots__ = ('name', 'fn')
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, fn: Optional[Callable] = None) -> None:
         self.name = name
+        self.fn = fn
 
     def __repr__(self) -> str:
         return f'<{self.name}>'
 
     def reduce(self, args: tuple) -> Any:
-        raise Refused(f'{self.name} cannot be called')
-
-
-class _Function(Token):
-    __slots__ = ('fn', )
-
-    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
-        super().__init__(name)
-        self.fn = fn
-
-    def reduce(self, args: tuple) -> Any:
+        if self.fn is None:
+            raise Refused(f'{self.name} cannot be called')
         return self.fn(*args)
 
 
@@ -81,17 +67,15 @@ class StorageType(Token):
         self.dtype = dtype
 
 
-#: Tensor views may cover at most this many times the bytes of the storage
-#: records loaded (plus :data:`VIEW_SLACK_BYTES`): a stride-0 view of a tiny
-#: record would otherwise make its first reader allocate any size.
+#: Tensor views may cover at most this many times the bytes of the records
+#: (plus the slack), so that no stride-0 view makes a reader allocate more.
 VIEW_FACTOR = 4
 VIEW_SLACK_BYTES = 1 << 20
 
 
 class Storage:
-    """A storage record of the archive, as a flat tensor; ``budget`` is the
-    one-element list, shared by every storage of a load, of the bytes tensor
-    views may still cover."""
+    """A storage record of the archive as a flat tensor; ``budget``: the
+    load's shared one-element list of the bytes views may still cover."""
     __slots__ = ('data', 'budget')
 
     def __init__(self, data: torch.Tensor, budget: List[int]) -> None:
@@ -110,7 +94,6 @@ class Pending:
         self.memo_keys: List[int] = []
 
 
-# ---------------------------------------------------------- value checks
 def int_in_range(v: Any, what: str, low: int = 0, high: int = 1 << 62) -> int:
     if type(v) is not int or not low <= v <= high:
         raise Refused(f'{what}: expected an int in [{low}, {high}], got '
@@ -147,7 +130,6 @@ def check_item(v: Any) -> Any:
     return v
 
 
-# ------------------------------------------------------------------- torch
 def _rebuild_tensor(storage: Any,
                     offset: Any,
                     size: Any,
@@ -196,10 +178,6 @@ def _rebuild_parameter(data: Any, requires_grad: Any,
     return torch.nn.Parameter(data, requires_grad)
 
 
-def _size(dims: Any) -> torch.Size:
-    return torch.Size(_ints(dims, 'torch.Size'))
-
-
 def _device(name: Any, index: Any = None) -> torch.device:
     if type(name) is not str or not re.fullmatch(r'[a-z]{1,16}(:\d{1,4})?',
                                                  name) or index is not None:
@@ -243,7 +221,6 @@ _STORAGES = dict(
     CharStorage=torch.int8, ByteStorage=torch.uint8, BoolStorage=torch.bool,
     ComplexFloatStorage=torch.complex64, ComplexDoubleStorage=torch.complex128)
 
-# ------------------------------------------------------------------- numpy
 #: Plain numeric dtypes as numpy's ``dtype.__reduce__`` names them.
 _NP_CODES = ('b1', 'i1', 'i2', 'i4', 'i8', 'u1', 'u2', 'u4', 'u8', 'f2',
              'f4', 'f8', 'c8', 'c16')
@@ -344,7 +321,6 @@ def _empty_bytes(*args: Any) -> bytes:
     return b''
 
 
-# ---------------------------------------------------------------- mmengine
 _STATISTICS = ('min', 'max', 'current', 'mean')
 
 
@@ -387,36 +363,36 @@ def _history_buffer(*args: Any) -> Pending:
     return Pending('HistoryBuffer', build)
 
 
-HISTORY = _Function('mmengine HistoryBuffer', _history_buffer)
+HISTORY = Token('mmengine HistoryBuffer', _history_buffer)
 
 
 def allowed_globals() -> Dict[Tuple[str, str], Any]:
     out: Dict[Tuple[str, str], Any] = {
-        ('collections', 'OrderedDict'): _Function('OrderedDict',
-                                                  _ordered_dict),
-        ('torch._utils', '_rebuild_tensor_v2'): _Function(
+        ('collections', 'OrderedDict'): Token('OrderedDict', _ordered_dict),
+        ('torch._utils', '_rebuild_tensor_v2'): Token(
             'tensor', _rebuild_tensor),
-        ('torch._utils', '_rebuild_parameter'): _Function(
+        ('torch._utils', '_rebuild_parameter'): Token(
             'Parameter', _rebuild_parameter),
-        ('torch', 'Size'): _Function('torch.Size', _size),
-        ('torch', 'device'): _Function('torch.device', _device),
+        ('torch', 'Size'): Token(
+            'torch.Size', lambda dims: torch.Size(_ints(dims, 'torch.Size'))),
+        ('torch', 'device'): Token('torch.device', _device),
         ('torch', 'UntypedStorage'): StorageType('UntypedStorage',
                                                  torch.uint8),
-        ('_codecs', 'encode'): _Function('_codecs.encode', _encode),
+        ('_codecs', 'encode'): Token('_codecs.encode', _encode),
         ('numpy', 'ndarray'): _NDARRAY,
-        ('numpy', 'dtype'): _Function('numpy.dtype', _np_dtype_new),
+        ('numpy', 'dtype'): Token('numpy.dtype', _np_dtype_new),
     }
     for name in _DTYPE_NAMES:
         out['torch', name] = getattr(torch, name)
     for name, dtype in _STORAGES.items():
         out['torch', name] = StorageType(name, dtype)
     for module in ('numpy._core.multiarray', 'numpy.core.multiarray'):
-        out[module, '_reconstruct'] = _Function('numpy _reconstruct',
-                                                _np_reconstruct)
-        out[module, 'scalar'] = _Function('numpy scalar', _np_scalar)
+        out[module, '_reconstruct'] = Token('numpy _reconstruct',
+                                            _np_reconstruct)
+        out[module, 'scalar'] = Token('numpy scalar', _np_scalar)
     for module in ('builtins', '__builtin__'):
-        out[module, 'bytes'] = _Function('bytes', _empty_bytes)
-        out[module, 'getattr'] = _Function('getattr', _history_statistic)
+        out[module, 'bytes'] = Token('bytes', _empty_bytes)
+        out[module, 'getattr'] = Token('getattr', _history_statistic)
     for module in ('mmengine.logging.history_buffer', 'mmengine.logging'):
         out[module, 'HistoryBuffer'] = HISTORY
     return out

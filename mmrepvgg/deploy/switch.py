@@ -9,11 +9,8 @@ from mmrepvgg.models.layers.repvgg_block import is_reparam_block
 
 
 def deepcopy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that shares process groups instead of copying them.
-
-    mmcv's MMSyncBN keeps its ``torch.distributed`` process group as an
-    attribute, which cannot be copied; the copy refers to the same group.
-    """
+    """``copy.deepcopy`` sharing process groups (mmcv's MMSyncBN holds one,
+    which cannot be copied) instead of copying them."""
     memo = {}
     try:
         from torch.distributed import ProcessGroup
@@ -28,14 +25,8 @@ def deepcopy_model(model: nn.Module) -> nn.Module:
 
 
 def count_reparam_blocks(model: nn.Module) -> dict:
-    """Count re-parameterizable blocks of ``model``.
-
-    A block is what :func:`~mmrepvgg.models.is_reparam_block` accepts
-    (RepVGGBlock, QARepVGGBlock and any compatible block).
-
-    Returns:
-        dict: ``{'total': n, 'deployed': n_deployed}``.
-    """
+    """``{'total': n, 'deployed': n_deployed}`` of the re-parameterizable
+    blocks of ``model``."""
     total = deployed = 0
     for m in model.modules():
         if is_reparam_block(m):
@@ -53,25 +44,9 @@ def switch_to_deploy(model: nn.Module,
                      inplace: bool = False,
                      test_cfg: Optional[dict] = None,
                      verbose: bool = True) -> nn.Module:
-    """Convert every re-parameterizable submodule of ``model`` to deploy form.
-
-    Every submodule (the model itself included) that has a
-    ``switch_to_deploy`` method is switched, so a whole detector (backbone,
-    neck and heads built from RepVGG blocks) is converted, not only the
-    backbone. The result is put in eval mode.
-
-    Args:
-        model (nn.Module): any model.
-        inplace (bool): convert ``model`` itself. By default a deep copy is
-            converted and ``model`` is left untouched.
-        test_cfg (dict, optional): passed to each ``switch_to_deploy``.
-        verbose (bool): log how many blocks were converted.
-
-    Returns:
-        nn.Module: the converted model (``model`` itself when ``inplace``).
-        The number of blocks converted is logged; use
-        :func:`count_reparam_blocks` to query it programmatically.
-    """
+    """Call ``switch_to_deploy(test_cfg)`` of every submodule that has it
+    (the model included) on a deep copy, or on ``model`` when ``inplace``;
+    return it in eval mode (``verbose``: log the number of blocks)."""
     if not isinstance(model, nn.Module):
         raise TypeError(
             f'model must be a torch.nn.Module, got {type(model).__name__}')
@@ -86,10 +61,9 @@ def switch_to_deploy(model: nn.Module,
             module.switch_to_deploy(test_cfg)
     model.eval()
     counts = count_reparam_blocks(model)
-    switched = counts['deployed'] - before
     if verbose:
         print_log(
-            f'switch_to_deploy: converted {switched} block(s); '
-            f'{counts["deployed"]}/{counts["total"]} now in deploy form',
-            logger='current')
+            f'switch_to_deploy: converted {counts["deployed"] - before} '
+            f'block(s); {counts["deployed"]}/{counts["total"]} now in deploy '
+            'form', logger='current')
     return model

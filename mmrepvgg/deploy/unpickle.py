@@ -1,36 +1,9 @@
 """A restricted unpickler for torch checkpoints: it reads data, never code.
 
-``torch.load(weights_only=True)`` runs torch's allowlisted unpickler, whose
-guarantees depend on every allowlisted callable being harmless for every
-argument: ``torch.ByteTensor(n)`` hands out uninitialised memory, tuple keys
-nested a million deep crash CPython's hashing, ``HistoryBuffer.__setstate__``
-rewrites class-wide state. This module does not call anything a pickle
-names. It interprets the protocol-2 opcodes ``torch.save`` writes on a stack
-of its own, and each allowed global is a token whose meaning is defined
-here:
-
-- values: None, bool, int, float, str, bytes (``_codecs.encode(s,
-  'latin1')``), tuple, list, dict, ``collections.OrderedDict`` (with torch's
-  ``_metadata`` attribute), torch dtypes, ``torch.Size``, ``torch.device``;
-- tensors: ``_rebuild_tensor_v2`` / ``_rebuild_parameter`` over a storage
-  that exists only as a record of the archive (``storage(key, dtype,
-  numel)``, supplied by the caller, checks the record's size): no size in
-  the pickle allocates anything; offsets, sizes and strides must lie inside
-  the storage, and all views together cover at most a few times the bytes
-  of the records (so no stride-0 view makes a reader allocate any size);
-- numpy: plain numeric arrays, dtypes and scalars, built fresh from bytes of
-  exactly the declared size (numpy's own ``__setstate__`` never runs on an
-  object the pickle can reach);
-- mmengine's ``HistoryBuffer``: built through its constructor from a checked
-  state; its class-wide statistics table is never touched.
-
-Bounds, so that no file crashes, hangs or exhausts the process: work per
-opcode is linear in its argument; objects created and memo entries are
-counted; dict keys are scalars or flat tuples of scalars (so hashing is
-bounded and cannot recurse); after loading, the result must be acyclic, at
-most :data:`MAX_DEPTH` deep and at most :data:`MAX_NODES` nodes when shared
-references are unfolded (so any later traversal, printing or copying is
-bounded too).
+Unlike ``torch.load(weights_only=True)``, it calls nothing a pickle names:
+it interprets the protocol-2 opcodes ``torch.save`` writes, each allowed
+global being a token of :mod:`mmrepvgg.deploy.pickle_types`, within bounds
+on work, opcodes, depth and size (docs/safe_loading.md).
 """
 import collections
 import io
@@ -55,24 +28,14 @@ MAX_NODES = 1 << 24
 MAX_OPS = 1 << 22
 
 StorageLoader = Callable[[str, torch.dtype, int], torch.Tensor]
-__all__ = ['Refused', 'unpickle', 'MAX_DEPTH', 'MAX_NODES', 'MAX_OPS']
 
 _GLOBALS: Dict[Tuple[str, str], Any] = {}
 
 
-# ------------------------------------------------------------- interpreter
 def unpickle(data: bytes, storage: StorageLoader) -> Any:
-    """Load the pickle ``data`` (a checkpoint's ``data.pkl``).
-
-    Args:
-        data (bytes): the pickle.
-        storage: ``storage(key, dtype, numel)`` returns the flat tensor of
-            the archive's record ``data/<key>``, or raises :class:`Refused`.
-
-    Raises:
-        Refused: anything outside the module docstring's list or bounds.
-        ValueError: a truncated or malformed pickle (from pickletools).
-    """
+    """Load a checkpoint's ``data.pkl``; ``storage(key, dtype, numel)`` is
+    the flat tensor of the record ``data/<key>``. Raises :class:`Refused`,
+    or ``ValueError`` for a truncated or malformed pickle."""
     if not _GLOBALS:
         _GLOBALS.update(allowed_globals())
     stack: List[Any] = []
@@ -240,9 +203,8 @@ def _children(obj: Any) -> Any:
 
 
 def _check_graph(root: Any) -> None:
-    """The loaded object must be acyclic, at most :data:`MAX_DEPTH` deep,
-    of at most :data:`MAX_NODES` nodes with shared references unfolded, and
-    hold only the allowed types (no interpreter tokens)."""
+    """The result must be acyclic, within :data:`MAX_DEPTH` and
+    :data:`MAX_NODES` (shared references unfolded), of allowed types only."""
     try:
         from mmengine.logging import HistoryBuffer
     except ImportError:  # without mmengine no pickle can build one

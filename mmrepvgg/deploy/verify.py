@@ -1,29 +1,8 @@
-"""Judging a float32 result by the network's own float32 rounding noise.
-
-A fused network cannot be compared with its training form against a fixed
-float32 number: how far two float32 evaluations of the same function drift
-apart depends on depth, on the CPU's instruction set (SSE4.1, AVX2, AVX-512
-kernels sum in different orders) and on the thread count. What does not
-depend on the machine is the *ratio* between two float32 errors measured in
-the same run against the same float64 truth:
-
-* ``truth``: the training form evaluated in float64 (exact far beyond
-  float32);
-* ``noise``: the training form in float32 vs ``truth``: how much float32
-  rounding alone moves this network's output on this machine;
-* ``error``: the candidate (deploy form, ONNX graph, ...) in float32 vs
-  ``truth``.
-
-A correct candidate is one more float32 evaluation of the same function, so
-its error is of the order of the noise (measured ratios in
-``docs/exactness.md``); a wrong kernel or bias moves the output by orders of
-magnitude more. The check therefore is ``error <= factor * max(noise,
-FP32_EPS)`` per output tensor, with :data:`NOISE_FACTOR` as the default
-factor. ``FP32_EPS`` (one float32 ulp at 1.0) keeps a network whose float32
-output happens to be exact from demanding an exact candidate.
-
-Nothing here imports mmdet; every function takes plain tensors or dicts of
-tensors.
+"""Judging a float32 result by the network's own float32 noise, which
+depends on depth, CPU and threads: against the float64 ``truth``, a
+candidate's ``error`` must be within ``factor * max(noise, FP32_EPS)``,
+``noise`` being the reference form's own float32 error measured in the same
+run (docs/exactness.md). Plain tensors only; no mmdet.
 """
 import copy
 from collections import OrderedDict
@@ -38,26 +17,22 @@ from mmrepvgg.utils.cli import ToolError, preview
 #: One float32 ulp at 1.0 (2**-23): no float32 result is expected closer.
 FP32_EPS = float(torch.finfo(torch.float32).eps)
 
-#: Bound on a single block's fusion error in float64: far above the
-#: rounding of the float64 maths (docs/exactness.md), far below the effect
-#: of any wrong kernel or bias.
+#: Bound on one block's fusion error in float64: far above float64
+#: rounding, far below the effect of any wrong kernel or bias.
 BLOCK_FP64_TOL = 1e-9
 
-#: Default allowed ratio of a candidate's float32 error to the reference
-#: form's own float32 error, both against the float64 truth.
+#: Default allowed ratio of a candidate's float32 error to the noise.
 NOISE_FACTOR = 4.0
 
 
 class NonFiniteError(ToolError, ValueError):
-    """A weight, statistic or output that is NaN or infinite (or a negative
-    batch-norm variance); the message names the first offending key."""
+    """A NaN or infinite tensor, or a negative batch-norm variance."""
 
 
 def relative_error(reference, other) -> float:
-    """``max|a - b| / max|a|`` in float64 (``max|a - b|`` when ``a`` is all
-    zero) of two tensors or arrays (numpy, or anything ``torch.as_tensor``
-    takes). Any NaN or infinity in either gives ``inf``: a comparison that
-    could not be measured never reads as a match."""
+    """``max|a - b| / max|a|`` (``max|a - b|`` when ``a`` is all zero) in
+    float64 of two tensors or arrays; ``inf`` if either holds a NaN or an
+    infinity, so that an unmeasurable comparison never reads as a match."""
     ref = torch.as_tensor(reference).detach().double()
     oth = torch.as_tensor(other).detach().double()
     if ref.shape != oth.shape:
@@ -88,8 +63,8 @@ def first_non_finite(tensors: Mapping[str, Any]) -> Optional[str]:
 
 
 def check_finite(tensors: Mapping[str, Any], what: str) -> None:
-    """Raise :class:`NonFiniteError` naming ``what`` and the first key whose
-    tensor is not finite (or a negative ``running_var``)."""
+    """:class:`NonFiniteError` naming ``what`` and the first key that
+    :func:`first_non_finite` finds."""
     key = first_non_finite(tensors)
     if key is None:
         return
@@ -126,33 +101,12 @@ def judge_fp32(truth: Mapping[str, torch.Tensor],
                candidate: Mapping[str, torch.Tensor],
                factor: float = NOISE_FACTOR,
                tolerance: Optional[float] = None) -> Dict[str, Any]:
-    """Judge ``candidate`` (float32) against the float64 ``truth`` with the
-    float32 ``reference`` as the measure of rounding noise.
-
-    Per output ``k``: ``error = rel(truth, candidate)``, ``noise =
-    rel(truth, reference)``; the output passes if ``error <= factor *
-    max(noise, FP32_EPS)`` or, when ``tolerance`` is given, if ``error <=
-    tolerance`` (a fixed bound that replaces the noise criterion).
-
-    Args:
-        truth: float64 outputs of the reference form, by name.
-        reference: float32 outputs of the reference form (same names).
-        candidate: float32 outputs of the form under test (same names).
-        factor (float): allowed ratio error / noise. Defaults to
-            :data:`NOISE_FACTOR`.
-        tolerance (float, optional): fixed relative-error bound instead.
-
-    Returns:
-        dict: ``passed`` (bool), ``error`` and ``noise`` and ``ratio`` of the
-        worst output (largest ``error / allowed``), its name ``worst``,
-        ``max_error``, ``max_noise``, ``max_ratio`` over all outputs,
-        ``num_outputs``, ``criterion`` (text) and ``outputs`` (per-name
-        ``(error, noise)``).
-
-    Raises:
-        ValueError: names differ or shapes differ.
-        NonFiniteError: ``truth`` or ``reference`` is not finite (the model
-            itself is broken; nothing can be judged).
+    """Judge the float32 ``candidate`` outputs against the float64
+    ``truth``, the float32 ``reference`` outputs (all by name) measuring the
+    noise; a ``tolerance`` is a fixed relative bound instead. Returns
+    ``passed``, the worst output's ``error``, ``noise``, ``ratio`` and name
+    (``worst``), ``max_*`` over all outputs, per-name ``outputs``, and the
+    ``criterion``. ``NonFiniteError`` if the reference form is not finite.
     """
     if not factor > 0:
         raise ValueError(f'factor must be > 0, got {factor!r}')
@@ -201,18 +155,11 @@ def judge_fp32(truth: Mapping[str, torch.Tensor],
 @torch.no_grad()
 def blockwise_fp64_error(model: nn.Module, run: Callable[[], Any]
                          ) -> Tuple[float, str]:
-    """Worst fusion error of any block of ``model``, measured in float64.
-
-    ``run()`` evaluates ``model`` once (any forward); every re-parameterizable
-    block in training form records its real input, then a float64 copy of
-    the block is evaluated before and after fusing on that input. Unlike a
-    whole-network float32 comparison, this is independent of the CPU and of
-    how chaotic the network is (randomly initialised SE networks amplify
-    float32 noise to O(1)); see :data:`BLOCK_FP64_TOL`.
-
-    Returns:
-        tuple[float, str]: the worst relative error and the block's name
-        (``(0.0, '')`` when ``model`` has no block in training form).
+    """Worst fusion error of any training-form block of ``model`` and the
+    block's name (``(0.0, '')`` if none): each block records its real input
+    during ``run()`` (one forward of ``model``), then a float64 copy of it is
+    compared before and after fusing on that input, independently of the
+    CPU and of how much the network amplifies float32 noise.
     """
     blocks = {id(m): (name, m) for name, m in model.named_modules()
               if is_reparam_block(m) and not m.deploy}

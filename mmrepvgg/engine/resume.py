@@ -1,14 +1,8 @@
-"""Choosing the checkpoint ``tools/train.py --resume`` continues from.
-
-The candidates are the file ``last_checkpoint`` names (inside the work dir
-only) and the ``epoch_N.pth`` / ``iter_N.pth`` files of the work dir. Each
-is loaded safely and ranked by the training progress recorded in it
-(``meta['iter']``, then ``meta['epoch']``; ``last_checkpoint``'s target wins
-a tie), never by file times or names. A candidate must be a training
-checkpoint whose weights match the model exactly. An unreadable file is
-skipped with a warning; a readable one that does not fit but records more
-progress than the best usable one stops the resume, since training on would
-overwrite or delete it.
+"""Which checkpoint ``--resume`` continues from (docs/safe_loading.md): of
+the work dir's ``epoch_N.pth`` / ``iter_N.pth`` and the file
+``last_checkpoint`` names there (it wins a tie), the one with the most
+recorded progress that loads and fits the model; one that does not fit but
+records more progress stops the resume.
 """
 import os
 import os.path as osp
@@ -18,10 +12,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from mmrepvgg.deploy.checkpoint import CheckpointError, load_checkpoint
+from .hooks.atomic_checkpoint_hook import LAST_CHECKPOINT
 
-#: File in the work dir naming the latest checkpoint (written by mmengine's
-#: CheckpointHook and by AtomicCheckpointHook).
-LAST_CHECKPOINT = 'last_checkpoint'
 #: Names of the checkpoints a checkpoint hook writes with default templates.
 CHECKPOINT_NAME = re.compile(r'^(epoch|iter)_(\d+)\.pth$')
 _MAX_POINTER_BYTES = 4096
@@ -41,8 +33,7 @@ def _progress(path: str, ckpt: object) -> Progress:
 
 
 def _mismatch(path: str, state: object, expected: Optional[Shapes]) -> str:
-    """Why ``state`` cannot be resumed into a model of ``expected`` shapes
-    ('' if it can)."""
+    # Why ``state`` cannot be resumed into a model of ``expected`` shapes.
     if not isinstance(state, dict) or not state:
         return f'{path}: no weights (empty or missing state_dict)'
     if expected is None:
@@ -62,22 +53,9 @@ def _mismatch(path: str, state: object, expected: Optional[Shapes]) -> str:
 def check_checkpoint(path: str,
                      unsafe_load: bool = False,
                      expected: Optional[Shapes] = None) -> Progress:
-    """Make sure ``path`` is a checkpoint a runner can resume from.
-
-    Args:
-        path (str): checkpoint file, read by
-            :func:`mmrepvgg.deploy.load_checkpoint`.
-        unsafe_load (bool): unpickle with ``weights_only=False`` (only for
-            trusted files).
-        expected (dict, optional): the model's ``{key: shape}``; its
-            ``state_dict`` must match it exactly.
-
-    Returns:
-        tuple: the ``(iter, epoch)`` recorded in it.
-
-    Raises:
-        CheckpointError: naming ``path`` and what is wrong with it.
-    """
+    """The ``(iter, epoch)`` of ``path`` if a runner can resume from it,
+    else :class:`CheckpointError`; its ``state_dict`` must match
+    ``expected`` (the model's ``{key: shape}``) exactly."""
     ckpt = load_checkpoint(path, map_location='cpu', unsafe=unsafe_load)
     progress = _progress(path, ckpt)
     problem = _mismatch(path, ckpt.get('state_dict'), expected)
@@ -87,8 +65,8 @@ def check_checkpoint(path: str,
 
 
 def _last_checkpoint_target(work_dir: str) -> Tuple[Optional[str], str]:
-    """``(path named by last_checkpoint, problem)``; path None if unusable.
-    Only a short regular file naming a file inside ``work_dir`` counts."""
+    """``(path named by last_checkpoint, problem)``: a short regular file
+    naming a file inside ``work_dir``, else path None."""
     pointer = osp.join(work_dir, LAST_CHECKPOINT)
     if not osp.lexists(pointer):
         return None, ''
@@ -112,49 +90,28 @@ def _last_checkpoint_target(work_dir: str) -> Tuple[Optional[str], str]:
     return target, ''
 
 
-def resume_candidates(work_dir: str) -> List[str]:
-    """The file ``last_checkpoint`` names (first) and every ``epoch_N.pth``
-    / ``iter_N.pth`` of ``work_dir``, as absolute paths."""
-    target, _ = _last_checkpoint_target(work_dir)
-    found = [osp.abspath(target)] if target else []
-    if osp.isdir(work_dir):
-        for name in sorted(os.listdir(work_dir)):
-            path = osp.abspath(osp.join(work_dir, name))
-            if CHECKPOINT_NAME.match(name) and osp.isfile(path) and \
-                    path not in found:
-                found.append(path)
-    return found
-
-
 def find_resume_checkpoint(work_dir: str,
                            unsafe_load: bool = False,
                            warn: Optional[Callable[[str], None]] = None,
                            expected: Optional[Shapes] = None
                            ) -> Optional[str]:
-    """The checkpoint of ``work_dir`` with the most recorded progress that
-    loads and fits the model (see the module docstring).
-
-    Args:
-        work_dir (str): the training's work dir.
-        unsafe_load (bool): see :func:`check_checkpoint`.
-        warn (callable, optional): receives one message per skipped file.
-        expected (dict, optional): see :func:`check_checkpoint`.
-
-    Returns:
-        str | None: the checkpoint to resume from, or None if there is none.
-
-    Raises:
-        CheckpointError: a checkpoint that records more progress than the
-            chosen one does not fit the model.
-    """
+    """The checkpoint of ``work_dir`` to resume from, or None (see the module
+    docstring); ``warn`` receives one message per skipped file."""
     warn = warn or (lambda msg: None)
     target, problem = _last_checkpoint_target(work_dir)
     if problem:
         warn(problem)
     named = osp.abspath(target) if target else None
+    candidates = [named] if named else []
+    if osp.isdir(work_dir):
+        for name in sorted(os.listdir(work_dir)):
+            path = osp.abspath(osp.join(work_dir, name))
+            if CHECKPOINT_NAME.match(name) and osp.isfile(path) and \
+                    path not in candidates:
+                candidates.append(path)
     usable: List[Tuple[Progress, bool, str]] = []
     unfit: List[Tuple[Progress, str]] = []
-    for path in resume_candidates(work_dir):
+    for path in candidates:
         try:
             ckpt = load_checkpoint(path, map_location='cpu',
                                    unsafe=unsafe_load)

@@ -1,7 +1,3 @@
-from .backbones import ARCH_SETTINGS, RepVGG
-from .layers import (QARepVGGBlock, RepBlockBase, RepVGGBlock, SELayer,
-                     is_reparam_block)
-from .necks import RepVGGFPN
-
-__all__ = ['ARCH_SETTINGS', 'QARepVGGBlock', 'RepBlockBase', 'RepVGG',
-           'RepVGGBlock', 'RepVGGFPN', 'SELayer', 'is_reparam_block']
+from .backbones import ARCH_SETTINGS, RepVGG  # noqa: F401
+from .layers import QARepVGGBlock, RepVGGBlock  # noqa: F401
+from .necks import RepVGGFPN  # noqa: F401

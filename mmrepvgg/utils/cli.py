@@ -1,19 +1,10 @@
-"""The error contract shared by the command-line tools.
-
-A tool refuses bad input with one ``error: ...`` line on stderr and a
-non-zero exit code, never a traceback (``--debug`` shows it):
-
-- :func:`run_cli` runs a tool's body: a :class:`ToolError` or any other
-  exception becomes one line and exit 1, Ctrl-C exit 130;
-- :class:`ToolArgumentParser` reports argument errors as one line, exit 2;
-- :class:`CfgOptionsAction` is ``--cfg-options`` (mmengine's ``DictAction``)
-  with a malformed item reported as ``error: --cfg-options: ...``, exit 2.
-
-Under ``torchrun`` every rank runs the tool: refused input (identical on
-every rank) is reported by rank 0 only; an unexpected error of another rank
-is reported with its rank.
+"""The tools' error contract: bad input is refused with one ``error: ...``
+line on stderr and a non-zero exit (1; 2 for usage errors, as argparse;
+130 on Ctrl-C), never a traceback unless ``--debug``. Under ``torchrun``
+refusals (identical on every rank) are reported by rank 0 only.
 """
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -23,8 +14,8 @@ from .quiet import INTERRUPT_EXIT_CODE, process_rank
 
 
 class ToolError(Exception):
-    """A refused input; its message names the file, key or argument at fault
-    and is printed as the tool's single ``error: ...`` line."""
+    """A refused input; its message names the file, key or argument at
+    fault."""
 
 
 #: Exit status of a command line that cannot be parsed (as argparse's).
@@ -44,9 +35,8 @@ def preview(items: Iterable, n: int = 6) -> str:
 
 
 def error_message(e: BaseException) -> str:
-    """The ``error: ...`` text for ``e`` (without the prefix): a
-    :class:`ToolError`'s message on one line, otherwise ``Type: first line``.
-    """
+    """``e`` for an ``error:`` line: a :class:`ToolError`'s message on one
+    line, otherwise ``Type: first line``."""
     text = str(e)
     if isinstance(e, ToolError):
         return _one_line(text)
@@ -54,46 +44,34 @@ def error_message(e: BaseException) -> str:
     return f'{type(e).__name__}: {first}' if first else type(e).__name__
 
 
-class _KeyboardInterruptAsException:
-    """Context: Ctrl-C raises ``KeyboardInterrupt`` inside (so ``finally``
-    blocks and atomic writes clean up), whatever handler was installed
-    around it (:mod:`mmrepvgg.utils.quiet` exits at once); restored after."""
-
-    def __enter__(self):
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+@contextlib.contextmanager
+def _keyboard_interrupt():
+    """Ctrl-C raises ``KeyboardInterrupt`` inside (so that atomic writes
+    clean up), whatever handler is installed around it (quiet.py's exits at
+    once); restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: not installed from Python
+            signal.signal(signal.SIGINT, previous)
 
 
 def run_cli(body: Callable[[], int],
             debug: bool = False,
             interrupted: str = 'interrupted; no output written') -> int:
-    """Run a tool's ``body`` and turn failures into one line and an exit code.
-
-    Args:
-        body: the tool's work; returns the exit code.
-        debug (bool): re-raise exceptions, with the traceback.
-        interrupted (str): the message printed on Ctrl-C.
-
-    Returns:
-        int: ``body()``'s code; on an exception prints ``error: <message>``
-        to stderr (see :func:`error_message`) and returns 1, or 130 on
-        Ctrl-C. Under a distributed launcher, ranks other than 0 stay silent
-        on a :class:`ToolError` or Ctrl-C and prefix other errors with their
-        rank. The torch thread count is restored, since tools set it and
-        tests call them in-process.
-    """
+    """``body()``'s exit code, or 1 after one ``error:`` line (the
+    exception re-raised with ``debug``), 130 on Ctrl-C; only rank 0 reports
+    refusals. The torch thread count is restored (tests run tools
+    in-process)."""
     import torch
     threads = torch.get_num_threads()
     rank = process_rank()
     try:
-        with _KeyboardInterruptAsException():
+        with _keyboard_interrupt():
             return body()
     except KeyboardInterrupt:
         if rank == 0:
@@ -122,9 +100,8 @@ def tool_main(parse_args: Callable, run: Callable, argv=None) -> int:
 
 
 class ToolArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose usage errors are one line,
-    ``error: <what>`` (exit 2), like every other refusal of the tools;
-    ``--help`` still prints the usage."""
+    """``argparse.ArgumentParser`` whose usage errors are one ``error:``
+    line, exit 2."""
 
     def error(self, message: str) -> NoReturn:
         _exit_usage(f'{message} (see --help)')
@@ -137,15 +114,8 @@ def _exit_usage(message: str) -> NoReturn:
 
 
 class CfgOptionsAction(argparse.Action):
-    """``--cfg-options key=value ...`` as mmengine's ``DictAction`` parses it
-    (values ``1``, ``1.5``, ``True``, ``None``, ``[a,b]``, ``(1,2)``,
-    ``a,b``), but a malformed item exits 2 with one line,
-    ``error: --cfg-options: ...``, instead of a ``ValueError`` traceback.
-
-    Use it as ``parser.add_argument('--cfg-options', nargs='+',
-    action=CfgOptionsAction, help=...)``. The parsed value is a ``dict``
-    (merge it with :func:`merge_cfg_options` to report bad keys alike).
-    """
+    """``--cfg-options key=value ...`` parsed as mmengine's ``DictAction``
+    does, into a dict, but a malformed item exits 2 with one line."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         from mmengine.config import DictAction
@@ -172,9 +142,7 @@ class CfgOptionsAction(argparse.Action):
 def merge_cfg_options(cfg, options: Optional[dict]) -> None:
     """``cfg.merge_from_dict(options)``, a failure raised as a
     :class:`ToolError` naming ``--cfg-options`` and the key."""
-    if not options:
-        return
-    for key, value in options.items():
+    for key, value in (options or {}).items():
         try:
             cfg.merge_from_dict({key: value})
         except Exception as e:
@@ -182,22 +150,19 @@ def merge_cfg_options(cfg, options: Optional[dict]) -> None:
                             f'({error_message(e)})') from None
 
 
-UNSAFE_LOAD_HELP = ('unpickle checkpoints with weights_only=False: ONLY for '
-                    'files you trust (a malicious checkpoint can run code)')
-
-
 def add_cli_args(parser, unsafe_load: bool = True,
                  cfg_options: bool = False):
-    """The ``--unsafe-load`` and ``--debug`` flags every tool shares, and
-    ``--cfg-options`` (:class:`CfgOptionsAction`) for tools that read a
-    config."""
+    """The tools' shared ``--unsafe-load`` and ``--debug`` flags, and
+    ``--cfg-options`` for tools that read a config."""
     if cfg_options:
         parser.add_argument('--cfg-options', nargs='+',
                             action=CfgOptionsAction,
                             help='override settings in the config, '
                             'key=value (see mmdet)')
     if unsafe_load:
-        parser.add_argument('--unsafe-load', action='store_true',
-                            help=UNSAFE_LOAD_HELP)
+        parser.add_argument(
+            '--unsafe-load', action='store_true',
+            help='unpickle checkpoints with weights_only=False: ONLY for '
+            'files you trust (a malicious checkpoint can run code)')
     parser.add_argument('--debug', action='store_true',
                         help='show the full traceback on errors')

@@ -1,5 +1,4 @@
 """Distributed training on CPU-only machines with mmengine 0.10."""
-import functools
 import logging
 import sys
 from typing import NoReturn, Optional, Sequence
@@ -8,40 +7,23 @@ import torch
 
 
 def allow_cpu_distributed() -> bool:
-    """Let mmengine's ``pytorch`` launcher run on a torch without CUDA.
-
-    mmengine 0.10's ``init_dist`` calls ``torch.cuda.set_device(local_rank)``
-    unconditionally, which raises on a CPU-only torch build, so ``torchrun``
-    with the gloo backend cannot start. When CUDA is unavailable this makes
-    ``torch.cuda.set_device`` a no-op (there is no device to select); with
-    CUDA nothing changes.
-
-    Returns:
-        bool: whether the patch was applied.
-    """
+    """Let mmengine's ``pytorch`` launcher run on a torch without CUDA:
+    mmengine 0.10's ``init_dist`` calls ``torch.cuda.set_device``, which
+    raises there; without CUDA it becomes a no-op. Returns whether it is."""
     if torch.cuda.is_available():
         return False
-    original = torch.cuda.set_device
-    if getattr(original, '_mmrepvgg_cpu_noop', False):
-        return True
-
-    @functools.wraps(original)
-    def set_device(device) -> None:
-        return None
-
-    set_device._mmrepvgg_cpu_noop = True
-    torch.cuda.set_device = set_device
+    torch.cuda.set_device = _no_device_to_set
     return True
 
 
-def cpu_model_wrapper_cfg(cfg) -> None:
-    """Give a CPU-only distributed run a DDP wrapper without device ids.
+def _no_device_to_set(device) -> None:
+    return None
 
-    mmengine's runner wraps the model as ``MMDistributedDataParallel(
-    device_ids=[LOCAL_RANK])``, which torch rejects for CPU modules. A config
-    without ``model_wrapper_cfg`` gets one with ``device_ids=None`` when CUDA
-    is unavailable; a config that sets its own is left alone.
-    """
+
+def cpu_model_wrapper_cfg(cfg) -> None:
+    """Without CUDA, give a config without ``model_wrapper_cfg`` a DDP
+    wrapper with ``device_ids=None`` (mmengine's default passes
+    ``[LOCAL_RANK]``, which torch rejects for CPU modules)."""
     if torch.cuda.is_available() or cfg.get('model_wrapper_cfg') is not None:
         return
     cfg.model_wrapper_cfg = dict(
@@ -52,21 +34,10 @@ def cpu_model_wrapper_cfg(cfg) -> None:
 
 
 def torchrun_main(argv: Optional[Sequence[str]] = None) -> NoReturn:
-    """``torchrun`` (``python -m torch.distributed.run``), quiet on failure.
-
-    torchrun reports a failed worker with log lines, a ``ChildFailedError``
-    traceback and a table, after the worker itself has printed its one
-    ``error: ...`` line. This runs the same launcher with the elastic
-    agent's log quiet below CRITICAL and exits with the first failed
-    worker's exit code instead (130 when the launcher itself is
-    interrupted); a worker killed by signal N (which could print nothing)
-    is reported as one ``error:`` line, exit 128 + N.
-    ``tools/dist_train.sh`` and ``tools/dist_test.sh`` start it with
-    ``runpy`` (this file imports only torch, not the package).
-
-    Args:
-        argv: torchrun's arguments (default ``sys.argv[1:]``).
-    """
+    """``torchrun`` on ``argv`` without its log, traceback and table after
+    a worker's own ``error:`` line: the first failed worker's exit code (one
+    line and 128 + N if signal N killed it). Run by path by
+    ``tools/dist_*.sh``."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import \
         ChildFailedError

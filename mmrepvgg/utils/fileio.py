@@ -1,46 +1,13 @@
-"""Atomic file writes: an output is either the complete new file or the
-previous one, never a partial file.
+"""Atomic file writes: an output is the complete new file or the previous
+one, never a partial file (docs/safe_loading.md#writing).
 
-Temporary files are written beside their destination (same file system, so
-the final rename is atomic) and named ``.<name>.<host>.<pid>.<random>
-.mmrepvgg-tmp``: a later run can tell a temporary left by a killed process
-(same host, process gone) from one being written right now, and remove only
-the former (:func:`remove_stale_temporaries`).
-
-Several files that belong together (a deploy checkpoint and its config) are
-committed with :func:`atomic_write_group`: every file is first written and
-synced in full; a journal naming the renames is then written atomically, the
-renames are done and the journal removed. A process killed during the renames
-leaves the journal behind, and the next write into that folder
-(:func:`recover_groups`, run by every atomic write) completes them, so a
-reader never sees a new file of the group beside an old one once a tool has
-run again there. No scheme without such a record can do that: after the
-kill, nothing else tells which of the new files belong to an unfinished
-group.
-
-Because every write into a folder runs that recovery, and output folders may
-be shared with other users (a sticky ``/tmp``-like folder) or hold files of
-unknown origin, recovery obeys only what this module could have written
-itself, and ignores (leaves in place, never fails on) anything else:
-
-* a journal is read only if it is a regular file (``lstat``; opened with
-  ``O_NOFOLLOW | O_NONBLOCK``, so a symlink, FIFO or device is never
-  followed or waited on) with one link, owned by this user, at most
-  :data:`JOURNAL_MAX_BYTES` long, named after its first file, host and pid,
-  and recording this host and a process id in ``pid_t``'s range that no
-  longer runs;
-* it only renames its own temporaries: each entry moves
-  ``.<dest>.<host>.<pid>.<random>.mmrepvgg-tmp`` (the journal's host and
-  pid, a plain name in the same folder) to ``<dest>``, and only if that
-  temporary is a regular file with one link owned by this user;
-* a stale temporary is removed only under the same conditions (this host,
-  a process id in range that no longer runs, a regular file of this user).
-
-Another user can therefore neither steer a rename nor stop writes into a
-shared folder, and a crafted name or journal (odd pid, wrong type, huge
-size, FIFO, symlink) is skipped without a read or a system call that could
-fail. :func:`scratch_dir` gives a tool a private temporary folder that a
-later call removes if its process was killed.
+Temporaries (``.<name>.<host>.<pid>.<random>.mmrepvgg-tmp``) are written
+beside their destination; :func:`atomic_write_group` commits files that
+belong together through a journal, completed by the next write into the
+folder if the writer was killed. Recovery acts only on what this module
+could have written (single-link regular files of this user, this host, a
+dead pid in range; a bounded journal renaming only its own temporaries)
+and skips anything else without failing.
 """
 import contextlib
 import json
@@ -51,16 +18,16 @@ import shutil
 import socket
 import stat
 import tempfile
+from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 from mmrepvgg.utils.cli import ToolError
 
 TMP_SUFFIX = '.mmrepvgg-tmp'
 JOURNAL_SUFFIX = '.mmrepvgg-journal'
-#: A journal names a few files; a longer file was not written here.
+#: A longer journal was not written here.
 JOURNAL_MAX_BYTES = 8192
-#: Largest process id (``pid_t`` is a 32-bit int); a name or journal with a
-#: larger one was not written here.
+#: Largest process id (``pid_t`` is a 32-bit int).
 MAX_PID = 2**31 - 1
 # '.<dest>.<host>.<pid>.<random>' + TMP_SUFFIX; host has no '.', the
 # random part is tempfile's [a-z0-9_].
@@ -83,7 +50,7 @@ def _journal_name(first: str, host: str, pid: int) -> str:
 
 
 def _parse_temp(name: str) -> Optional[Tuple[str, str, int]]:
-    """``(dest, host, pid)`` of a name of this module's temporaries, else
+    """``(dest, host, pid)`` of this module's temporaries' names, else
     None."""
     m = _TEMP_NAME.fullmatch(name)
     return (m.group(1), m.group(2), int(m.group(3))) if m else None
@@ -99,8 +66,7 @@ def _plain_name(name: str) -> bool:
 
 
 def _ours(st: Optional[os.stat_result], kind=stat.S_ISREG) -> bool:
-    """A file of this user of ``kind`` with one link (never a symlink:
-    ``st`` comes from ``lstat``)."""
+    # A file of this user of ``kind`` with one link (``st`` from lstat).
     return st is not None and kind(st.st_mode) and \
         st.st_uid == os.geteuid() and (kind is stat.S_ISDIR or
                                        st.st_nlink == 1)
@@ -114,8 +80,7 @@ def _lstat(path: str) -> Optional[os.stat_result]:
 
 
 def _gone(pid: int) -> bool:
-    """Whether ``pid`` (in range) names no running process other than
-    this one."""
+    """Whether ``pid`` names no running process other than this one."""
     if pid == os.getpid():
         return False
     try:
@@ -140,40 +105,31 @@ def _fsync_dir(directory: str) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _fsync_file(path: str) -> None:
-    with open(path, 'rb') as f:
-        os.fsync(f.fileno())
-
-
-def _default_mode(path: str) -> None:
-    # mkstemp creates 0600; give the file the usual 0666 minus umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _write_temp(path: str, write: Writer) -> str:
-    """Write ``path``'s content to a synced temporary beside it; returns the
-    temporary's path (removed again on any error). Interrupted groups of
-    dead processes in that folder are completed and their stale temporaries
-    removed first."""
+    """A synced temporary beside ``path`` with its content (removed on any
+    error), once the folder's interrupted groups are completed (their
+    temporaries are their data) and stale temporaries removed."""
     directory = osp.dirname(osp.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tidy(directory)
+    recover_groups(directory)
+    remove_stale_temporaries(directory)
     fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=TMP_SUFFIX,
                                dir=directory)
     os.close(fd)
     try:
         write(tmp)
-        _fsync_file(tmp)
-        _default_mode(tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the usual 0666 minus umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -194,52 +150,28 @@ def _write_temps(items: Sequence[Tuple[str, Writer]]) -> List[str]:
 
 
 def _remove_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.remove(path)
-    except OSError:
-        pass
 
 
 def atomic_write(path: str, write: Writer) -> None:
-    """Call ``write(tmp_path)`` then rename ``tmp_path`` to ``path``.
-
-    The temporary file lives in the destination folder (same file system, so
-    the rename is atomic) and is synced before the rename; on any error it is
-    removed, so ``path`` is either the complete new file or untouched.
-    """
-    tmp = _write_temp(path, write)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    _fsync_dir(osp.dirname(osp.abspath(path)))
+    """``write(tmp_path)``, then rename the synced temporary (in the same
+    folder) to ``path``: ``path`` is the complete new file or untouched."""
+    atomic_write_all([(path, write)])
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """:func:`atomic_write` of ``data`` (bytes, or str written as UTF-8)."""
     if isinstance(data, str):
         data = data.encode('utf-8')
-
-    def write(tmp: str) -> None:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_all(items: Sequence[Tuple[str, Writer]]) -> None:
-    """Write files of any folders so that an error or Ctrl-C while writing
-    leaves every destination untouched: all temporaries are written first,
-    then renamed in order (the last item last).
-
-    Unlike :func:`atomic_write_group` a kill between the renames is not
-    repaired; use it for a tool's separate outputs, the group for files a
-    reader must never see mixed.
-
-    Args:
-        items: ``(path, write)`` pairs, as for :func:`atomic_write`.
-    """
+    """:func:`atomic_write` of ``(path, write)`` items of any folders, all
+    temporaries written before the first rename, so that an error or Ctrl-C
+    while writing touches no destination. A kill between the renames is not
+    repaired: that is :func:`atomic_write_group`'s job."""
     temps = _write_temps(items)
     try:
         for tmp, (path, _) in zip(temps, items):
@@ -252,16 +184,9 @@ def atomic_write_all(items: Sequence[Tuple[str, Writer]]) -> None:
 
 
 def atomic_write_group(items: Sequence[Tuple[str, Writer]]) -> None:
-    """Write several files as one all-or-nothing group.
-
-    Every ``write(tmp)`` runs first; if any fails (or is interrupted) all
-    temporaries are removed and no destination is touched. Otherwise the
-    renames are recorded in a journal beside the files, done, and the
-    journal removed; see the module docstring for the recovery after a kill.
-
-    Args:
-        items: ``(path, write)`` pairs; all paths must be in one folder.
-    """
+    """Write ``(path, write)`` items of one folder as an all-or-nothing
+    group: all temporaries first, then a journal of the renames, the
+    renames, the journal removed (see the module docstring)."""
     paths = [osp.abspath(p) for p, _ in items]
     directory = osp.dirname(paths[0])
     if any(osp.dirname(p) != directory for p in paths):
@@ -290,9 +215,9 @@ def atomic_write_group(items: Sequence[Tuple[str, Writer]]) -> None:
 
 
 def _read_journal(path: str) -> Optional[List[Tuple[str, str]]]:
-    """The ``(temporary, destination)`` names of a journal that this module
-    could have written and whose writer is gone, else None (see the module
-    docstring); never raises, never blocks."""
+    """The ``(temporary, destination)`` names of a journal this module could
+    have written, of a writer that is gone, else None; never raises or
+    blocks."""
     st = _lstat(path)
     if not _ours(st) or st.st_size > JOURNAL_MAX_BYTES:
         return None
@@ -333,9 +258,8 @@ def _read_journal(path: str) -> Optional[List[Tuple[str, str]]]:
 
 
 def _apply_journal(journal: str) -> List[str]:
-    """Complete the renames of ``journal`` if :func:`_read_journal` accepts
-    it, moving only its own temporaries, then remove it (idempotent);
-    returns the destinations it renamed."""
+    """The renamed destinations of ``journal``, if :func:`_read_journal`
+    accepts it; then it is removed."""
     pairs = _read_journal(journal)
     if pairs is None:
         return []
@@ -345,11 +269,9 @@ def _apply_journal(journal: str) -> List[str]:
         src = osp.join(directory, tmp)
         if not _ours(_lstat(src)):  # renamed already, or not our file
             continue
-        try:
+        with contextlib.suppress(OSError):
             os.replace(src, osp.join(directory, dest))
             done.append(dest)
-        except OSError:
-            pass
     _fsync_dir(directory)
     _remove_quietly(journal)
     _fsync_dir(directory)
@@ -357,13 +279,8 @@ def _apply_journal(journal: str) -> List[str]:
 
 
 def recover_groups(directory: str) -> List[str]:
-    """Complete every group write interrupted in ``directory`` (journals
-    that this module wrote, of processes that no longer run; anything else
-    is left alone).
-
-    Returns:
-        list[str]: destination names completed (empty if nothing was left).
-    """
+    """Complete the interrupted group writes of ``directory``; returns the
+    destination names completed."""
     done: List[str] = []
     for name in _listdir(directory):
         if name.startswith('.') and name.endswith(JOURNAL_SUFFIX):
@@ -371,16 +288,9 @@ def recover_groups(directory: str) -> List[str]:
     return done
 
 
-def tidy(directory: str) -> None:
-    """:func:`recover_groups` then :func:`remove_stale_temporaries` (in this
-    order: a pending group's temporaries are its data)."""
-    recover_groups(directory)
-    remove_stale_temporaries(directory)
-
-
 def _stale(root: str, name: str, kind=stat.S_ISREG) -> bool:
-    """Whether ``root/name`` is a temporary of this module (file, or folder
-    of :func:`scratch_dir`) left by a process of this host that is gone."""
+    """Whether ``root/name`` is a temporary (file, or folder of
+    :func:`scratch_dir`) of a process of this host that is gone."""
     parsed = _parse_temp(name)
     return parsed is not None and parsed[1] == _host() and \
         _sane_pid(parsed[2]) and _gone(parsed[2]) and \
@@ -388,40 +298,22 @@ def _stale(root: str, name: str, kind=stat.S_ISREG) -> bool:
 
 
 def remove_stale_temporaries(directory: str) -> List[str]:
-    """Remove temporaries left in ``directory`` by killed processes.
-
-    Only regular files of this user named by this module, written on this
-    host by a process that no longer exists, are removed; temporaries of
-    live processes or other hosts, and anything else, are left alone.
-
-    Returns:
-        list[str]: the names removed.
-    """
+    """Remove (and return the names of) the temporaries left in
+    ``directory`` by killed processes of this host and user."""
     removed: List[str] = []
     for name in _listdir(directory):
         if _stale(directory, name):
-            try:
+            with contextlib.suppress(OSError):
                 os.remove(osp.join(directory, name))
                 removed.append(name)
-            except OSError:
-                pass
     return removed
 
 
 @contextlib.contextmanager
 def scratch_dir(tag: str) -> Iterator[str]:
-    """A private folder for a tool's intermediate files, removed on exit.
-
-    It is made (mode 0700) in the system's temporary folder, named like a
-    temporary of this module (``.<tag>.<host>.<pid>.<random>.mmrepvgg-tmp``),
-    and is :mod:`tempfile`'s default folder while the context is open, so
-    the temporary files and folders of the libraries called meanwhile go
-    inside too. A SIGKILL runs no clean-up: the folders of ``tag`` left by
-    processes of this host that are gone are removed on entry.
-
-    Args:
-        tag (str): the tool's name (no ``.`` or ``/``).
-    """
+    """A private folder for a tool's files, :mod:`tempfile`'s default
+    meanwhile, removed on exit (and on entry, those of ``tag``, a tool's
+    name, left by killed processes of this host)."""
     root = tempfile.gettempdir()
     for name in _listdir(root):
         parsed = _parse_temp(name)
@@ -437,10 +329,8 @@ def scratch_dir(tag: str) -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-# ------------------------------------------------------ outputs vs inputs
 def _identity(path: str):
-    """``(st_dev, st_ino)`` of an existing file, else its real path (symlinks
-    of every parent resolved)."""
+    """``(st_dev, st_ino)`` of an existing file, else its real path."""
     try:
         st = os.stat(path)
         return ('inode', st.st_dev, st.st_ino)
@@ -450,34 +340,28 @@ def _identity(path: str):
 
 def _with_bases(path: str, what: str, depth: int = 0) -> list:
     """``[(path, what)]`` and, for a config, every ``_base_`` file it
-    inherits (mmengine's own resolution; a config that cannot be parsed is
-    reported by its loader, not here)."""
+    inherits."""
     out = [(path, what)]
     if 'config' not in what.lower() or depth > 16 or not osp.isfile(path):
         return out
     from mmengine.config import Config
-    try:
-        bases = Config._get_base_files(path)
-        for base in bases:
+    with contextlib.suppress(Exception):  # the loader reports parse errors
+        for base in Config._get_base_files(path):
             base = Config._get_cfg_path(base, path)[0]
             out += _with_bases(base, f'base config of {path}', depth + 1)
-    except Exception:  # noqa: B902  (any parse error: the loader says it)
-        pass
     return out
 
 
 def check_output_paths(inputs: Sequence[Tuple[str, str]],
                        outputs: Sequence[str],
                        error: type = ToolError) -> None:
-    """Refuse any output that is (by file identity, through symlinks and
-    hard links) one of the inputs or another output, and outputs that exist
-    as folders. The one check every tool runs before it writes anything.
+    """Raise ``error`` for an output that is a folder, or (by file identity,
+    through symlinks and hard links) an input or another output; the one
+    check every tool runs before it writes anything.
 
     Args:
         inputs: ``(path, what)`` of every file read; a ``what`` naming a
-            config brings the ``_base_`` files it inherits along.
-        outputs: every file to be written.
-        error: the :class:`ToolError` subclass raised.
+            config brings its ``_base_`` files along.
     """
     seen = {}
     for path, what in (i for p, w in inputs for i in _with_bases(p, w)):

@@ -12,34 +12,18 @@ from mmengine.registry import HOOKS
 from mmrepvgg.utils.fileio import (atomic_write, atomic_write_bytes,
                                    remove_stale_temporaries)
 
+#: File in the work dir naming the latest checkpoint (as mmengine's).
+LAST_CHECKPOINT = 'last_checkpoint'
+
 
 @HOOKS.register_module()
 class AtomicCheckpointHook(CheckpointHook):
-    """mmengine's ``CheckpointHook``, crash-safe.
-
-    mmengine 0.10 deletes the oldest kept checkpoint *before* writing the new
-    one, writes the new one in place and then rewrites ``last_checkpoint``
-    in place: a process killed in between leaves no checkpoint at all (with
-    ``max_keep_ckpts=1``), a truncated ``epoch_N.pth``, or a
-    ``last_checkpoint`` naming a deleted file. This hook, for a local
-    ``out_dir``:
-
-    1. writes the checkpoint to a temporary file beside it, syncs it and
-       renames it into place (:func:`mmrepvgg.utils.fileio.atomic_write`,
-       which also syncs the folder);
-    2. then replaces ``last_checkpoint`` the same way;
-    3. only then removes the checkpoints beyond ``max_keep_ckpts`` (never
-       one of a later step than the one just written).
-
-    A kill at any point therefore leaves every ``epoch_N.pth`` / ``iter_N.pth``
-    complete, and ``last_checkpoint`` naming a complete file (the new one or
-    the previous one). Temporaries of killed runs are removed when training
-    starts again. Every argument is ``CheckpointHook``'s; on a non-local
-    backend (``backend_args``) it behaves exactly like ``CheckpointHook``.
-
-    Registered in mmengine's root ``HOOKS``, so ``type='AtomicCheckpointHook'``
-    works under any default scope; ``tools/train.py`` substitutes it for a
-    plain ``CheckpointHook`` in any config.
+    """mmengine's ``CheckpointHook`` (registered in mmengine's root, for
+    any scope), safe against a kill at any moment: for a local ``out_dir``
+    it writes the checkpoint, then ``last_checkpoint``, atomically, and only
+    then removes checkpoints beyond ``max_keep_ckpts`` (never one of a later
+    step); mmengine 0.10 deletes first and writes in place. Temporaries of
+    killed runs are removed when training starts.
     """
 
     def _is_local(self) -> bool:
@@ -95,7 +79,8 @@ class AtomicCheckpointHook(CheckpointHook):
                 osp.dirname(tmp), osp.basename(tmp), **save_kwargs)
 
         atomic_write(self.last_ckpt, write_checkpoint)
-        write_last_checkpoint(runner.work_dir, self.last_ckpt)
+        atomic_write_bytes(osp.join(runner.work_dir, LAST_CHECKPOINT),
+                           self.last_ckpt)
 
         current = osp.abspath(self.last_ckpt)
         # Only older steps: ids restored from a checkpoint's message hub
@@ -105,9 +90,3 @@ class AtomicCheckpointHook(CheckpointHook):
                                                self.filename_tmpl.format(old))
             if osp.abspath(path) != current and osp.isfile(path):
                 os.remove(path)
-
-
-def write_last_checkpoint(work_dir: str, ckpt_path: str) -> None:
-    """Atomically point ``work_dir/last_checkpoint`` at ``ckpt_path``."""
-    from mmrepvgg.engine.resume import LAST_CHECKPOINT  # loads checkpoints
-    atomic_write_bytes(osp.join(work_dir, LAST_CHECKPOINT), ckpt_path)

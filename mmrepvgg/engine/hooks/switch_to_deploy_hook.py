@@ -9,14 +9,8 @@ from mmrepvgg.deploy import count_reparam_blocks, switch_to_deploy
 
 @HOOKS.register_module()
 class SwitchToDeployHook(Hook):
-    """Switch the model to its deploy (fused) form at ``before_test``.
-
-    ``before_test`` runs after the runner has loaded ``load_from``, so the
-    trained multi-branch weights are fused. Use it in a config as
-    ``custom_hooks = [dict(type='SwitchToDeployHook')]`` or through
-    ``tools/test.py --deploy``. Validation during training is left alone:
-    switching is one-way and would end training.
-    """
+    """Fuse the model at ``before_test``, once ``load_from`` is loaded
+    (not for validation: switching is one-way); ``tools/test.py --deploy``."""
 
     priority = 'VERY_LOW'
 

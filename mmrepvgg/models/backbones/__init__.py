@@ -1,3 +1,1 @@
-from .repvgg import ARCH_SETTINGS, RepVGG
-
-__all__ = ['ARCH_SETTINGS', 'RepVGG']
+from .repvgg import ARCH_SETTINGS, RepVGG  # noqa: F401

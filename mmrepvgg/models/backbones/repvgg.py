@@ -45,8 +45,7 @@ ARCH_SETTINGS: Dict[str, dict] = {
 
 
 def resolve_arch(arch: Union[str, dict]) -> dict:
-    """Validate ``arch`` (a name of :data:`ARCH_SETTINGS` or a dict) and
-    return a complete arch dict."""
+    """The checked, complete arch dict of a name or a dict."""
     if isinstance(arch, str):
         if arch not in ARCH_SETTINGS:
             raise ValueError(f'arch {arch!r} is unknown; choose one of '
@@ -74,26 +73,17 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
 _BLOCK_SET_BY_BACKBONE = ('in_channels', 'out_channels', 'stride', 'padding',
                           'dilation', 'groups', 'without_branch_norm',
                           'se_cfg')
-#: Block arguments that mirror a backbone option: accepted in ``block_cfg``
-#: only with the backbone's value (a deploy twin sets ``deploy=True`` in
-#: every module config, ``block_cfg`` included).
+#: Block arguments accepted in ``block_cfg`` only with the backbone's value
+#: (a deploy twin sets ``deploy=True`` in every module config).
 _BLOCK_MIRRORS = ('deploy', 'with_cp', 'norm_cfg', 'act_cfg')
 
 
 def resolve_block_cfg(block_cfg: Optional[dict], **backbone: Any) -> dict:
-    """Validate the backbone's ``block_cfg`` and return a copy with a type.
+    """A checked copy of the backbone's ``block_cfg``, with a type.
 
-    Args:
-        block_cfg (dict, optional): ``dict(type='RepVGGBlock')`` (None),
-            ``dict(type='QARepVGGBlock')`` or any registered block with the
-            same constructor, plus keyword options for every block (e.g.
-            ``use_alpha=True``).
-        **backbone: the backbone's values of :data:`_BLOCK_MIRRORS`.
-
-    Raises:
-        ValueError: ``block_cfg`` is not a dict with a registered block type,
-            sets an argument the backbone derives from the arch, or
-            contradicts a backbone option.
+    ``ValueError`` if it is not a dict naming a registered block, sets what
+    the backbone derives from the arch, or contradicts a backbone option
+    (``backbone``: the backbone's values of :data:`_BLOCK_MIRRORS`).
     """
     cfg = dict(type='RepVGGBlock') if block_cfg is None else block_cfg
     if not isinstance(cfg, dict):
@@ -123,53 +113,23 @@ def resolve_block_cfg(block_cfg: Optional[dict], **backbone: Any) -> dict:
 
 @MODELS.register_module()
 class RepVGG(BaseModule):
-    """RepVGG backbone for detection.
-
-    A stem block (stride 2) followed by four stages of re-parameterizable
-    3x3 blocks, :class:`RepVGGBlock` by default or
-    :class:`~mmrepvgg.models.layers.QARepVGGBlock` (the quantization-friendly
-    QARepVGG) with ``block_cfg=dict(type='QARepVGGBlock')``, for every arch;
-    the first block of every stage has the stage's stride. Widths are
-    ``stem = min(64, int(64 a))`` and ``[64 a, 128 a, 256 a, 512 b]``.
+    """RepVGG backbone: a stride-2 stem block, then four stages of
+    re-parameterizable 3x3 blocks (the first with the stage's stride), of
+    widths ``[64 a, 128 a, 256 a, 512 b]`` (stem ``min(64, int(64 a))``).
 
     Args:
-        arch (str | dict): 'A0', 'A1', 'A2', 'B0', 'B1', 'B1g2', 'B1g4',
-            'B2', 'B2g2', 'B2g4', 'B3', 'B3g2', 'B3g4', 'D2se', or a dict
-            with ``num_blocks``, ``width_factor`` and optional
+        arch (str | dict): a name of :data:`ARCH_SETTINGS`, or a dict with
+            ``num_blocks``, ``width_factor`` and optional
             ``group_layer_map`` (global block index -> groups, stem = 0) and
             ``se_cfg``.
-        in_channels (int): image channels. Defaults to 3.
-        base_channels (int): width before the factors. Defaults to 64.
-        out_indices (Sequence[int]): stages whose outputs are returned
-            (0..3). Defaults to (0, 1, 2, 3).
-        strides (Sequence[int]): stride of each stage's first block.
-            Defaults to (2, 2, 2, 2).
         dilations (Sequence[int]): dilation (and padding) of each stage.
-            Defaults to (1, 1, 1, 1).
         frozen_stages (int): -1 freezes nothing, 0 the stem, ``n`` the stem
-            and stages 1..n. Frozen parameters get no gradient and their
-            norms stay in eval mode. Defaults to -1.
-        norm_eval (bool): keep every norm in eval mode while training
-            (frozen statistics, usual for detection fine-tuning).
-            Defaults to False.
-        norm_cfg (dict): norm config. Defaults to ``dict(type='BN')``
-            (eps 1e-5, as the published ImageNet weights were trained);
-            use ``dict(type='SyncBN')`` for multi-GPU training.
-        act_cfg (dict): activation config. Defaults to ReLU.
-        with_cp (bool): gradient checkpointing in every block.
-        deploy (bool): build every block in fused form.
-        init_cfg (dict | list[dict], optional): initialization config, e.g.
-            ``dict(type='Pretrained', checkpoint='repvgg_a0.pth')``.
-        block_cfg (dict, optional): the block of every stem and stage unit:
-            ``dict(type='RepVGGBlock')`` (None, the default) or
-            ``dict(type='QARepVGGBlock')``, with optional keyword options
-            for every block (``use_alpha``, ``padding_mode``,
-            ``post_norm_init``). Shapes, SE, the identity branch, norm,
-            activation, ``with_cp`` and ``deploy`` come from the
-            backbone's own arguments. The state
-            dict keys are those of the chosen block (a QARepVGG backbone has
-            ``post_norm`` and no ``branch_1x1`` norm); the deploy forms of
-            both are identical. Keyword only.
+            and stages 1..n.
+        norm_cfg (dict): eps 1e-5, as the published ImageNet weights.
+        block_cfg (dict, optional): ``dict(type='QARepVGGBlock')`` or the
+            default RepVGGBlock, with options for every block (``use_alpha``,
+            ``padding_mode``, ``post_norm_init``); the rest comes from the
+            backbone.
     """
 
     def __init__(self,
@@ -250,9 +210,8 @@ class RepVGG(BaseModule):
                     **kwargs: Any) -> nn.Module:
         cfg = copy.deepcopy(self.block_cfg)
         cfg.update(kwargs, in_channels=in_channels, out_channels=out_channels)
-        # Look the block up in mmdet's registry whatever the current default
-        # scope is (a runner with default_scope='mmengine' would otherwise
-        # search mmengine's root registry and miss it).
+        # mmdet's registry whatever the default scope (under 'mmengine' the
+        # root registry would miss the block).
         cfg.setdefault('_scope_', 'mmdet')
         return MODELS.build(cfg)
 
@@ -265,14 +224,9 @@ class RepVGG(BaseModule):
                 outs.append(x)
         return tuple(outs)
 
-    def _frozen_units(self):
-        if self.frozen_stages >= 0:
-            yield self.stem
-        for i in range(1, self.frozen_stages + 1):
-            yield getattr(self, self.stage_names[i - 1])
-
     def _freeze_stages(self) -> None:
-        for unit in self._frozen_units():
+        units = [self.stem] + [getattr(self, n) for n in self.stage_names]
+        for unit in units[:self.frozen_stages + 1]:
             unit.eval()
             for p in unit.parameters():
                 p.requires_grad = False

@@ -12,80 +12,19 @@ from .repvgg_block import RepBlockBase
 
 @MODELS.register_module()
 class QARepVGGBlock(RepBlockBase):
-    """Quantization-aware RepVGG block (Chu et al., "Make RepVGG Greater
-    Again: A Quantization-aware Approach", arXiv 2212.01593, AAAI 2024).
-
-    Training form (the paper's final design)::
+    """Quantization-aware RepVGG block (Chu et al., AAAI 2024)::
 
         y = act(se(post_norm(branch_3x3(x) + alpha * branch_1x1(x) + x)))
 
-    * ``branch_3x3``: 3x3 conv + batch norm (as in :class:`RepVGGBlock`);
-    * ``branch_1x1``: a plain 1x1 conv, no norm and no bias;
-    * identity: ``x`` itself, no norm (only where shapes allow it and
-      ``without_branch_norm`` is False; ``has_identity`` says whether it is
-      there, ``branch_norm`` is always None);
-    * ``post_norm``: one batch norm after the sum, then SE (optional) and the
-      activation.
-
-    The per-branch norms of RepVGG are what makes its fused kernel hard to
-    quantize (their scales ``gamma / sigma`` multiply the 1x1 and identity
-    taps and produce outlier weights, and the sum of three normalized
-    branches has a large, uncontrolled variance); QARepVGG removes them from
-    the 1x1 and identity branches and controls the variance of the sum with
-    ``post_norm``. The paper reports that post-training INT8 quantization
-    ruins RepVGG's ImageNet accuracy and barely moves QARepVGG's (figures in
-    ``docs/qarepvgg.md``).
-
-    Design decisions (implementations differ):
-
-    * **No bias on the 1x1 conv** (as YOLOv6's QARepVGGBlock; super-gradients
-      adds one and notes that the paper does not say): a per-channel
-      constant added right before a batch norm is removed again by the
-      batch mean in training (its gradient is zero) and in eval mode only
-      shifts ``running_mean``; without norms (``norm_cfg=None``) the 3x3
-      conv's own bias already provides it. It would be a dead parameter.
-    * **post_norm before SE**: ``act(se(post_norm(sum)))``. With the norm
-      right after the (linear) sum it folds into the conv even when SE is
-      used (YOLOv6 puts its norm after SE, which cannot be folded through
-      the SE gate; super-gradients applies SE after the activation).
-    * **Everything is folded at deploy time**, ``post_norm`` included
-      (YOLOv6 keeps its norm for quantization-aware training,
-      super-gradients keeps it unless asked): the deployed block is exactly
-      ``act(conv_reparam(x))`` (``act(se(conv_reparam(x)))`` with SE), the
-      same layout, state-dict keys and forward as a deployed
-      :class:`RepVGGBlock`, so conversion, export and benchmark tools treat
-      both alike. A post-training quantizer (onnxruntime, TensorRT) folds a
-      conv + BN pair before quantizing anyway, so quantization sees the same
-      kernel; what makes it quantization-friendly is the training form.
-    * The fusion runs in float64 through
-      :mod:`~mmrepvgg.models.layers.fusion`: 3x3 conv+BN, padded 1x1
-      kernel, identity kernel, then the post-sum norm folded onto that
-      kernel and bias (``fuse_conv_norm``).
+    ``branch_1x1`` is a plain conv and the identity (``has_identity``) is
+    ``x`` itself: one norm after the sum replaces RepVGG's per-branch norms,
+    whose scales make the fused kernel hard to quantize. It deploys to
+    :class:`RepVGGBlock`'s form (design decisions: docs/qarepvgg.md).
 
     Args:
-        The arguments of :class:`RepVGGBlock`, in the same order and with the
-        same defaults; these differ in meaning:
-
-        norm_cfg (dict, optional): norm of the 3x3 branch and of
-            ``post_norm``. Must be a batch norm (BN, SyncBN, MMSyncBN) so
-            that it can be fused; None gives a 3x3 conv with bias and no
-            norm at all.
-        without_branch_norm (bool): do not build the identity branch even
-            where shapes allow it (the identity of :class:`RepVGGBlock` is a
-            norm; here it is ``x`` itself). Defaults to True.
-        se_cfg (dict, optional): squeeze-excitation after ``post_norm``,
-            before the activation. Keyword only.
-        use_alpha (bool): learnable scalar on the 1x1 branch; it weighs the
-            1x1 branch against the 3x3 branch and the unscaled identity
-            before the post-sum norm. Keyword only. Defaults to False.
-        post_norm_init (float): initial weight (gamma) of ``post_norm``. 1 as
-            in the paper. A RepVGGBlock with identity sums three normalized
-            branches, so its initial output is about ``sqrt(3)`` times
-            larger: ``3 ** 0.5`` restores that scale where the block output
-            feeds layers without normalization directly (e.g. the
-            ``RepVGGFPN`` outputs read by a RetinaNet head, see
-            ``configs/toy/retinanet_qarepvgg-tiny_qarepvgg-fpn_toy.py``).
-            Keyword only. Defaults to 1.0.
+        post_norm_init (float): initial weight of ``post_norm`` (1 in the
+            paper; ``3 ** 0.5`` gives a RepVGGBlock's output scale where no
+            norm follows, e.g. a ``RepVGGFPN`` read by a RetinaNet head).
     """
 
     _TRAINING_ATTRS = ('branch_3x3', 'branch_1x1', 'branch_norm',
@@ -123,7 +62,7 @@ class QARepVGGBlock(RepBlockBase):
                              'there is no post_norm')
         self.post_norm_init = float(post_norm_init)
         if deploy:
-            self._build_deploy()
+            self._set_deploy(self._make_reparam_conv())
             return
         self._build_branches(norm_1x1=False)
         # The identity branch is x itself: no module, no parameters.

@@ -1,10 +1,5 @@
-"""RepVGGBlock: a trainable multi-branch block that fuses into one 3x3 conv.
-
-Also the pieces every re-parameterizable 3x3 block of this package shares
-(argument checks, norm / activation building, the deploy layout and the
-switch): :class:`RepBlockBase`, used by :class:`RepVGGBlock` and
-:class:`~mmrepvgg.models.layers.QARepVGGBlock`.
-"""
+"""RepVGGBlock, a multi-branch block that fuses into one 3x3 conv, and
+:class:`RepBlockBase`, what it shares with ``QARepVGGBlock``."""
 import warnings
 from typing import Optional, Tuple
 
@@ -29,39 +24,8 @@ def _check_int(name: str, value, minimum: int) -> None:
             f'{name} must be an int >= {minimum}, got {value!r}')
 
 
-def check_block_args(in_channels: int, out_channels: int, stride: int,
-                     padding: int, dilation: int, groups: int,
-                     padding_mode: str, se_cfg: Optional[dict]) -> None:
-    """Validate the shape arguments of a re-parameterizable 3x3 block.
-
-    Raises:
-        ValueError: naming the argument and what was expected.
-    """
-    _check_int('in_channels', in_channels, 1)
-    _check_int('out_channels', out_channels, 1)
-    _check_int('stride', stride, 1)
-    _check_int('dilation', dilation, 1)
-    _check_int('padding', padding, 0)
-    _check_int('groups', groups, 1)
-    if in_channels % groups or out_channels % groups:
-        raise ValueError(
-            f'groups={groups} must divide in_channels={in_channels} and '
-            f'out_channels={out_channels}')
-    if padding < dilation:
-        raise ValueError(
-            f'padding ({padding}) must be >= dilation ({dilation}): the '
-            f'1x1 branch uses padding - dilation to stay aligned with '
-            f'the centre tap of the 3x3 branch')
-    if padding_mode not in PADDING_MODES:
-        raise ValueError(f'padding_mode must be one of {PADDING_MODES}, '
-                         f'got {padding_mode!r}')
-    if se_cfg is not None and not isinstance(se_cfg, dict):
-        raise ValueError(f'se_cfg must be a dict or None, got {se_cfg!r}')
-
-
 def check_norm_cfg(norm_cfg: dict, channels: int) -> None:
-    """Raise ``ValueError`` unless ``norm_cfg`` builds a fusable batch norm
-    (BN, SyncBN, MMSyncBN with running statistics)."""
+    """``ValueError`` unless ``norm_cfg`` builds a fusable batch norm."""
     if not isinstance(norm_cfg, dict) or 'type' not in norm_cfg:
         raise ValueError(
             f'norm_cfg must be a dict with a "type" key, got {norm_cfg!r}')
@@ -79,18 +43,17 @@ def check_norm_cfg(norm_cfg: dict, channels: int) -> None:
 
 
 def is_reparam_block(module: nn.Module) -> bool:
-    """Whether ``module`` is a re-parameterizable block: it has
-    ``switch_to_deploy`` and ``get_equivalent_kernel_bias`` and a boolean
-    ``deploy`` (any block of this package, or a compatible one), as opposed
-    to a container such as a backbone that forwards ``switch_to_deploy``."""
+    """Whether ``module`` is a re-parameterizable block (it has
+    ``switch_to_deploy``, ``get_equivalent_kernel_bias`` and a boolean
+    ``deploy``), not a container that forwards ``switch_to_deploy``."""
     return (callable(getattr(module, 'switch_to_deploy', None))
             and callable(getattr(module, 'get_equivalent_kernel_bias', None))
             and isinstance(getattr(module, 'deploy', None), bool))
 
 
 def build_act(act_cfg: Optional[dict]) -> nn.Module:
-    """Activation from ``act_cfg`` (``nn.Identity`` for None); unknown or
-    malformed configs raise ``ValueError`` naming ``act_cfg``."""
+    """Activation of ``act_cfg`` (``nn.Identity`` for None), or
+    ``ValueError``."""
     if act_cfg is None:
         return nn.Identity()
     if not isinstance(act_cfg, dict) or 'type' not in act_cfg:
@@ -106,27 +69,17 @@ def build_act(act_cfg: Optional[dict]) -> nn.Module:
 
 
 class RepBlockBase(BaseModule):
-    """Common part of the re-parameterizable 3x3 blocks.
+    """Common part of the re-parameterizable 3x3 blocks: argument checks,
+    activation, SE, the conv branches and the deploy layout every tool
+    relies on (``conv_reparam``, a 3x3 ``nn.Conv2d`` with bias, then SE and
+    the activation; a boolean ``deploy``).
 
-    Checks and holds the arguments, builds the activation, the optional SE
-    layer and the two conv branches (``branch_3x3``: conv + norm;
-    ``branch_1x1``: conv, with or without a norm; ``alpha``), and implements
-    the deploy layout shared by every block of this package: a plain
-    ``nn.Conv2d`` ``conv_reparam`` (3x3, with bias), a boolean ``deploy`` and
-    the forward ``act(se(conv_reparam(x)))`` rebound on the instance, so that
-    every tool (conversion, export, benchmark) treats all blocks alike.
-
-    Subclasses build their training branches (with :meth:`_build_branches`),
-    implement :meth:`_branches` (the training form up to, and including, SE)
-    and :meth:`_kernel_bias_f64` (the equivalent kernel and bias in float64,
-    from :meth:`_conv_kernel_bias_f64` and
-    :mod:`~mmrepvgg.models.layers.fusion`), and list in ``_TRAINING_ATTRS``
-    the attributes :meth:`switch_to_deploy` removes. See
-    :class:`RepVGGBlock` for the arguments.
+    Subclasses implement :meth:`_branches` (the training form up to SE) and
+    :meth:`_kernel_bias_f64`, and list in ``_TRAINING_ATTRS`` what
+    :meth:`switch_to_deploy` removes. Arguments: see :class:`RepVGGBlock`.
     """
 
-    # mmengine's BaseModule.is_init property cannot be compiled by
-    # torch.jit.script; it is not needed by the forward.
+    # mmengine's BaseModule.is_init cannot be compiled by torch.jit.script.
     __jit_unused_properties__ = ['is_init']
 
     #: Attributes removed by :meth:`switch_to_deploy`.
@@ -148,8 +101,27 @@ class RepBlockBase(BaseModule):
                  use_alpha: bool,
                  with_cp: bool) -> None:
         super().__init__(init_cfg=init_cfg)
-        check_block_args(in_channels, out_channels, stride, padding,
-                         dilation, groups, padding_mode, se_cfg)
+        _check_int('in_channels', in_channels, 1)
+        _check_int('out_channels', out_channels, 1)
+        _check_int('stride', stride, 1)
+        _check_int('dilation', dilation, 1)
+        _check_int('padding', padding, 0)
+        _check_int('groups', groups, 1)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f'groups={groups} must divide in_channels={in_channels} and '
+                f'out_channels={out_channels}')
+        if padding < dilation:
+            raise ValueError(
+                f'padding ({padding}) must be >= dilation ({dilation}): the '
+                '1x1 branch uses padding - dilation to stay aligned with the '
+                'centre tap of the 3x3 branch')
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f'padding_mode must be one of {PADDING_MODES}, '
+                             f'got {padding_mode!r}')
+        if se_cfg is not None and not isinstance(se_cfg, dict):
+            raise ValueError(
+                f'se_cfg must be a dict or None, got {se_cfg!r}')
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
@@ -174,10 +146,8 @@ class RepBlockBase(BaseModule):
             if se_cfg is not None else nn.Identity()
 
     def _build_branches(self, norm_1x1: bool) -> None:
-        """``branch_3x3`` (conv + norm), ``branch_1x1`` (conv + norm, or with
-        ``norm_1x1=False`` a conv without norm and bias) and ``alpha``."""
-        # The padding mode goes to nn.Conv2d itself (as in conv_reparam):
-        # mmcv's ConvModule silently drops padding_mode='circular'.
+        # The padding mode goes to nn.Conv2d itself: mmcv's ConvModule
+        # silently drops padding_mode='circular'.
         conv_cfg = dict(type='Conv2d', padding_mode=self.padding_mode)
         self.branch_3x3 = ConvModule(
             self.in_channels, self.out_channels, 3, stride=self.stride,
@@ -196,21 +166,16 @@ class RepBlockBase(BaseModule):
             padding=self.padding, dilation=self.dilation, groups=self.groups,
             bias=True, padding_mode=self.padding_mode)
 
-    def _bind_deploy_forward(self) -> None:
-        # Instance-level forward: a bound method (picklable, deep-copyable);
-        # the class-level forward below gives the same result for
-        # torch.jit.script, which ignores instance attributes.
+    def _set_deploy(self, conv: nn.Conv2d) -> None:
+        self.conv_reparam = conv
         self.deploy = True
+        # A bound method (picklable, deep-copyable); torch.jit.script ignores
+        # it and compiles the class-level forward, which gives the same.
         if isinstance(self.se, nn.Identity):
             self.forward = self._forward_deploy_plain
         else:
             self.forward = self._forward_deploy
 
-    def _build_deploy(self) -> None:
-        self.conv_reparam = self._make_reparam_conv()
-        self._bind_deploy_forward()
-
-    # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Multi-branch forward, or the fused conv once switched."""
         if hasattr(self, 'conv_reparam'):
@@ -224,7 +189,6 @@ class RepBlockBase(BaseModule):
         return self.act(self.conv_reparam(x))
 
     def _conv_branches(self, x: torch.Tensor) -> torch.Tensor:
-        """``branch_3x3(x) + alpha * branch_1x1(x)``."""
         out_1x1 = self.branch_1x1(x)
         if self.alpha is not None:
             out_1x1 = self.alpha * out_1x1
@@ -241,9 +205,7 @@ class RepBlockBase(BaseModule):
             out = self._branches(x)
         return self.act(out)
 
-    # --------------------------------------------------------------- re-param
     def _conv_kernel_bias_f64(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Kernel and bias (float64) of :meth:`_conv_branches`."""
         conv3, conv1 = self.branch_3x3.conv, self.branch_1x1.conv
         k3, b3 = fuse_conv_norm(conv3.weight, conv3.bias, self.branch_3x3.norm)
         k1, b1 = fuse_conv_norm(conv1.weight, conv1.bias, self.branch_1x1.norm)
@@ -257,11 +219,8 @@ class RepBlockBase(BaseModule):
         raise NotImplementedError
 
     def get_equivalent_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Kernel and bias of the single 3x3 conv equal to the branches.
-
-        Computed in float64 from the current parameters and running
-        statistics (differentiable), returned in the block's dtype/device.
-        """
+        """Kernel and bias of the one 3x3 conv equal to the branches
+        (computed in float64, differentiable; in the block's dtype)."""
         if self.deploy:
             return self.conv_reparam.weight, self.conv_reparam.bias
         ref = self.branch_3x3.conv.weight
@@ -270,12 +229,8 @@ class RepBlockBase(BaseModule):
                 bias.to(device=ref.device, dtype=ref.dtype))
 
     def switch_to_deploy(self, test_cfg: Optional[dict] = None) -> None:
-        """Fuse the branches into ``conv_reparam`` (idempotent).
-
-        Args:
-            test_cfg (dict, optional): unused; accepted for compatibility
-                with OpenMMLab's ``switch_to_deploy(test_cfg)`` convention.
-        """
+        """Fuse the branches into ``conv_reparam`` (idempotent);
+        ``test_cfg`` is unused (OpenMMLab's signature)."""
         if self.deploy:
             return
         if self.training:
@@ -294,8 +249,7 @@ class RepBlockBase(BaseModule):
         conv.train(self.training)
         for name in self._TRAINING_ATTRS:
             delattr(self, name)
-        self.conv_reparam = conv
-        self._bind_deploy_forward()
+        self._set_deploy(conv)
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, {self.out_channels}, '
@@ -306,49 +260,25 @@ class RepBlockBase(BaseModule):
 
 @MODELS.register_module()
 class RepVGGBlock(RepBlockBase):
-    """RepVGG block (Ding et al., "RepVGG: Making VGG-style ConvNets Great
-    Again", CVPR 2021) built from mmcv ``ConvModule`` branches.
-
-    Training form::
+    """RepVGG block (Ding et al., CVPR 2021) of mmcv ``ConvModule``s::
 
         y = act(se(branch_3x3(x) + alpha * branch_1x1(x) + branch_norm(x)))
 
-    where each conv branch is conv + norm (no activation), ``branch_norm`` is
-    the identity branch (a norm layer, only when shapes allow it) and
-    ``alpha`` is 1 unless ``use_alpha``. :meth:`switch_to_deploy` replaces the
-    three branches by one ``nn.Conv2d`` (``conv_reparam``) computing the same
-    function exactly (fused in float64).
+    ``branch_norm``, the identity branch, exists where shapes allow it.
+    :meth:`switch_to_deploy` replaces the branches by one exactly equal
+    ``nn.Conv2d``, ``conv_reparam``.
 
     Args:
-        in_channels (int): input channels.
-        out_channels (int): output channels.
-        stride (int): stride of the 3x3 and 1x1 convs. Defaults to 1.
-        padding (int): padding of the 3x3 conv; the 1x1 conv uses
-            ``padding - dilation``. Must be >= ``dilation``. Defaults to 1.
-        dilation (int): dilation of the 3x3 conv. Defaults to 1.
-        groups (int): conv groups; must divide both channel counts.
-            Defaults to 1.
-        padding_mode (str): 'zeros', 'reflect', 'replicate' or 'circular'.
-            Defaults to 'zeros'.
-        norm_cfg (dict, optional): norm of every branch. Must be a batch norm
-            (BN, SyncBN, MMSyncBN) so that it can be fused; None gives conv
-            branches with bias and no identity branch.
-            Defaults to ``dict(type='BN', momentum=0.03, eps=0.001)``.
-        act_cfg (dict, optional): activation after the sum, any type in
-            mmcv's registry; None for no activation.
-            Defaults to ``dict(type='ReLU', inplace=True)``.
-        without_branch_norm (bool): do not build the identity (norm) branch
-            even where shapes allow it. Defaults to True.
-        init_cfg (dict, optional): initialization config. Defaults to None.
+        padding (int): of the 3x3 conv, >= ``dilation``; the 1x1 conv uses
+            ``padding - dilation``.
+        norm_cfg (dict, optional): a batch norm (BN, SyncBN, MMSyncBN), so
+            that it fuses; None: branches with bias, no identity branch.
+        without_branch_norm (bool): no identity branch at all.
         se_cfg (dict, optional): squeeze-excitation before the activation,
-            e.g. ``dict(ratio=16)``; None for no SE. Keyword only.
+            e.g. ``dict(ratio=16)``.
         use_alpha (bool): learnable scalar on the 1x1 branch (PP-YOLOE+).
-            Keyword only. Defaults to False.
-        deploy (bool): build the fused form directly (``conv_reparam`` only),
-            so that a converted state dict loads with ``strict=True``.
-            Keyword only. Defaults to False.
-        with_cp (bool): gradient checkpointing of the branches in training.
-            Keyword only. Defaults to False.
+        deploy (bool): build the fused form, so that a converted state dict
+            loads with ``strict=True``.
     """
 
     _TRAINING_ATTRS = ('branch_3x3', 'branch_1x1', 'branch_norm', 'alpha')
@@ -379,7 +309,7 @@ class RepVGGBlock(RepBlockBase):
             raise ValueError('without_branch_norm=False needs a norm_cfg: the '
                              'identity branch is a norm layer')
         if deploy:
-            self._build_deploy()
+            self._set_deploy(self._make_reparam_conv())
             return
         self._build_branches(norm_1x1=True)
         self.branch_norm = build_norm_layer(norm_cfg, out_channels)[1] \

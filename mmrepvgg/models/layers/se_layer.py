@@ -8,19 +8,9 @@ from mmengine.model import BaseModule
 
 
 class SELayer(BaseModule):
-    """Squeeze-and-excitation: ``x * gate(mean_hw(x))``.
-
-    Adaptive average pooling makes it independent of the input size (the
-    official RepVGG code pools with a fixed kernel equal to the input width).
-
-    Args:
-        channels (int): input and output channels.
-        ratio (int): squeeze ratio; the hidden width is
-            ``max(1, channels // ratio)``. Defaults to 16 as in RepVGG-D2se.
-        act_cfg (Sequence[dict]): activations after the squeeze and the
-            excitation convs. Defaults to ReLU then Sigmoid.
-        init_cfg (dict, optional): initialization config.
-    """
+    """Squeeze-and-excitation, ``x * gate(mean_hw(x))``, hidden width
+    ``max(1, channels // ratio)``, ``act_cfg`` after the squeeze and the
+    excitation; adaptive pooling works at any input size."""
 
     __jit_unused_properties__ = ['is_init']
 

@@ -1,3 +1,1 @@
-from .repvgg_fpn import RepVGGFPN
-
-__all__ = ['RepVGGFPN']
+from .repvgg_fpn import RepVGGFPN  # noqa: F401

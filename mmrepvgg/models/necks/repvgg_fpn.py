@@ -12,24 +12,10 @@ from mmengine.model import BaseModule
 
 @MODELS.register_module()
 class RepVGGFPN(BaseModule):
-    """Feature pyramid with RepVGG blocks as its 3x3 convs.
-
-    As mmdet's ``FPN`` (1x1 laterals, nearest top-down fusion), but every
-    output conv and every extra level (stride 2, on the last output) is built
-    from ``block_cfg``, by default a :class:`RepVGGBlock`, so that the whole
-    neck fuses into plain 3x3 convs with the rest of the detector.
-
-    Args:
-        in_channels (Sequence[int]): channels of each input level.
-        out_channels (int): channels of every output level.
-        num_outs (int): number of outputs (>= number of inputs; the extra
-            ones are stride-2 blocks on the last output).
-        block_cfg (dict): config of the 3x3 blocks; ``in_channels``,
-            ``out_channels`` and ``stride`` are filled in. Add
-            ``deploy=True`` for the fused form.
-        upsample_cfg (dict): ``F.interpolate`` options for the top-down path.
-        init_cfg (dict, optional): initialization config.
-    """
+    """mmdet's ``FPN`` (1x1 laterals, nearest top-down fusion) whose output
+    convs and extra levels (``num_outs`` beyond the inputs: stride 2, on the
+    last output) are blocks of ``block_cfg``, so that the whole neck fuses
+    into plain 3x3 convs; ``upsample_cfg``: ``F.interpolate`` options."""
 
     def __init__(self,
                  in_channels: Sequence[int],
@@ -62,7 +48,7 @@ class RepVGGFPN(BaseModule):
     def _block(block_cfg: dict, channels: int, stride: int) -> nn.Module:
         cfg = copy.deepcopy(dict(block_cfg))
         cfg.update(in_channels=channels, out_channels=channels, stride=stride)
-        cfg.setdefault('_scope_', 'mmdet')  # any default scope (see RepVGG)
+        cfg.setdefault('_scope_', 'mmdet')  # any default scope
         return MODELS.build(cfg)
 
     def forward(self, inputs: Tuple[torch.Tensor, ...]) -> tuple:
