@@ -1,30 +1,14 @@
 """An exported end-to-end ONNX detector in mmdet's own test loop.
 
-``tools/test.py CONFIG MODEL.onnx`` runs mmengine's ``Runner.test()``
-unchanged: the config's test dataset, pipeline, data preprocessor and
-evaluator; only the model is :class:`OnnxRuntimeDetector`, whose
-``predict`` feeds the preprocessed batch to onnxruntime (or OpenVINO,
-``--runtime openvino``, float32) and turns ``dets``
-and ``labels`` into ``DetDataSample.pred_instances`` the way mmdet's dense
-heads do with ``rescale=True``: boxes divided by the ``scale_factor`` of the
-test resize (mmdet's ``scale_boxes``, no clipping to ``ori_shape``, as
-mmdet). So the metrics printed (``coco/bbox_mAP`` ...) are comparable with
-the PyTorch model's.
-
-Input sizes: a graph with dynamic height and width takes the batch as the
-preprocessor padded it; a graph with a fixed size gets the batch padded
-(bottom/right, zeros, as the preprocessor pads) to that size, and a fixed
-batch size is filled up with zero images. A graph without the
-``img_shape`` input clips boxes to the padded batch: here they are clipped
-again to each image's ``img_shape`` (mmdet clips before NMS, so on padded
-batches a box crossing the padding border can differ slightly; the graph
-with ``--img-shape-input`` is exact).
-
-Nothing is scored that could be wrong: before the runner starts, the graph's
-declared batch, input size and detection count are bounded and its
-metadata's class count must equal the config's; during the run every output
-must be finite, shaped for the batch fed, with labels in the config's
-classes. Any violation stops the evaluation with one line naming the file.
+``tools/test.py CONFIG MODEL.onnx`` runs ``Runner.test()`` unchanged (the
+config's test set, pipeline, preprocessor and evaluator); only the model is
+:class:`OnnxRuntimeDetector`, whose ``predict`` runs the graph (onnxruntime
+or OpenVINO) and rescales boxes as mmdet's heads do (``rescale=True``), so
+the metrics compare with the PyTorch model's. A fixed-size graph gets the
+batch padded (and filled up) to its size; a graph without ``img_shape``
+input gets its boxes clipped again to each ``img_shape``. Nothing is scored
+that could be wrong: declared sizes and metadata are checked before the
+runner starts, every output during the run (one line naming the file).
 """
 import json
 import os.path as osp
@@ -44,14 +28,10 @@ from .postprocess import (MAX_NMS_PRE, MAX_PER_IMG, METADATA_KEY,
                           PostProcessError, check_count, check_fraction,
                           describe_settings)
 
-#: Largest batch a graph may declare (a fixed batch is filled up with zero
-#: images): bounds what an untrusted file makes the evaluation allocate, and
-#: the one batch of ``export_onnx --verify-images``. Not the benchmark's
-#: bound on a batch size a user asks to time.
+#: Largest batch a graph may declare (bounds what an untrusted file makes
+#: the evaluation allocate) and the one batch of ``--verify-images``.
 MAX_BATCH = 64
-#: Largest fixed input a graph may declare, in pixels over the batch (the
-#: evaluation pads and fills every batch up to it): MAX_BATCH images of
-#: 1024x1024.
+#: Largest fixed input a graph may declare, in pixels over the batch.
 MAX_INPUT_PIXELS = MAX_BATCH * 1024 * 1024
 
 
@@ -60,8 +40,7 @@ class EvaluateError(ToolError):
 
 
 def _settings(onnx_file: str, session) -> dict:
-    """The post-processing settings of the graph's metadata, checked (the
-    export refuses the same values); {} when absent."""
+    """The graph's post-processing metadata, checked; {} when absent."""
     meta = session.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in meta:
         return {}
@@ -90,35 +69,12 @@ def _settings(onnx_file: str, session) -> dict:
 def check_end2end_graph(onnx_file: str,
                         num_classes: Optional[int] = None,
                         threads: Optional[int] = 1,
-                        providers: Optional[Sequence[str]] = None,
                         runtime: str = 'onnxruntime') -> dict:
-    """What the evaluation needs to know of an end-to-end detector graph
-    (input ``input`` and optionally ``img_shape``, outputs ``dets`` and
-    ``labels`` first), every size and setting it declares checked before
-    anything is allocated for it.
-
-    Args:
-        onnx_file (str): the graph.
-        num_classes (int, optional): the config's class count; the graph's
-            metadata must agree, labels must lie below it. Default: the
-            metadata's.
-        threads (int, optional): intra-op threads.
-        providers (Sequence[str], optional): onnxruntime providers.
-        runtime (str): ``onnxruntime`` or ``openvino``
-            (:func:`~.runtime.make_session`, float32).
-
-    Returns:
-        dict: ``session``, ``with_img_shape``, ``fixed_batch`` (int or
-        None), ``fixed_hw`` (tuple or None), ``settings`` (the metadata's
-        post-processing, {} without), ``num_classes``.
-
-    Raises:
-        EvaluateError: naming the file: another graph signature (e.g. a
-            raw-output graph exported without ``--postprocess``), a
-            declared batch, input size or detection count beyond the
-            bounds, a class count that differs from ``num_classes``.
-    """
-    session = make_session(onnx_file, threads, providers, runtime=runtime)
+    """``session``, ``with_img_shape``, ``fixed_batch``, ``fixed_hw``,
+    ``settings`` and ``num_classes`` of an end-to-end detector graph, every
+    size and setting it declares checked before anything is allocated
+    (``num_classes``: the config's, which the metadata must equal)."""
+    session = make_session(onnx_file, threads, runtime=runtime)
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
     names = output_names(session)
@@ -175,51 +131,25 @@ def check_end2end_graph(onnx_file: str,
 
 @MODELS.register_module()
 class OnnxRuntimeDetector(BaseDetector):
-    """A detector whose ``predict`` is an end-to-end ONNX graph.
-
-    Every output is checked before it is scored: ``dets`` (N, K, 5) and
-    ``labels`` (N, K) for the N images fed, K at most :data:`MAX_PER_IMG`,
-    finite boxes and scores, labels ``-1`` (padding) or in
-    ``[0, num_classes)``; anything else stops the evaluation with one line
-    naming the file.
-
-    Args:
-        onnx_file (str): graph with input ``input`` (and optionally
-            ``img_shape``) and outputs ``dets`` (N, K, 5) and ``labels``
-            (N, K), as ``tools/deployment/export_onnx.py --postprocess``
-            writes.
-        data_preprocessor (dict): the config's ``DetDataPreprocessor``.
-        num_classes (int, optional): the config's class count (default:
-            the graph's metadata).
-        threads (int, optional): intra-op threads.
-        providers (Sequence[str], optional): onnxruntime providers (CPU by
-            default).
-        runtime (str): ``onnxruntime`` or ``openvino`` (float32).
-        init_cfg (dict, optional): unused (no weights).
-    """
+    """A detector whose ``predict`` runs an end-to-end ONNX graph; every
+    output is checked before it is scored (:meth:`_check_outputs`)."""
 
     def __init__(self,
                  onnx_file: str,
                  data_preprocessor: Optional[dict] = None,
                  num_classes: Optional[int] = None,
                  threads: Optional[int] = None,
-                 providers: Optional[Sequence[str]] = None,
                  runtime: str = 'onnxruntime',
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(data_preprocessor=data_preprocessor,
                          init_cfg=init_cfg)
         self.onnx_file = onnx_file
         info = check_end2end_graph(onnx_file, num_classes, threads,
-                                   providers, runtime)
-        self.session = info['session']
-        self.with_img_shape = info['with_img_shape']
-        self.fixed_batch = info['fixed_batch']
-        self.fixed_hw = info['fixed_hw']
-        self.settings = info['settings']
-        self.num_classes = info['num_classes']
+                                   runtime)
+        for key, value in info.items():  # session, settings, num_classes...
+            setattr(self, key, value)
         self.clip_border = bool(self.settings.get('clip_border', True))
 
-    # the graph replaces every PyTorch path
     def loss(self, batch_inputs, batch_data_samples):
         raise EvaluateError('an ONNX detector cannot be trained')
 
@@ -232,8 +162,9 @@ class OnnxRuntimeDetector(BaseDetector):
 
     def _check_outputs(self, d: np.ndarray, lab: np.ndarray,
                        n: int) -> None:
-        """Refuse outputs that would be scored wrongly (see the class
-        docstring)."""
+        """Refuse outputs that would be scored wrongly: shapes for the
+        batch, at most :data:`MAX_PER_IMG` rows, finite values, integer
+        labels in the config's classes or -1."""
         where = f'{self.onnx_file}: the graph returned'
         if not (d.ndim == 3 and d.shape[2] == 5 and lab.ndim == 2
                 and d.shape[:2] == lab.shape and d.shape[0] == n):
@@ -289,7 +220,7 @@ class OnnxRuntimeDetector(BaseDetector):
     def predict(self, batch_inputs: torch.Tensor, batch_data_samples: list,
                 rescale: bool = True) -> list:
         """Detections of a preprocessed batch, as mmdet's detectors return
-        them (``pred_instances`` with ``bboxes``, ``scores``, ``labels``)."""
+        them."""
         from mmdet.structures.bbox import scale_boxes
         x = batch_inputs.detach().float().cpu().numpy()
         shapes = np.asarray([s.metainfo.get('img_shape', x.shape[2:])[:2]
@@ -314,22 +245,11 @@ class OnnxRuntimeDetector(BaseDetector):
         return self.add_pred_to_datasample(batch_data_samples, results)
 
 
-# ------------------------------------------------- scoring without a runner
 class SplitScorer:
-    """bbox mAP of detectors on images of a config's split, scored by the
-    config's evaluator of that split (``val_evaluator`` / ``test_evaluator``)
-    as ``tools/test.py`` scores them, without a runner: for NNCF's accuracy
-    control (a candidate graph per call) and the benchmark's detector forms.
-
-    The images go through the config's test pipeline and data preprocessor
-    once, one image per batch.
-
-    Args:
-        cfg (Config): the model config.
-        split (str): ``val`` or ``test``.
-        num (int, optional): images (evenly spread; all when None).
-        threads (int, optional): runtime threads of :meth:`graph`.
-    """
+    """bbox mAP of detectors on ``num`` images (all: None) of a split,
+    scored by the config's evaluator of that split without a runner (NNCF's
+    accuracy control, the benchmark's detector forms). The images are
+    preprocessed once, one per batch."""
 
     def __init__(self, cfg, split: str = 'val', num: Optional[int] = None,
                  threads: Optional[int] = None) -> None:
@@ -360,8 +280,8 @@ class SplitScorer:
 
     def score(self, predict, indices: Optional[Sequence[int]] = None
               ) -> float:
-        """bbox mAP of ``predict(inputs, data_samples)`` (a detector's
-        ``predict``, ``rescale=True``) on the items ``indices`` (all)."""
+        """bbox mAP of a detector's ``predict`` on the items ``indices``
+        (all: None)."""
         import contextlib
         import copy
         import io
@@ -401,15 +321,9 @@ class SplitScorer:
         return self.score(det.predict, indices)
 
 
-# ------------------------------------------------------------ tools/test.py
 def onnx_test_config(args):
-    """The runner config of ``tools/test.py CONFIG MODEL.onnx``: the
-    config's test set, pipeline, preprocessor and evaluator, the model
-    replaced by :class:`OnnxRuntimeDetector` on ``args.runtime``.
-
-    Raises:
-        ToolError: options that do not apply to an ONNX file, missing files.
-    """
+    """The runner config of ``tools/test.py CONFIG MODEL.onnx``: the model
+    replaced by :class:`OnnxRuntimeDetector`."""
     from mmrepvgg.apis.runner import load_runner_config
     from mmrepvgg.utils.fileio import check_output_paths
     for flag, on in (('--tta', getattr(args, 'tta', False)),
@@ -471,9 +385,7 @@ def onnx_test_config(args):
 
 
 def test_onnx(args) -> int:
-    """``tools/test.py`` for a ``.onnx`` checkpoint: mmdet's test loop with
-    onnxruntime (or OpenVINO) detections; one ``error:`` line on bad
-    input."""
+    """``tools/test.py`` for a ``.onnx`` checkpoint."""
     from mmrepvgg.apis.runner import run_runner, run_tool
 
     def body():

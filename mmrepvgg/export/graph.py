@@ -1,14 +1,10 @@
-"""The exported function and its ONNX graph: what is traced
-(:class:`TensorForward`, :func:`export_target`), ``torch.onnx.export`` with
-dynamic batch, height and width (:func:`export_to`), and small checks of a
-graph file.
+"""What is traced (:class:`TensorForward`) and ``torch.onnx.export`` with
+dynamic batch, height and width; small checks of a graph file.
 
-``torch.onnx.export(..., dynamo=False)``: the TorchScript-based exporter
-traces data-dependent shapes (top-k, NMS results) into dynamic ONNX ops and
-lets a ``torch.autograd.Function`` emit ``NonMaxSuppression``; the dynamo
-exporter cannot export the data-dependent NMS output without a custom op.
+``dynamo=False``: the TorchScript exporter traces data-dependent shapes
+(top-k, NMS) into dynamic ops and lets an autograd Function emit
+``NonMaxSuppression``; the dynamo exporter would need a custom op.
 """
-import os
 import warnings
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -16,11 +12,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from mmrepvgg.apis.convert import MAX_SIDE
 from .loading import ExportError
 
-#: Default opset: widely consumed (TensorRT >= 8.6, onnxruntime >= 1.14) and
-#: enough for every op these models use (NonMaxSuppression needs >= 10).
+#: Widely consumed (TensorRT >= 8.6, onnxruntime >= 1.14).
 DEFAULT_OPSET = 17
 #: ONNX ops an activation of mmcv's registry exports to.
 ACTIVATION_OPS = frozenset({
@@ -29,7 +23,6 @@ ACTIVATION_OPS = frozenset({
 
 
 def max_torchscript_opset() -> int:
-    """Highest opset of the TorchScript-based exporter of this torch."""
     try:
         from torch.onnx import _constants
         return int(_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
@@ -37,23 +30,20 @@ def max_torchscript_opset() -> int:
         return 17
 
 
-# ---------------------------------------------------------------- modules
-def _flatten(obj, prefix: str, out: List[Tuple[str, torch.Tensor]]) -> None:
+def _flatten(obj, prefix: str = '') -> List[Tuple[str, torch.Tensor]]:
     if isinstance(obj, torch.Tensor):
-        out.append((prefix, obj))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _flatten(v, f'{prefix}_{i}' if prefix else f'{i}', out)
-    else:
+        return [(prefix, obj)]
+    if not isinstance(obj, (list, tuple)):
         raise ExportError(f'cannot export an output of type '
                           f'{type(obj).__name__} (tensors, lists and tuples '
                           'only)')
+    return [item for i, v in enumerate(obj)
+            for item in _flatten(v, f'{prefix}_{i}' if prefix else f'{i}')]
 
 
 class TensorForward(nn.Module):
-    """The exported function: ``x -> flat tuple of output tensors`` of a
-    module (``mode='module'``: ``model(x)``) or of a single-stage detector
-    (``mode='single_stage'``: ``bbox_head(extract_feat(x))``)."""
+    """``x -> flat tuple of output tensors`` of ``model(x)`` (``mode=
+    'module'``) or ``bbox_head(extract_feat(x))`` (``'single_stage'``)."""
 
     def __init__(self, model: nn.Module, mode: str) -> None:
         super().__init__()
@@ -66,19 +56,15 @@ class TensorForward(nn.Module):
         return self.model(x)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        out: List[Tuple[str, torch.Tensor]] = []
-        _flatten(self.raw(x), '', out)
-        return tuple(t for _, t in out)
+        return tuple(t for _, t in _flatten(self.raw(x)))
 
     @torch.no_grad()
     def output_names(self, x: torch.Tensor) -> List[str]:
         raw = self.raw(x)
         if isinstance(raw, torch.Tensor):
             return ['out']
-        out: List[Tuple[str, torch.Tensor]] = []
-        _flatten(raw, '', out)
         base = 'feat' if self.mode == 'module' else 'out'
-        return [f'{base}{name}' for name, _ in out]
+        return [f'{base}{name}' for name, _ in _flatten(raw)]
 
 
 def is_single_stage(model_or_cls) -> bool:
@@ -102,8 +88,7 @@ def parts(model: nn.Module) -> str:
 
 def export_target(model: nn.Module, mode: str,
                   config_path: str) -> Tuple[TensorForward, str]:
-    """``(TensorForward, description)`` for the ``'backbone'`` and ``'raw'``
-    modes."""
+    """``(TensorForward, description)`` of the backbone and raw modes."""
     is_detector = hasattr(model, 'backbone')
     if mode == 'backbone':
         target = model.backbone if is_detector else model
@@ -123,10 +108,9 @@ def export_to(module: nn.Module,
               opset: int,
               extra_inputs: Sequence[Tuple[str, torch.Tensor]] = (),
               output_names: Optional[Sequence[str]] = None) -> List[str]:
-    """Export ``module`` traced on ``x`` (input ``input``, dynamic batch,
-    height and width; ``extra_inputs`` ``(name, tensor)`` with a dynamic
-    batch) to ``path``; returns the output names (default: the module's
-    ``output_names(x)``)."""
+    """Export ``module`` traced on ``x`` (input ``input``; ``extra_inputs``
+    ``(name, tensor)`` with a dynamic batch) to ``path``; returns the output
+    names (default: ``module.output_names(x)``)."""
     names = list(output_names) if output_names else module.output_names(x)
     args = (x, ) + tuple(t for _, t in extra_inputs)
     with torch.no_grad():
@@ -143,8 +127,7 @@ def export_to(module: nn.Module,
         elif t.dim() >= 1:
             dynamic[name] = {0: 'batch'}
     with warnings.catch_warnings():
-        # the TorchScript exporter is deprecated in favour of dynamo=True;
-        # tracer warnings about Python values are expected here.
+        # the exporter's deprecation and tracer warnings are expected
         warnings.simplefilter('ignore')
         with torch.no_grad():
             torch.onnx.export(
@@ -158,8 +141,8 @@ def export_to(module: nn.Module,
 def op_histogram(path_or_model) -> Counter:
     """``Counter`` of the op types of the graph's nodes."""
     import onnx
-    model = onnx.load(path_or_model) if isinstance(
-        path_or_model, (str, os.PathLike)) else path_or_model
+    model = path_or_model if isinstance(
+        path_or_model, onnx.ModelProto) else onnx.load(path_or_model)
     return Counter(node.op_type for node in model.graph.node)
 
 
@@ -174,9 +157,8 @@ def check_onnx(path: str) -> None:
 
 def keep_outputs(src: str, dst: str, names: Sequence[str],
                  metadata: Optional[Dict[str, str]] = None) -> None:
-    """Copy the graph ``src`` to ``dst`` with only the outputs ``names``
-    (the verification graph also exposes the raw head tensors) and the
-    ``metadata`` entries added to its ``metadata_props``."""
+    """Copy the graph ``src`` to ``dst`` with only the outputs ``names`` and
+    ``metadata`` added to its ``metadata_props``."""
     import onnx
     model = onnx.load(src)
     keep = [o for o in model.graph.output if o.name in names]
@@ -185,16 +167,6 @@ def keep_outputs(src: str, dst: str, names: Sequence[str],
     for key, value in (metadata or {}).items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, dst)
-
-
-def verify_shapes(shape: Tuple[int, int]) -> List[Tuple[int, Tuple[int,
-                                                                   int]]]:
-    """``[(batch, (H, W)), ...]`` checked: the traced shape with batch 1, and
-    a second one with batch 2, H + 32 (H - 32 beyond ``MAX_SIDE``) and
-    W - 32 (at least 32), to exercise the dynamic axes."""
-    h, w = shape
-    return [(1, (h, w)), (2, (h + 32 if h + 32 <= MAX_SIDE else h - 32,
-                              max(32, w - 32)))]
 
 
 def fusion_leftovers(hist: Counter) -> Dict[str, int]:

@@ -1,12 +1,6 @@
-"""The deploy-form model that gets exported, from a config and a checkpoint.
-
-A training-form checkpoint is loaded into the model built from the config
-and converted with :func:`mmrepvgg.deploy.switch_to_deploy`. A deploy
-checkpoint (``conv_reparam`` weights, e.g. from ``tools/convert_deploy.py``;
-detected with :func:`~mmrepvgg.apis.convert.is_deploy_state_dict`) is loaded
-into the model built from :func:`mmrepvgg.deploy.make_deploy_config` of the
-config (every RepVGG module with ``deploy=True``). Either way the load is
-strict and safe (``weights_only``) unless ``unsafe_load``.
+"""The deploy-form model that gets exported: a training checkpoint is
+switched after loading, a deploy checkpoint (``conv_reparam`` weights) is
+loaded into the config's deploy twin; strictly and safely either way.
 """
 from typing import Tuple
 
@@ -28,22 +22,8 @@ def load_deploy_model(cfg: Config,
                       config_path: str,
                       checkpoint: str,
                       unsafe_load: bool = False) -> Tuple[nn.Module, dict]:
-    """Build the model of ``cfg`` with the weights of ``checkpoint`` in
-    deploy form (CPU, eval mode).
-
-    Args:
-        cfg (Config): the (training or deploy) config.
-        config_path (str): its file, for messages.
-        checkpoint (str): training-form or deploy checkpoint.
-        unsafe_load (bool): unpickle freely (trusted files only).
-
-    Returns:
-        tuple[nn.Module, dict]: the model and ``info`` (``checkpoint_form``:
-        ``'training'`` or ``'deploy'``, ``blocks``: RepVGG blocks).
-
-    Raises:
-        ExportError / ConvertError / CheckpointError: naming the file.
-    """
+    """The model of ``cfg`` with ``checkpoint``'s weights in deploy form
+    (CPU, eval) and ``info`` (``checkpoint_form``, ``blocks``)."""
     sd, _ = read_state_dict(checkpoint, unsafe_load)
     deploy_ckpt = is_deploy_state_dict(sd)
     if deploy_ckpt:

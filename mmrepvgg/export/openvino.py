@@ -1,57 +1,32 @@
-"""OpenVINO sessions: the second runtime of every ONNX file the project
-writes (backbone, raw heads, end-to-end FP32 and INT8 detectors).
+"""OpenVINO sessions offering the calls the callers use of an
+``onnxruntime.InferenceSession`` (inputs, outputs and metadata as the ONNX
+file declares them, ``run``; integer outputs with the declared type).
 
-:func:`mmrepvgg.export.runtime.make_session` with ``runtime='openvino'``
-returns an :class:`OpenVinoSession`, which offers what the callers use of an
-``onnxruntime.InferenceSession``: ``get_inputs()`` / ``get_outputs()``
-(``name``, ``type``, ``shape``, read from the ONNX file as onnxruntime reads
-them), ``get_modelmeta().custom_metadata_map`` and ``run(outputs, feeds)``.
-
-Two guarantees written by hand, because OpenVINO does not give them:
-
-- **Explicit precision.** On a CPU with AVX-512 BF16 or AMX, OpenVINO's CPU
-  plugin runs a float32 graph in bfloat16 unless told otherwise (relative
-  error ~1e-2). Every compiled model gets ``INFERENCE_PRECISION_HINT`` set
-  (``f32``, or ``bf16`` for the bfloat16 form), and the compiled model's
-  property is read back: a hint not in effect is an error, not a silent
-  change of precision. An INT8 (QDQ) graph runs its quantized convolutions
-  in INT8 whatever the hint; the hint rules the rest.
-- **No crash of the caller.** Some OpenVINO versions die with SIGFPE in
-  ``compile_model`` on some AMD EPYC machines and in containers whose CPU
-  set has gaps. Before the first use in a process, a child process
-  (``sys.executable``) compiles and runs a tiny convolution; if it dies, or
-  openvino cannot be imported, every use raises :class:`OpenVinoUnavailable`
-  with one line (``OpenVINO is not usable here: <reason>``). The verdict is
-  cached for the process.
-
-Integer outputs come back with the ONNX file's declared type (OpenVINO may
-return int32 where onnxruntime returns int64).
+Two guarantees OpenVINO does not give by itself: an explicit precision
+(``INFERENCE_PRECISION_HINT`` always set and read back: on CPUs with BF16
+or AMX the CPU plugin would run a float32 graph in bfloat16), and no crash
+of the caller (some versions die with SIGFPE in ``compile_model`` on some
+AMD EPYC machines and CPU sets with gaps: a child process compiles a tiny
+model first, once per process; if it fails every use raises
+:class:`OpenVinoUnavailable` with one line).
 """
 import importlib.util
 import os
 import signal
 import subprocess
 import sys
-import tempfile
+from types import SimpleNamespace
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .runtime import OnnxRuntimeError
+from .runtime import OnnxRuntimeError, _first_line
 
-#: The precisions a session may be compiled with (OpenVINO's names).
 PRECISIONS = ('f32', 'bf16')
 #: Seconds the probe may take (importing openvino, compiling a tiny model).
 PROBE_TIMEOUT = 300
-#: ONNX element types -> (onnxruntime's type string, numpy dtype).
-_ONNX_TYPES = {1: ('tensor(float)', np.float32),
-               6: ('tensor(int32)', np.int32),
-               7: ('tensor(int64)', np.int64), 9: ('tensor(bool)', np.bool_),
-               10: ('tensor(float16)', np.float16),
-               11: ('tensor(double)', np.float64)}
-#: What the probe runs in a child process: a 3x3 convolution + ReLU on
-#: ones, compiled for the CPU with an explicit float32 hint (12 at the
-#: corners, 27 inside).
+#: The probe: a 3x3 convolution + ReLU on ones (12 at the corners, 27
+#: inside), compiled for the CPU with an explicit float32 hint.
 PROBE_CODE = '''
 import numpy as np
 import openvino as ov
@@ -72,8 +47,7 @@ _core = None
 
 
 class OpenVinoError(OnnxRuntimeError):
-    """OpenVINO cannot load or run a graph; names the file (caught with the
-    onnxruntime errors)."""
+    """OpenVINO cannot load or run a graph; names the file."""
 
 
 class OpenVinoUnavailable(OpenVinoError):
@@ -81,8 +55,8 @@ class OpenVinoUnavailable(OpenVinoError):
 
 
 def _probe() -> Optional[str]:
-    """Compile and run :data:`PROBE_CODE` in a child process; returns None
-    when it worked, else why not (one line)."""
+    """None when :data:`PROBE_CODE` ran in a child process, else why not
+    (one line)."""
     if importlib.util.find_spec('openvino') is None:
         return 'openvino is not installed (pip install -e ".[openvino]")'
     try:
@@ -111,16 +85,14 @@ def _probe() -> Optional[str]:
 
 
 def unusable_reason() -> Optional[str]:
-    """Why OpenVINO cannot be used in this process (None: it can); the
-    probe runs once per process."""
+    """Why OpenVINO cannot be used in this process (None: it can)."""
     if 'reason' not in _verdict:
         _verdict['reason'] = _probe()
     return _verdict['reason']
 
 
 def require() -> None:
-    """Raise :class:`OpenVinoUnavailable` (one line) unless the probe
-    passed."""
+    """Raise :class:`OpenVinoUnavailable` unless the probe passed."""
     reason = unusable_reason()
     if reason is not None:
         raise OpenVinoUnavailable(f'OpenVINO is not usable here: {reason}')
@@ -137,61 +109,32 @@ def core():
 
 
 def native_bf16() -> bool:
-    """Whether OpenVINO's CPU plugin reports native bfloat16
-    (``OPTIMIZATION_CAPABILITIES`` contains ``BF16``)."""
+    """Whether OpenVINO's CPU plugin reports native bfloat16."""
     return 'BF16' in core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES')
 
 
-def version() -> str:
-    import openvino
-    return openvino.get_version().split('-')[0]
-
-
-class _Arg:
-    """An input or output as onnxruntime describes it."""
-
-    def __init__(self, name: str, type: str, shape: list) -> None:
-        self.name, self.type, self.shape = name, type, shape
-
-
-class _Meta:
-
-    def __init__(self, custom_metadata_map: Dict[str, str]) -> None:
-        self.custom_metadata_map = custom_metadata_map
-
-
-def _args(values) -> List[_Arg]:
+def _args(values) -> List[SimpleNamespace]:
+    """Inputs or outputs as onnxruntime describes them."""
+    import onnx
     out = []
     for v in values:
         t = v.type.tensor_type
         dims = [d.dim_value if d.HasField('dim_value') else
                 (d.dim_param or None) for d in t.shape.dim]
-        out.append(_Arg(v.name, _ONNX_TYPES.get(t.elem_type,
-                                                (f'elem{t.elem_type}', ))[0],
-                        dims))
+        name = onnx.TensorProto.DataType.Name(t.elem_type).lower()
+        out.append(SimpleNamespace(name=v.name, type=f'tensor({name})',
+                                   shape=dims))
     return out
 
 
 class OpenVinoSession:
-    """An ONNX graph compiled by OpenVINO for the CPU.
-
-    Args:
-        model (str | bytes): an ``.onnx`` path or a serialized model.
-        threads (int, optional): ``INFERENCE_NUM_THREADS`` (default:
-            OpenVINO's).
-        precision (str): ``INFERENCE_PRECISION_HINT``, one of
-            :data:`PRECISIONS`.
-
-    Raises:
-        OpenVinoUnavailable: the probe failed (see the module docstring).
-        OpenVinoError: the graph cannot be read or compiled, or the
-            compiled model does not run in ``precision``.
-    """
+    """An ONNX file compiled by OpenVINO for the CPU with
+    ``INFERENCE_PRECISION_HINT`` ``precision``."""
 
     runtime = 'openvino'
 
     def __init__(self,
-                 model: Union[str, bytes, 'os.PathLike'],
+                 model: Union[str, 'os.PathLike'],
                  threads: Optional[int] = None,
                  precision: str = 'f32') -> None:
         import onnx
@@ -199,18 +142,10 @@ class OpenVinoSession:
             raise OpenVinoError(f'OpenVINO precision {precision!r}: choose '
                                 f'from {", ".join(PRECISIONS)}')
         ov_core = core()
-        what = 'the graph' if isinstance(model, bytes) else str(model)
+        what = str(model)
         try:
-            if isinstance(model, bytes):
-                proto = onnx.load_from_string(model)
-                with tempfile.TemporaryDirectory(prefix='mmrepvgg-ov-') as d:
-                    path = os.path.join(d, 'model.onnx')
-                    with open(path, 'wb') as f:
-                        f.write(model)
-                    ov_model = ov_core.read_model(path)
-            else:
-                proto = onnx.load(str(model), load_external_data=False)
-                ov_model = ov_core.read_model(str(model))
+            proto = onnx.load(what, load_external_data=False)
+            ov_model = ov_core.read_model(what)
             config = {'INFERENCE_PRECISION_HINT': precision,
                       'NUM_STREAMS': 1, 'PERFORMANCE_HINT': 'LATENCY'}
             if threads:
@@ -228,10 +163,10 @@ class OpenVinoSession:
         self.threads = int(self.compiled.get_property('INFERENCE_NUM_THREADS'))
         self._inputs, self._outputs = _args(proto.graph.input), _args(
             proto.graph.output)
-        self._meta = _Meta({p.key: p.value for p in proto.metadata_props})
-        self._dtypes = {o.name: _ONNX_TYPES.get(
-            o.type.tensor_type.elem_type, (None, None))[1]
-            for o in proto.graph.output}
+        self._meta = SimpleNamespace(custom_metadata_map={
+            p.key: p.value for p in proto.metadata_props})
+        self._dtypes = {o.name: _np_dtype(o.type.tensor_type.elem_type)
+                        for o in proto.graph.output}
         self._ports = {o.get_any_name(): o for o in self.compiled.outputs}
         missing = [o.name for o in self._outputs if o.name not in self._ports]
         if missing:
@@ -239,37 +174,34 @@ class OpenVinoSession:
                                 f'{missing}')
         self._request = self.compiled.create_infer_request()
 
-    def get_inputs(self) -> List[_Arg]:
+    def get_inputs(self) -> List[SimpleNamespace]:
         return list(self._inputs)
 
-    def get_outputs(self) -> List[_Arg]:
+    def get_outputs(self) -> List[SimpleNamespace]:
         return list(self._outputs)
 
-    def get_modelmeta(self) -> _Meta:
+    def get_modelmeta(self) -> SimpleNamespace:
         return self._meta
 
     def run(self, output_names: Optional[Sequence[str]],
             feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
-        """The outputs ``output_names`` (all: None) on ``feeds``, as numpy
-        copies with the ONNX file's declared types."""
+        """The outputs ``output_names`` (all: None), as numpy copies with
+        the declared types."""
         names = list(output_names or [o.name for o in self._outputs])
         unknown = [n for n in names if n not in self._ports]
         if unknown:
             raise OpenVinoError(f'unknown outputs {unknown}')
         result = self._request.infer(dict(feeds))
-        out = []
-        for n in names:
-            value = np.array(result[self._ports[n]])  # a copy: the request
-            dtype = self._dtypes.get(n)               # reuses its buffers
-            if dtype is not None and value.dtype != dtype:
-                value = value.astype(dtype)
-            out.append(value)
-        return out
+        # copies: the request reuses its buffers
+        return [np.array(result[self._ports[n]], self._dtypes[n])
+                for n in names]
 
 
-def _first_line(e: BaseException) -> str:
-    """The informative line of an OpenVINO message (its first lines name
-    C++ source files)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    told = [ln for ln in lines if not ln.startswith('Exception from ')]
-    return (told or lines or [type(e).__name__])[0]
+def _np_dtype(elem_type: int):
+    """numpy dtype of an ONNX element type (None: keep OpenVINO's)."""
+    import onnx
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    except (KeyError, ValueError):
+        return None
+

@@ -1,34 +1,16 @@
 """mmdet's dense-head post-processing as traceable tensor code.
 
-:class:`DensePostProcess` turns the raw outputs of a single-stage detector's
-head (class logits, box regressions and optional score factors per level)
-into ``dets`` (N, K, 5: x1, y1, x2, y2, score) and ``labels`` (N, K), the
-layout mmdeploy uses, with the same arithmetic as mmdet 3.x's
-``BaseDenseHead.predict_by_feat`` with ``rescale=False``:
-
-1. per level: sigmoid (or softmax without the background column) scores,
-   flattened over ``(location, anchor, class)``; pairs with ``score >
-   score_thr``; the ``nms_pre`` best of them (``filter_scores_and_topk``);
-2. priors of the kept pairs (anchors of an ``AnchorGenerator`` or points of
-   an ``MlvlPointGenerator``), generated from the feature map sizes, so the
-   graph accepts any input size; box decoding (``DeltaXYWHBBoxCoder``:
-   means/stds, ``wh_ratio_clip``; ``DistancePointBBoxCoder``) and clipping to
-   the image shape (``clip_border``);
-3. scores times the sigmoid score factor (FCOS/ATSS centerness), boxes
-   narrower or lower than ``min_bbox_size`` dropped;
-4. class-aware NMS as mmcv's ``batched_nms``: every box shifted by
-   ``label * (max coordinate + 1)`` and one ONNX ``NonMaxSuppression`` per
-   image (IoU ``> iou_threshold`` suppresses, as mmcv's ``nms``), at most
-   ``max_per_img`` kept, best first.
-
-Fixed-size outputs: images with fewer than ``K = max_per_img`` detections
-are padded with all-zero rows in ``dets`` and ``-1`` in ``labels``.
-
-Every data-dependent selection is a fixed-size one with a validity mask
-(scores of dropped candidates set to ``-1``: real scores are >= 0), so the
-module runs unchanged in PyTorch and traces into a graph with dynamic batch,
-height and width.
+:class:`DensePostProcess` repeats mmdet 3.x's ``predict_by_feat``
+(``rescale=False``): per level score threshold and ``nms_pre`` top-k, priors
+generated from the feature map sizes, box decoding and clipping, score
+factors, ``min_bbox_size``, class-aware NMS as mmcv's ``batched_nms`` (one
+ONNX ``NonMaxSuppression``), ``max_per_img``. Outputs ``dets`` (N, K, 5)
+and ``labels`` (N, K), padded with zero rows and label -1 (mmdeploy's
+layout). Every data-dependent selection is a fixed-size one with a validity
+mask (dropped candidates score -1), so the module runs unchanged in PyTorch
+and traces with dynamic batch, height and width.
 """
+import copy
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -39,20 +21,15 @@ from torch import Tensor
 
 from mmrepvgg.utils.cli import ToolError
 
-#: Score given to dropped candidates (real scores are >= 0).
+#: Score of dropped candidates (real scores are >= 0).
 INVALID = -1.0
-#: NonMaxSuppression's own score threshold: below every real score, above
-#: :data:`INVALID`.
+#: NonMaxSuppression's score threshold: below every real score.
 NMS_SCORE_FLOOR = -0.5
-#: Most detections per image a graph may output (``test_cfg.max_per_img``
-#: when exporting, the ``dets`` rows when evaluating).
+#: Bounds of ``test_cfg.max_per_img`` (and of evaluated ``dets`` rows) and
+#: of ``test_cfg.nms_pre``.
 MAX_PER_IMG = 1000
-#: Most candidates per level (``test_cfg.nms_pre``): the graph holds
-#: ``nms_pre`` of them per level and image.
 MAX_NMS_PRE = 100000
-#: ``metadata_props`` key of an exported end-to-end graph holding the
-#: baked-in settings (:func:`postprocess_settings`) as JSON; the ONNX
-#: evaluation checks them against the config.
+#: ``metadata_props`` key of the baked-in settings (JSON).
 METADATA_KEY = 'mmrepvgg.postprocess'
 
 
@@ -61,14 +38,9 @@ class PostProcessError(ToolError):
 
 
 class OnnxNMS(torch.autograd.Function):
-    """ONNX ``NonMaxSuppression`` (``center_point_box=0``).
-
-    Eager (used while tracing) it runs mmcv's ``nms`` per image and class
-    with the same semantics: candidates with ``score > score_threshold``,
-    suppression when IoU ``> iou_threshold``, at most ``max_output`` per
-    image and class in descending score order. Returns ``(S, 3)`` int64
-    rows ``(batch, class, box)``.
-    """
+    """ONNX ``NonMaxSuppression``; eager, mmcv's ``nms`` per image and
+    class with the same semantics. Returns ``(S, 3)`` rows ``(batch, class,
+    box)``."""
 
     @staticmethod
     def forward(ctx, boxes: Tensor, scores: Tensor, max_output: Tensor,
@@ -100,8 +72,7 @@ class OnnxNMS(torch.autograd.Function):
 
 
 def check_fraction(value, name: str) -> float:
-    """``value`` as a float if it is a number in [0, 1] (a threshold on
-    scores or IoUs), else :class:`PostProcessError` naming ``name``."""
+    """``value`` as a float if it is a number in [0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
             not 0 <= value <= 1:
         raise PostProcessError(f'{name}={value!r}: must be a number in '
@@ -110,8 +81,7 @@ def check_fraction(value, name: str) -> float:
 
 
 def check_count(value, name: str, bound: int) -> int:
-    """``value`` if it is an int in [1, ``bound``], else
-    :class:`PostProcessError` naming ``name``."""
+    """``value`` if it is an int in [1, ``bound``]."""
     if isinstance(value, bool) or not isinstance(value, int) or \
             not 1 <= value <= bound:
         raise PostProcessError(f'{name}={value!r}: must be an int in [1, '
@@ -119,17 +89,9 @@ def check_count(value, name: str, bound: int) -> int:
     return value
 
 
-def _cfg_get(cfg, key, default=None):
-    if cfg is None:
-        return default
-    return cfg.get(key, default) if hasattr(cfg, 'get') else getattr(
-        cfg, key, default)
-
-
 def check_head(head: nn.Module) -> None:
-    """Raise :class:`PostProcessError` unless ``head`` post-processes with
-    the unmodified ``BaseDenseHead`` code, a supported prior generator and
-    box coder and a supported ``test_cfg``."""
+    """Raise :class:`PostProcessError` unless the graph reproduces
+    ``head``'s post-processing exactly."""
     from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
     from mmdet.models.task_modules.coders import (DeltaXYWHBBoxCoder,
                                                   DistancePointBBoxCoder)
@@ -157,9 +119,9 @@ def check_head(head: nn.Module) -> None:
         raise PostProcessError(
             f'{name}: box coder {type(coder).__name__} with '
             f'{type(gen).__name__} is not supported ({pair.__name__})')
-    if getattr(coder, 'use_box_type', False):
-        raise PostProcessError(f'{name}: bbox_coder.use_box_type=True is '
-                               'not supported')
+    if any(getattr(m, 'use_box_type', False) for m in (coder, gen)):
+        raise PostProcessError(f'{name}: use_box_type=True is not '
+                               'supported')
     if getattr(head.loss_cls, 'custom_cls_channels', False):
         raise PostProcessError(f'{name}: custom class channels (v3det) are '
                                'not supported')
@@ -169,27 +131,25 @@ def check_head(head: nn.Module) -> None:
 
 
 def check_test_cfg(cfg) -> None:
-    """Raise :class:`PostProcessError` naming the key unless the dense
-    head's ``test_cfg`` has an exact in-graph equivalent with sane sizes and
-    thresholds (run on the config before any weights are loaded, and on the
-    built head)."""
-    nms_pre = _cfg_get(cfg, 'nms_pre', -1)
+    """Raise :class:`PostProcessError` naming the key unless ``test_cfg``
+    has an exact in-graph equivalent with sane sizes and thresholds."""
+    cfg = cfg if hasattr(cfg, 'get') else {}
+    nms_pre = cfg.get('nms_pre', -1)
     if not (isinstance(nms_pre, int) and nms_pre > 0):
         raise PostProcessError(
             f'test_cfg.nms_pre={nms_pre!r}: must be a positive int (mmdet '
             'keeps nms_pre candidates per level; set it with --cfg-options '
             'model.test_cfg.nms_pre=1000)')
     check_count(nms_pre, 'test_cfg.nms_pre', MAX_NMS_PRE)
-    check_count(_cfg_get(cfg, 'max_per_img', None), 'test_cfg.max_per_img',
-                MAX_PER_IMG)
-    check_fraction(_cfg_get(cfg, 'score_thr', 0), 'test_cfg.score_thr')
-    size = _cfg_get(cfg, 'min_bbox_size', -1)
+    check_count(cfg.get('max_per_img'), 'test_cfg.max_per_img', MAX_PER_IMG)
+    check_fraction(cfg.get('score_thr', 0), 'test_cfg.score_thr')
+    size = cfg.get('min_bbox_size', -1)
     if isinstance(size, bool) or not isinstance(size, (int, float)) or \
             not math.isfinite(size):
         raise PostProcessError(
             f'test_cfg.min_bbox_size={size!r}: must be a finite number (a '
             'negative one keeps every box, as in mmdet)')
-    nms = _cfg_get(cfg, 'nms', None)
+    nms = cfg.get('nms')
     if not isinstance(nms, dict):
         raise PostProcessError(f'test_cfg.nms={nms!r}: a dict is needed (a '
                                'graph without NMS is not supported)')
@@ -209,7 +169,7 @@ def check_test_cfg(cfg) -> None:
 
 
 def postprocess_settings(head: nn.Module) -> dict:
-    """The ``test_cfg`` values and head settings baked into the graph."""
+    """The settings baked into the graph."""
     cfg = head.test_cfg
     nms = cfg.get('nms')
     gen, coder = head.prior_generator, head.bbox_coder
@@ -242,75 +202,36 @@ def describe_settings(s: dict) -> str:
 
 
 class DensePostProcess(nn.Module):
-    """mmdet's ``predict_by_feat`` (``rescale=False``) for a dense head.
-
-    Args:
-        head (nn.Module): the detector's ``bbox_head`` (checked with
-            :func:`check_head`); its ``test_cfg``, prior generator and box
-            coder are copied, not referenced.
-    """
+    """mmdet's ``predict_by_feat`` (``rescale=False``) of a dense head
+    (settings copied, not referenced)."""
 
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
         check_head(head)
         from mmdet.models.task_modules.prior_generators import \
             AnchorGenerator
-        s = postprocess_settings(head)
-        self.settings = s
-        self.score_thr = s['score_thr']
-        self.nms_pre = s['nms_pre']
-        self.iou_threshold = s['iou_threshold']
-        self.class_agnostic = s['class_agnostic']
-        self.max_per_img = s['max_per_img']
-        self.min_bbox_size = s['min_bbox_size']
+        self.settings = postprocess_settings(head)
+        for key in ('score_thr', 'nms_pre', 'iou_threshold', 'class_agnostic',
+                    'max_per_img', 'min_bbox_size', 'num_classes',
+                    'clip_border'):
+            setattr(self, key, self.settings[key])
         self.use_sigmoid = head.use_sigmoid_cls
         self.cls_out_channels = int(head.cls_out_channels)
-        self.num_classes = int(head.num_classes)
-        gen, coder = head.prior_generator, head.bbox_coder
-        self.anchors = isinstance(gen, AnchorGenerator)
-        self.strides = [tuple(float(v) for v in st) for st in gen.strides]
-        self.clip_border = bool(coder.clip_border)
+        # mmdet's own priors: traced with dynamic feature map sizes
+        self.prior_generator = copy.deepcopy(head.prior_generator)
+        coder = head.bbox_coder
+        self.anchors = isinstance(self.prior_generator, AnchorGenerator)
         if self.anchors:
-            for i, base in enumerate(gen.base_anchors):
-                self.register_buffer(f'base_anchors_{i}',
-                                     base.detach().float().cpu().clone(),
-                                     persistent=False)
             self.means = [float(v) for v in coder.means]
             self.stds = [float(v) for v in coder.stds]
             self.add_ctr_clamp = bool(coder.add_ctr_clamp)
             self.ctr_clamp = float(coder.ctr_clamp)
             # DeltaXYWHBBoxCoder.decode's default, as predict_by_feat uses
             self.max_ratio = float(abs(math.log(16 / 1000)))
-        else:
-            self.offset = float(gen.offset)
-        self.num_levels = len(self.strides)
 
-    # ----------------------------------------------------------- priors
-    def _priors(self, level: int, feat: Tensor) -> Tensor:
-        """Priors of one level from the feature map's size: ``(H*W*A, 4)``
-        anchors or ``(H*W, 2)`` points, in mmdet's order (row-major
-        locations, then base anchors)."""
-        stride_w, stride_h = self.strides[level]
-        # (H, W) grids of column and row indices; exact integers in float32,
-        # built from the feature map so H and W stay dynamic in the graph.
-        ones = torch.ones_like(feat[0, 0])
-        xs = ones.cumsum(1) - 1
-        ys = ones.cumsum(0) - 1
-        if self.anchors:
-            shift_x = (xs * stride_w).reshape(-1)
-            shift_y = (ys * stride_h).reshape(-1)
-            shifts = torch.stack([shift_x, shift_y, shift_x, shift_y], -1)
-            base = getattr(self, f'base_anchors_{level}').to(feat.dtype)
-            return (base[None, :, :] + shifts[:, None, :]).reshape(-1, 4)
-        shift_x = ((xs + self.offset) * stride_w).reshape(-1)
-        shift_y = ((ys + self.offset) * stride_h).reshape(-1)
-        return torch.stack([shift_x, shift_y], -1)
-
-    # ----------------------------------------------------------- decoding
     def _decode(self, priors: Tensor, pred: Tensor, max_w: Tensor,
                 max_h: Tensor) -> Tensor:
-        """``(N, M, 4)`` boxes from priors and regressions (both
-        ``(N, M, .)``); ``max_w``/``max_h`` are ``(N, 1)`` clip bounds."""
+        """``(N, M, 4)`` boxes; ``max_w``/``max_h``: ``(N, 1)`` bounds."""
         if self.anchors:
             means = pred.new_tensor(self.means)
             stds = pred.new_tensor(self.stds)
@@ -337,13 +258,10 @@ class DensePostProcess(nn.Module):
             x2 = priors[..., 0] + pred[..., 2]
             y2 = priors[..., 1] + pred[..., 3]
         if self.clip_border:
-            x1 = torch.minimum(x1.clamp(min=0), max_w)
-            x2 = torch.minimum(x2.clamp(min=0), max_w)
-            y1 = torch.minimum(y1.clamp(min=0), max_h)
-            y2 = torch.minimum(y2.clamp(min=0), max_h)
+            x1, x2 = (torch.minimum(v.clamp(min=0), max_w) for v in (x1, x2))
+            y1, y2 = (torch.minimum(v.clamp(min=0), max_h) for v in (y1, y2))
         return torch.stack([x1, y1, x2, y2], -1)
 
-    # ------------------------------------------------------------ forward
     def _level(self, cls: Tensor, reg: Tensor, factor: Optional[Tensor],
                level: int):
         """Top ``nms_pre`` (location, class) pairs of one level."""
@@ -368,7 +286,8 @@ class DensePostProcess(nn.Module):
                               rounding_mode='floor')
         labels = top_idx - prior_idx * self.num_classes
         reg = torch.gather(reg, 1, prior_idx[..., None].expand(-1, -1, 4))
-        priors = self._priors(level, cls)[prior_idx]
+        priors = self.prior_generator.single_level_grid_priors(
+            cls.shape[-2:], level, cls.dtype, cls.device)[prior_idx]
         if factor is not None:
             factor = factor.permute(0, 2, 3, 1).reshape(n, -1).sigmoid()
             factor = torch.gather(factor, 1, prior_idx)
@@ -376,22 +295,8 @@ class DensePostProcess(nn.Module):
 
     def forward(self, outs: Sequence[Sequence[Tensor]], x: Tensor,
                 img_shape: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """Detections of a batch.
-
-        Args:
-            outs: the head's forward output: ``(cls_scores, bbox_preds)`` or
-                ``(cls_scores, bbox_preds, score_factors)``, lists over
-                levels of ``(N, C, H, W)`` tensors.
-            x (Tensor): the input batch ``(N, 3, H, W)``: boxes are clipped
-                to its height and width unless ``img_shape`` is given.
-            img_shape (Tensor, optional): ``(N, 2)`` valid ``(h, w)`` of
-                each image inside the padded batch (mmdet's
-                ``img_shape``).
-
-        Returns:
-            tuple[Tensor, Tensor]: ``dets`` ``(N, K, 5)`` and ``labels``
-            ``(N, K)`` int64, best first, padded with zeros and ``-1``.
-        """
+        """``(dets, labels)`` of the head's outputs ``outs``; boxes clipped
+        to ``img_shape`` ``(N, 2)`` if given, else to ``x``'s size."""
         cls_scores, bbox_preds = outs[0], outs[1]
         factors = outs[2] if len(outs) > 2 else [None] * len(cls_scores)
         if img_shape is None:
@@ -405,11 +310,8 @@ class DensePostProcess(nn.Module):
         parts: List[tuple] = [
             self._level(c, r, f, i) for i, (c, r, f) in enumerate(levels)
         ]
-        scores = torch.cat([p[0] for p in parts], 1)
-        labels = torch.cat([p[1] for p in parts], 1)
-        valid = torch.cat([p[2] for p in parts], 1)
-        reg = torch.cat([p[3] for p in parts], 1)
-        priors = torch.cat([p[4] for p in parts], 1)  # (N, M, 4 or 2)
+        scores, labels, valid, reg, priors = (
+            torch.cat([p[i] for p in parts], 1) for i in range(5))
         boxes = self._decode(priors, reg, max_w, max_h)
         if parts[0][5] is not None:
             scores = scores * torch.cat([p[5] for p in parts], 1)
@@ -460,17 +362,9 @@ class DensePostProcess(nn.Module):
 
 
 class End2EndDetector(nn.Module):
-    """Preprocessed batch -> ``(dets, labels)`` of a single-stage detector.
-
-    Args:
-        detector (nn.Module): an mmdet ``SingleStageDetector`` (deploy form).
-        with_img_shape (bool): take a second input ``img_shape`` ``(N, 2)``
-            (each image's valid ``h, w`` inside the padded batch) and clip
-            boxes to it, as mmdet does; otherwise clip to the batch's
-            height and width (exact whenever the batch is not padded).
-        with_raw (bool): also return the head's raw outputs (flattened),
-            for verification.
-    """
+    """Preprocessed batch (and with ``with_img_shape`` each image's valid
+    ``(h, w)``, to clip boxes to) -> ``(dets, labels)`` of a single-stage
+    detector; ``with_raw``: also the head's raw outputs, flattened."""
 
     def __init__(self, detector: nn.Module, with_img_shape: bool = False,
                  with_raw: bool = False) -> None:

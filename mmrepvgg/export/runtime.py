@@ -1,10 +1,5 @@
-"""Runtime sessions and runs: onnxruntime, or OpenVINO (:mod:`.openvino`).
-
-The one place where the runtime of an ONNX file is chosen
-(:func:`make_session`'s ``runtime``); both sessions offer the same calls
-(``get_inputs``, ``get_outputs``, ``get_modelmeta``, ``run``). Reusable by
-every exported form (FP32, INT8, end-to-end detectors): nothing here knows
-about mmdet.
+"""The one place where the runtime of an ONNX file is chosen: onnxruntime or
+OpenVINO (:mod:`.openvino`) sessions offering the same calls, and runs.
 """
 import os
 import stat
@@ -14,12 +9,9 @@ import numpy as np
 
 from mmrepvgg.utils.cli import ToolError
 
-#: The runtimes an ONNX file can be run with (the tools' ``--runtime``).
 RUNTIMES = ('onnxruntime', 'openvino')
-#: The provider every session gets unless told otherwise.
 DEFAULT_PROVIDERS = ('CPUExecutionProvider', )
-#: Largest ``.onnx`` file opened (a protobuf holds at most 2 GiB; larger
-#: weights live in external data files).
+#: Largest ``.onnx`` file opened (a protobuf holds at most 2 GiB).
 MAX_ONNX_BYTES = 2**31
 
 
@@ -29,12 +21,7 @@ class OnnxRuntimeError(ToolError):
 
 def check_model_file(path: Union[str, 'os.PathLike']) -> None:
     """Refuse, without opening it, anything but a regular file of at most
-    :data:`MAX_ONNX_BYTES`: a folder, a FIFO (reading it would block), a
-    device.
-
-    Raises:
-        OnnxRuntimeError: one line naming ``path``.
-    """
+    :data:`MAX_ONNX_BYTES` (a FIFO would block the read)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -61,28 +48,14 @@ def make_session(model: Union[str, bytes, 'os.PathLike'],
                  spinning: bool = False,
                  runtime: str = 'onnxruntime',
                  precision: str = 'f32'):
-    """An ``onnxruntime.InferenceSession``, or with ``runtime='openvino'``
-    an :class:`~.openvino.OpenVinoSession` offering the same calls.
+    """An ``onnxruntime.InferenceSession`` of a path or serialized model,
+    or with ``runtime='openvino'`` an :class:`~.openvino.OpenVinoSession`.
 
     Args:
-        model (str | bytes): an ``.onnx`` path or a serialized model.
-        threads (int, optional): intra-op threads (default: onnxruntime's,
-            one per physical core).
-        providers (Sequence[str], optional): execution providers. Defaults
-            to :data:`DEFAULT_PROVIDERS`.
-        spinning (bool): let idle pool threads busy-wait after a run. Off by
-            default: interleaved with PyTorch (verification, timing), the
-            spinning threads steal the cores PyTorch runs on and slow it down
-            many times.
-        runtime (str): one of :data:`RUNTIMES`.
+        spinning (bool): let idle pool threads busy-wait. Off by default:
+            interleaved with PyTorch, spinning threads steal its cores.
         precision (str): OpenVINO's ``INFERENCE_PRECISION_HINT`` (``f32`` or
-            ``bf16``), always set; onnxruntime runs float32 (``f32`` only).
-
-    Raises:
-        OnnxRuntimeError: the graph cannot be loaded (message names it);
-            a path that is not a regular file (:func:`check_model_file`).
-        ToolError: OpenVINO is not usable on this machine
-            (:class:`~.openvino.OpenVinoUnavailable`, one line).
+            ``bf16``); onnxruntime runs ``f32`` only.
     """
     check_runtime(runtime)
     if not isinstance(model, bytes):
@@ -97,10 +70,6 @@ def make_session(model: Union[str, bytes, 'os.PathLike'],
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = \
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only
     opts.add_session_config_entry('session.intra_op.allow_spinning',
                                   '1' if spinning else '0')
@@ -116,17 +85,11 @@ def make_session(model: Union[str, bytes, 'os.PathLike'],
 
 
 def check_runtime(runtime: str, option: str = '--runtime') -> str:
-    """Refuse a runtime not in :data:`RUNTIMES` (one line naming
-    ``option``)."""
+    """Refuse a runtime not in :data:`RUNTIMES`."""
     if runtime not in RUNTIMES:
         raise ToolError(f'{option} {runtime!r}: choose from '
                         f'{", ".join(RUNTIMES)}')
     return runtime
-
-
-def runtime_name(session) -> str:
-    """``onnxruntime`` or ``openvino``: what runs ``session``."""
-    return getattr(session, 'runtime', 'onnxruntime')
 
 
 def set_threads(threads: Optional[int]) -> None:
@@ -148,8 +111,8 @@ def output_names(session) -> List[str]:
 
 def run(session, feeds: Mapping[str, np.ndarray],
         outputs: Optional[Sequence[str]] = None) -> List[np.ndarray]:
-    """``session.run`` with inputs cast to the graph's declared types
-    (float32 / int64); a failure is one line naming the inputs' shapes."""
+    """``session.run`` with inputs cast to the declared float32 / int64; a
+    failure is one line naming the inputs' shapes."""
     types = {i.name: i.type for i in session.get_inputs()}
     cast = {}
     for name, value in feeds.items():
@@ -163,10 +126,14 @@ def run(session, feeds: Mapping[str, np.ndarray],
         return session.run(list(outputs) if outputs else None, cast)
     except Exception as e:
         shapes = ', '.join(f'{k} {tuple(v.shape)}' for k, v in cast.items())
-        raise OnnxRuntimeError(f'{runtime_name(session)} run failed on '
-                               f'{shapes}: {_first_line(e)}') from None
+        name = getattr(session, 'runtime', 'onnxruntime')
+        raise OnnxRuntimeError(f'{name} run failed on {shapes}: '
+                               f'{_first_line(e)}') from None
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    """The informative line of a message (OpenVINO's first lines name C++
+    files)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    told = [ln for ln in lines if not ln.startswith('Exception from ')]
+    return (told or lines or [type(e).__name__])[0]

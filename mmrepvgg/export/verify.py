@@ -1,15 +1,9 @@
-"""Checking an exported graph against the PyTorch model it came from.
+"""An exported graph against the PyTorch model it came from.
 
-Raw tensors (backbone features, head outputs) are judged by the float32-noise
-criterion of :func:`mmrepvgg.deploy.verify.judge_fp32`: the truth is the
-PyTorch model evaluated in float64, the reference its float32 evaluation,
-the candidate onnxruntime's float32 output (``tolerance`` replaces the
-criterion by a fixed relative bound). NaN or infinite outputs never pass.
-
-Detections are compared as sets per image: a detection of one side matches
-one of the other with the same label, every box coordinate within
-``box_tol`` pixels and the score within ``score_tol``. Images whose
-detections do not all match are listed, never hidden.
+Raw tensors are judged by :func:`mmrepvgg.deploy.verify.judge_fp32` (float64
+truth, PyTorch float32 as the noise measure). Detections are matched per
+image: same label, every box coordinate within ``box_tol`` pixels, score
+within ``score_tol``; images that differ are listed, never hidden.
 """
 import contextlib
 import copy
@@ -21,14 +15,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mmrepvgg.deploy.verify import (NOISE_FACTOR, flatten_outputs, judge_fp32,
-                                    relative_error)
+from mmrepvgg.deploy.verify import flatten_outputs, relative_error
 from .loading import ExportError
 
-#: Default largest difference of a box coordinate for two detections to be
-#: the same, relative to the input's larger side (float32 noise of the head
-#: outputs, amplified by the exponential of the box decoding, moves boxes by
-#: about 1e-5 of the image size)...
+#: Default box tolerance: this fraction of the input's larger side (float32
+#: noise amplified by the box decoding's exponential) ...
 BOX_TOL_REL = 1e-4
 #: ... but never less than this many pixels.
 BOX_TOL_MIN = 0.01
@@ -36,76 +27,38 @@ BOX_TOL_MIN = 0.01
 SCORE_TOL = 1e-4
 
 
-# --------------------------------------------------------------- raw tensors
-def judge_raw(truth: Sequence[torch.Tensor],
-              reference: Sequence[torch.Tensor],
-              candidate: Sequence[np.ndarray],
-              names: Sequence[str],
-              tag: str,
-              factor: float = NOISE_FACTOR,
-              tolerance: Optional[float] = None) -> Dict[str, Any]:
-    """:func:`judge_fp32` of onnxruntime's outputs.
-
-    The levels of one head output (``out0_0``, ``out0_1``, ...) are judged
-    together, flattened into one tensor named ``out0@tag``: the coarsest
-    levels hold a handful of values (1x1 at stride 128 of a 128x128 input),
-    too few for their own float32 noise to be measured reliably.
-
-    Raises:
-        ExportError: output count or shapes differ (dynamic axes broken).
-    """
+def raw_groups(truth: Mapping[str, torch.Tensor],
+               reference: Mapping[str, torch.Tensor],
+               candidate: Sequence[np.ndarray],
+               names: Sequence[str],
+               tag: str) -> Tuple[Dict[str, torch.Tensor], ...]:
+    """``(truth, reference, candidate)`` for :func:`judge_fp32`, the levels
+    of one head output (``out0_0``, ``out0_1`` ...) as one tensor
+    ``out0@tag``: the coarsest levels hold too few values for their own
+    float32 noise to be measured. Shapes must match (dynamic axes)."""
     if len(candidate) != len(reference):
         raise ExportError(f'onnxruntime returned {len(candidate)} outputs, '
                           f'PyTorch {len(reference)}')
     groups: 'OrderedDict[str, list]' = OrderedDict()
-    for name, a, b, d in zip(names, truth, reference, candidate):
+    for name, a, b, d in zip(names, truth.values(), reference.values(),
+                             candidate):
         if tuple(b.shape) != tuple(d.shape):
             raise ExportError(
                 f'output {name} at input {tag}: onnxruntime shape '
                 f'{tuple(d.shape)} != PyTorch {tuple(b.shape)} (dynamic '
                 'axes broken)')
-        key = f'{output_group(name)}@{tag}'
+        base, _, level = name.rpartition('_')
+        key = f'{base if base and level.isdigit() else name}@{tag}'
         groups.setdefault(key, []).append(
             (a.detach().cpu().flatten(), b.detach().cpu().flatten(),
              torch.from_numpy(np.asarray(d)).flatten()))
-    t, r, c = OrderedDict(), OrderedDict(), OrderedDict()
-    for key, parts in groups.items():
-        t[key] = torch.cat([p[0] for p in parts])
-        r[key] = torch.cat([p[1] for p in parts])
-        c[key] = torch.cat([p[2] for p in parts])
-    return judge_fp32(t, r, c, factor=factor, tolerance=tolerance)
-
-
-def output_group(name: str) -> str:
-    """``out0_3`` -> ``out0`` (levels of one head output); other names
-    stay."""
-    base, _, level = name.rpartition('_')
-    return base if base and level.isdigit() else name
-
-
-def merge_verdicts(verdicts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """One verdict over several inputs: the worst one, with the maxima."""
-    worst = max(verdicts, key=_score)
-    merged = dict(worst)
-    merged['passed'] = all(v['passed'] for v in verdicts)
-    for k in ('max_error', 'max_noise', 'max_ratio'):
-        merged[k] = max(v[k] for v in verdicts)
-    merged['num_outputs'] = sum(v['num_outputs'] for v in verdicts)
-    return merged
-
-
-def _score(v: Dict[str, Any]) -> float:
-    allowed = v['tolerance'] if v['tolerance'] is not None else \
-        v['factor'] * max(v['noise'], 1e-30)
-    return float('inf') if not v['passed'] else v['error'] / max(allowed,
-                                                                 1e-300)
+    return tuple(OrderedDict((k, torch.cat([p[i] for p in v]))
+                             for k, v in groups.items()) for i in range(3))
 
 
 def noisier(truth: Mapping[str, torch.Tensor],
             *references: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
-    """Per output name, the float32 reference furthest from ``truth``
-    (``relative_error``): the float32 noise of a network is that of every
-    kernel family it may run on (see :class:`TruthAndReference`)."""
+    """Per output name, the float32 reference furthest from ``truth``."""
     return {k: max((r[k] for r in references),
                    key=lambda v, t=t: relative_error(t, v))
             for k, t in truth.items()}
@@ -119,18 +72,12 @@ def as_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 class TruthAndReference:
     """A module's outputs in float64 (the truth) and float32 (the
-    reference), flattened; the float64 and channels_last copies are made
-    once.
+    reference), flattened.
 
-    The float32 reference of each output is the module's run, contiguous or
-    channels_last, that is further from the truth there
-    (:func:`noisier`): oneDNN's NHWC kernels, which OpenVINO and
-    ``torch.compile`` use, round differently from its NCHW ones, and both
-    are this network's float32 noise on this CPU (measured:
-    ``docs/exactness.md``).
-
-    Args:
-        module (nn.Module): the float32 PyTorch model (eval mode).
+    The reference of each output is the contiguous or channels_last run,
+    whichever is further from the truth (:func:`noisier`): oneDNN's NHWC
+    kernels (OpenVINO's, ``torch.compile``'s) round differently, and both
+    are this network's float32 noise on this CPU.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -150,64 +97,45 @@ class TruthAndReference:
                                                      inputs))))
         return truth, ref
 
-    def __call__(self, *inputs: torch.Tensor
-                 ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        truth, ref = self.named(*inputs)
-        return list(truth.values()), list(ref.values())
 
-
-# ---------------------------------------------------------------- detections
-def box_tolerance(shape: Sequence[int], box_tol: Optional[float] = None
-                  ) -> float:
-    """``box_tol`` if given, else the default for an input of ``shape``
-    (``(..., H, W)``): :data:`BOX_TOL_REL` of the larger side, at least
-    :data:`BOX_TOL_MIN` pixels."""
-    if box_tol is not None:
-        return float(box_tol)
+def box_tolerance(shape: Sequence[int]) -> float:
+    """The default box tolerance of an input of ``shape`` (``(..., H,
+    W)``)."""
     return max(BOX_TOL_MIN, BOX_TOL_REL * max(int(shape[-2]),
                                               int(shape[-1])))
+
+
+def _detections(bboxes, scores, labels, **extra) -> Dict[str, Any]:
+    return dict(extra, bboxes=np.asarray(bboxes, np.float64).reshape(-1, 4),
+                scores=np.asarray(scores, np.float64).reshape(-1),
+                labels=np.asarray(labels, np.int64).reshape(-1))
 
 
 def split_dets(dets: np.ndarray, labels: np.ndarray
                ) -> List[Dict[str, np.ndarray]]:
     """Per image ``bboxes``/``scores``/``labels`` of the padded graph
-    outputs (rows with label ``-1`` dropped)."""
-    out = []
-    for d, lab in zip(np.asarray(dets), np.asarray(labels)):
-        keep = lab >= 0
-        out.append(dict(bboxes=d[keep, :4].astype(np.float64),
-                        scores=d[keep, 4].astype(np.float64),
-                        labels=lab[keep].astype(np.int64)))
-    return out
+    outputs (label ``-1`` rows dropped)."""
+    return [_detections(d[lab >= 0, :4], d[lab >= 0, 4], lab[lab >= 0])
+            for d, lab in zip(np.asarray(dets), np.asarray(labels))]
 
 
 def instances_to_numpy(results: Sequence[Any]) -> List[Dict[str, np.ndarray]]:
-    """``bboxes``/``scores``/``labels`` of mmdet ``InstanceData`` or
-    ``DetDataSample`` results."""
-    out = []
-    for r in results:
-        inst = getattr(r, 'pred_instances', r)
-        out.append(dict(
-            bboxes=inst.bboxes.detach().cpu().double().numpy().reshape(-1, 4),
-            scores=inst.scores.detach().cpu().double().numpy().reshape(-1),
-            labels=inst.labels.detach().cpu().numpy().astype(np.int64)))
-    return out
+    """The same of mmdet ``InstanceData`` or ``DetDataSample`` results."""
+    insts = [getattr(r, 'pred_instances', r) for r in results]
+    return [_detections(*(getattr(i, k).detach().cpu().double().numpy()
+                          for k in ('bboxes', 'scores', 'labels')))
+            for i in insts]
 
 
 def dumped_detections(path: str) -> List[Dict[str, Any]]:
-    """Per image ``img_path`` and float64/int64 ``bboxes``/``scores``/
-    ``labels`` of a ``tools/test.py --out`` pickle (mmdet's
-    ``DumpDetResults``; a file our own run wrote, unpickled as such)."""
+    """The same, with ``img_path``, of a ``tools/test.py --out`` pickle our
+    own run wrote."""
     import pickle
     with open(path, 'rb') as f:
         results = pickle.load(f)
-    return [dict(img_path=r['img_path'],
-                 bboxes=np.asarray(r['pred_instances']['bboxes'],
-                                   np.float64).reshape(-1, 4),
-                 scores=np.asarray(r['pred_instances']['scores'],
-                                   np.float64).reshape(-1),
-                 labels=np.asarray(r['pred_instances']['labels'],
-                                   np.int64).reshape(-1)) for r in results]
+    keys = ('bboxes', 'scores', 'labels')
+    return [_detections(*(r['pred_instances'][k] for k in keys),
+                        img_path=r['img_path']) for r in results]
 
 
 def _match_image(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
@@ -235,14 +163,9 @@ def compare_detections(candidate: Sequence[Mapping[str, np.ndarray]],
                        box_tol: float = BOX_TOL_MIN,
                        score_tol: float = SCORE_TOL,
                        first_image: int = 0) -> Dict[str, Any]:
-    """Per-image comparison of two detection lists.
-
-    Returns:
-        dict: ``images``, ``detections`` (candidate), ``reference_detections``,
-        ``matched``, ``max_box`` (px) and ``max_score`` over matched pairs,
-        ``differing`` (list of ``(image, text)``) and ``unmatched`` (count
-        of detections of either side without a partner), ``finite``.
-    """
+    """Per-image comparison of two detection lists: counts, worst
+    matched differences, ``differing`` ``(image, text)`` pairs,
+    ``unmatched`` detections of either side, ``finite``."""
     res = dict(merge_comparisons([]), images=len(candidate))
     for k, (a, b) in enumerate(zip(candidate, reference)):
         res['detections'] += len(a['labels'])
@@ -311,7 +234,6 @@ def describe_comparison(r: Mapping[str, Any], what: str) -> str:
     return text
 
 
-# ------------------------------------------------------------ mmdet results
 def make_samples(shapes: Sequence[Tuple[int, int]],
                  batch_shape: Tuple[int, int]) -> list:
     """``DetDataSample``s with ``img_shape`` per image, no rescaling."""
@@ -339,9 +261,8 @@ def mmdet_predict(model: nn.Module, x: torch.Tensor,
 def mmdet_postprocess(head: nn.Module, raw: Sequence[np.ndarray],
                       levels: int, samples: list
                       ) -> List[Dict[str, np.ndarray]]:
-    """mmdet's ``predict_by_feat`` (``rescale=False``) on given raw head
-    outputs (flat list: class scores, box regressions[, score factors], each
-    over ``levels``)."""
+    """mmdet's ``predict_by_feat`` (``rescale=False``) on the flat list of
+    raw head outputs (each group over ``levels``)."""
     ts = [torch.from_numpy(np.asarray(r)) for r in raw]
     groups = [ts[i:i + levels] for i in range(0, len(ts), levels)]
     metas = [s.metainfo for s in samples]
@@ -351,9 +272,8 @@ def mmdet_postprocess(head: nn.Module, raw: Sequence[np.ndarray],
 
 def dataset_batch(cfg, model: nn.Module, num: int
                   ) -> Tuple[Optional[torch.Tensor], Optional[list], str]:
-    """The first ``num`` images of the config's test set through its
-    pipeline and the model's data preprocessor: ``(inputs, samples,
-    note)``; ``(None, None, reason)`` when the dataset cannot be read."""
+    """``(inputs, samples, note)`` of the first ``num`` test-set images,
+    preprocessed; ``(None, None, reason)`` when the set cannot be read."""
     if num <= 0:
         return None, None, 'dataset images disabled'
     try:

@@ -7,31 +7,11 @@
     python tools/deployment/export_onnx.py CONFIG CHECKPOINT backbone.onnx \\
         --backbone-only
 
-CHECKPOINT is a training-form checkpoint (converted here: built from CONFIG,
-loaded, switch_to_deploy) or a deploy checkpoint from tools/convert_deploy.py
-(detected from its conv_reparam keys; loaded into CONFIG's deploy twin). CONFIG
-may be a detector config or a bare backbone config (model = dict(type='RepVGG',
-...)). The input is the preprocessed (normalized, padded) float32 NCHW batch;
-batch, height and width are dynamic in every mode.
-
---postprocess: end-to-end single-stage detector (RetinaNet, FCOS, ATSS and
-alike): mmdet's post-processing with the config's test_cfg is in the graph
-(prior generation, box decoding, score threshold, per-level nms_pre,
-class-aware NonMaxSuppression, max_per_img); outputs dets (N, K, 5: x1, y1,
-x2, y2, score) and labels (N, K), padded with zeros and label -1. Boxes are in
-the input's pixel frame: divide by the preprocessing's scale factor outside.
-Without it, single-stage detectors export their raw head outputs
-bbox_head(extract_feat(x)); two-stage detectors are refused (use
---backbone-only).
-
-Verification before OUTPUT appears: raw tensors (onnxruntime vs PyTorch) by
-the float32-noise criterion (error against the float64 model at most
---noise-factor times PyTorch float32's own; --tolerance: a fixed relative
-bound instead); end to end also detections: the in-graph post-processing vs
-mmdet's predict_by_feat on the same head outputs (must match), and vs mmdet's
-model.predict (differing images reported). Needs `pip install -e .[onnx]`.
-Exits 1 with one line `error: ...` naming the file or argument at fault, and
-writes nothing, on any error.
+CHECKPOINT is a training-form checkpoint (fused here) or a deploy checkpoint
+from tools/convert_deploy.py. --postprocess puts mmdet's post-processing in
+the graph (outputs dets and labels); without it a single-stage detector
+exports its raw head outputs. OUTPUT appears only after the graph was verified
+against PyTorch; any error is one line `error: ...` and no file.
 """
 import importlib.util
 import os.path as osp
@@ -64,28 +44,10 @@ def parse_args(argv=None):
                    "config's test resize, 640x640 without one)")
     p.add_argument('--opset', type=int, default=DEFAULT_OPSET,
                    help=f'ONNX opset (default {DEFAULT_OPSET})')
-    p.add_argument('--device', default='cpu',
-                   help='device of the PyTorch model in verification and '
-                   '--bench (the graph is always traced on cpu; onnxruntime '
-                   'runs on cpu)')
     p.add_argument('--noise-factor', type=float, default=None,
                    help='accept raw outputs whose float32 error against the '
                    'float64 model is at most this many times PyTorch '
                    "float32's own (default 4)")
-    p.add_argument('--tolerance', type=float, default=None,
-                   help='instead, a fixed bound on the relative error '
-                   'max|a-b|/max|a| against the float64 model')
-    p.add_argument('--box-tol', type=float, default=None,
-                   help='--postprocess: pixels within which detections count '
-                   "as the same (default 1e-4 of the input's larger side, at "
-                   'least 0.01)')
-    p.add_argument('--score-tol', type=float, default=None,
-                   help='--postprocess: score difference within which '
-                   'detections count as the same (default 1e-4)')
-    p.add_argument('--max-differing', type=float, default=0.05,
-                   help="--postprocess: largest fraction of detections that "
-                   "may differ from mmdet's float32 predict (threshold flips "
-                   'by float32 noise; default 0.05)')
     p.add_argument('--verify-images', type=int, default=4,
                    help='--postprocess: also verify on this many images of '
                    "the config's test set when it is readable (default 4; "
@@ -115,7 +77,7 @@ def main(argv=None) -> int:
 
 def print_report(r) -> None:
     """The :class:`~mmrepvgg.export.onnx_export.ExportReport` as text."""
-    from mmrepvgg.export.verify import describe_comparison
+    from mmrepvgg.export.verify import SCORE_TOL, describe_comparison
     print(f'exported {r.exported} -> {r.output} '
           f'({r.size / 2**20:.2f} MiB, opset {r.opset})')
     print(f'  checkpoint       : {r.checkpoint_form} form, '
@@ -136,7 +98,7 @@ def print_report(r) -> None:
           f'criterion: {v["criterion"]})')
     if r.postprocess_check:
         print(f'    detections     : same label, box within '
-              f'{r.box_tol:.2g} px, score within {r.score_tol:.2g}')
+              f'{r.box_tol:.2g} px, score within {SCORE_TOL:.2g}')
         print('    ' + describe_comparison(
             r.postprocess_check, 'post-processing vs mmdet '
             'predict_by_feat on the same head outputs'))
@@ -178,15 +140,8 @@ def run(args) -> int:
     from mmrepvgg.export.runtime import set_threads
     from mmrepvgg.utils.cli import merge_cfg_options
 
-    if args.tolerance is not None and args.noise_factor is not None:
-        raise ExportError('--tolerance and --noise-factor exclude each '
-                          'other: give one criterion')
-    if not args.postprocess:
-        for flag, value in (('--img-shape-input', args.img_shape_input),
-                            ('--box-tol', args.box_tol),
-                            ('--score-tol', args.score_tol)):
-            if value not in (None, False):
-                raise ExportError(f'{flag} needs --postprocess')
+    if args.img_shape_input and not args.postprocess:
+        raise ExportError('--img-shape-input needs --postprocess')
     set_threads(args.threads)
     cfg = load_config(args.config)
     merge_cfg_options(cfg, args.cfg_options)
