@@ -1,5 +1,5 @@
 """mmrepvgg.export.quantize on tiny graphs: the quantized region, integer
-convs, per-output and per-layer errors, settings."""
+convs, per-output and per-layer errors."""
 import math
 
 import numpy as np
@@ -10,7 +10,7 @@ import torch.nn as nn
 pytest.importorskip('onnxruntime')
 
 from mmrepvgg.export import quantize as qz  # noqa: E402
-from mmrepvgg.export.graph import op_histogram  # noqa: E402,F401
+from mmrepvgg.export.graph import op_histogram  # noqa: E402
 
 TINY = dict(num_blocks=(1, 2, 1, 1), width_factor=(0.25, 0.25, 0.25, 0.25))
 
@@ -100,7 +100,8 @@ def test_region_leaves_postprocessing_in_float(tmp_path):
 def test_backbone_runs_as_integer_convs(tiny_graphs):
     info = tiny_graphs['info']
     n_convs = 1 + sum(TINY['num_blocks'])
-    assert info['ops']['Conv'] == n_convs and info['excluded'] == 0
+    assert op_histogram(tiny_graphs['int8'])['Conv'] == n_convs
+    assert info['excluded'] == 0
     assert info['calibration'] == 8
     ops = qz.optimized_op_types(tiny_graphs['int8'])
     assert ops['QLinearConv'] == n_convs and 'Conv' not in ops
@@ -121,15 +122,13 @@ def test_layer_errors(tiny_graphs):
         'stage_2.0.conv_reparam', 'stage_2.1.conv_reparam',
         'stage_3.0.conv_reparam', 'stage_4.0.conv_reparam']
     for r in rows:
-        # a layer's own activation rounding is finer than the accumulated
-        # error; 8-bit weights per channel give 25-50 dB
-        assert r['act_sqnr_db'] > r['sqnr_db'] - 1
+        # 8-bit weights per channel give 25-50 dB
         assert 20 < r['weight_sqnr_db'] < 60
         assert r['w_peak_over_mean'] > 1
     assert rows[-1]['sqnr_db'] < rows[0]['sqnr_db']  # error accumulates
     table = qz.format_layer_table({'A': rows, 'B': rows[:-1]})
     lines = table.splitlines()
-    assert lines[0].startswith('| layer | A SQNR dB | A act dB |')
+    assert lines[0].startswith('| layer | A SQNR dB | A weight dB |')
     assert len(lines) == 2 + len(rows) and lines[-1].endswith('n/a |')
 
 
@@ -181,27 +180,9 @@ def test_weight_outlier_shows_in_its_layer(tiny_graphs, tmp_path):
             assert a['weight_sqnr_db'] == pytest.approx(b['weight_sqnr_db'])
 
 
-@pytest.mark.parametrize('kwargs,match', [
-    (dict(quant_format='QInt'), '--format'),
-    (dict(activation_type='int4'), 'activation_type'),
-    (dict(calibrate_method='KL'), '--calibration'),
-    (dict(percentile=10), '--percentile'),
-])
-def test_bad_quant_config(kwargs, match):
-    with pytest.raises(qz.QuantizeError, match=match):
-        qz.QuantConfig(**kwargs).validate()
-
-
-@pytest.mark.parametrize('config', [
-    qz.QuantConfig(activation_type='int8'),
-    qz.QuantConfig(calibrate_method='Percentile', per_channel=False),
-    qz.QuantConfig(quant_format='QOperator'),
-])
-def test_alternative_settings_run(config, tiny_graphs, tmp_path):
-    out = str(tmp_path / 'alt.onnx')
-    qz.quantize_onnx(tiny_graphs['fp32'], out, _calib(4), config)
-    errs = qz.compare_sessions(tiny_graphs['fp32'], out, _calib(2, seed=9))
-    assert all(e['sqnr_db'] > 10 for e in errs.values())
+def test_bad_quant_config():
+    with pytest.raises(qz.QuantizeError, match='--weight-type'):
+        qz.QuantConfig(weight_type='int4')
 
 
 def test_pick_indices():
@@ -210,27 +191,3 @@ def test_pick_indices():
     assert qz.pick_indices(100, 3) == [0, 50, 99]
     with pytest.raises(qz.QuantizeError):
         qz.pick_indices(5, 0)
-
-
-# ----------------------------------------------------------------- the tool
-
-
-def test_entropy_calibration_is_not_minmax(tiny_graphs, tmp_path):
-    """onnxruntime's own Entropy defaults reduce to MinMax; ours searches
-    thresholds over 2048 bins, so some activation range gets clipped."""
-    import onnx
-    from onnx import numpy_helper
-
-    def act_scales(path):
-        return {t.name: float(numpy_helper.to_array(t).max())
-                for t in onnx.load(path).graph.initializer
-                if t.name.endswith('_scale') and 'weight' not in t.name
-                and 'bias' not in t.name}
-
-    out = str(tmp_path / 'entropy.onnx')
-    qz.quantize_onnx(tiny_graphs['fp32'], out, _calib(8),
-                     qz.QuantConfig(calibrate_method='Entropy'))
-    minmax, entropy = act_scales(tiny_graphs['int8']), act_scales(out)
-    assert minmax.keys() == entropy.keys()
-    assert any(entropy[k] < 0.99 * minmax[k] for k in minmax)
-    assert all(entropy[k] <= minmax[k] * 1.001 for k in minmax)

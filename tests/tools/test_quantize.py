@@ -1,7 +1,7 @@
 """tools/deployment/quantize.py on the toy dataset (random weights: no
 training):
 outputs, reports, refusals; the library is tested in
-tests/export/test_quantize.py."""
+tests/export/test_quantization.py."""
 import json
 import os.path as osp
 
@@ -61,7 +61,8 @@ def test_tool_backbone_only(toy_workspace, random_toy_ckpt, tmp_path,
                               '--backbone-only', '--calib-images', '6',
                               '--verify-images', '3', '--save-fp32', fp32,
                               '--layers-json', layers, '--bench', '2',
-                              '--threads', '1'], capsys)
+                              '--weight-type', 'uint8', '--threads', '1'],
+                             capsys)
     assert code == 0, err
     assert out.is_file() and fp32.is_file()
     assert sorted(p.name for p in out_dir.iterdir()) == [
@@ -73,6 +74,7 @@ def test_tool_backbone_only(toy_workspace, random_toy_ckpt, tmp_path,
              if ln.strip().startswith('output') and 'SQNR' in ln]
     assert len(feats) == 3  # out_indices (1, 2, 3)
     assert 'QLinearConv' in stdout and 'INT8/FP32' in stdout
+    assert 'u8 weights per channel' in stdout  # --weight-type uint8
     rows = json.loads(layers.read_text())
     assert rows[0]['layer'] == 'stem.conv_reparam'
     assert all(r['sqnr_db'] > 10 for r in rows)
@@ -288,8 +290,8 @@ def test_nncf_accuracy_control_end_to_end(toy_trained, tmp_path, capsys,
 
 @pytest.mark.parametrize('argv, expect', [
     (['--max-drop', '0.01'], '--max-drop: needs --backend nncf'),
-    (['--backend', 'nncf', '--format', 'QOperator'],
-     'apply to --backend onnxruntime'),
+    (['--backend', 'nncf', '--weight-type', 'uint8'],
+     'applies to --backend onnxruntime'),
     (['--backend', 'nncf', '--ac-images', '2'],
      '--ac-images and --max-iterations need --max-drop'),
     (['--backend', 'nncf', '--max-drop', '-1'], '--max-drop must be >= 0'),

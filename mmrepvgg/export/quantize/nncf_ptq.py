@@ -1,58 +1,48 @@
-"""Post-training INT8 quantization of an ONNX graph with NNCF, optionally
-accuracy-controlled by the project's own detection evaluation.
-
-:func:`quantize_nncf` is the ``--backend nncf`` of
-``tools/deployment/quantize.py``: the same FP32 graph, calibration images
-and quantized region as :func:`.static.quantize_onnx` (every node outside
-the conv region of :func:`.static.quantizable_nodes` is in NNCF's ignored
-scope, so post-processing stays float), written as a QDQ ONNX file
-(``QuantizeLinear`` / ``DequantizeLinear``) with the FP32 graph's metadata,
-so the workflow's verification and ``tools/test.py`` treat it like
-onnxruntime's output.
-
-With ``max_drop``, ``nncf.quantize_with_accuracy_control`` reverts the
-quantizers that cost most until the candidate's bbox mAP is within
-``max_drop`` of the FP32 graph's; the mAP comes from
-:class:`DetectionValidator` (the candidate run by
-:class:`~mmrepvgg.export.evaluate.OnnxRuntimeDetector` on preprocessed
-images, scored by the config's own evaluator, as ``tools/test.py`` scores an
-ONNX file: :class:`~mmrepvgg.export.evaluate.SplitScorer`). The result is
-measured again at the end: a drop beyond ``max_drop`` (NNCF gave up after
-``max_iterations``) is refused.
-"""
+"""The conv region of :func:`.static.quantizable_nodes` quantized by NNCF
+into a QDQ ONNX file (the rest in NNCF's ignored scope), optionally under
+accuracy control by the bbox mAP of the config's own evaluation
+(:class:`~mmrepvgg.export.evaluate.SplitScorer`)."""
 import contextlib
 import io
 import logging
 import os.path as osp
-from collections import Counter
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 from .calibration import QuantizeError, as_feeds
-from .static import (boundary_tensors, graph_inputs, keep_metadata,
-                     quantizable_nodes)
+from .static import (graph_inputs, load, quantizable_nodes, record,
+                     region_info)
 
-#: Accuracy-control iterations (each reverts one group of quantizers and
-#: evaluates the candidate) when not told otherwise.
+#: Accuracy-control iterations (each reverts a group of quantizers).
 DEFAULT_MAX_ITERATIONS = 8
-#: What the metadata and the report call this quantization.
 DESCRIPTION = ('NNCF post-training quantization, preset MIXED (symmetric '
                'per-channel INT8 weights, asymmetric INT8 activations), '
                'fast bias correction')
 
 
-class DetectionValidator:
-    """NNCF's ``validation_fn``: the bbox mAP of a candidate graph (an
-    ``onnx.ModelProto``, written to ``work_dir``) by
-    :class:`~mmrepvgg.export.evaluate.SplitScorer` (onnxruntime, the
-    config's evaluator of ``split``).
+def import_nncf():
+    try:
+        import nncf
+        return nncf
+    except ImportError as e:
+        raise QuantizeError(f'--backend nncf needs nncf ({e}); pip install '
+                            '-e ".[openvino]"') from None
 
-    Args:
-        cfg (Config): the model config.
-        split (str): ``val`` or ``test``.
-        num (int, optional): images (evenly spread; all when None).
-        work_dir (str): where candidates are written.
-        threads (int, optional): onnxruntime threads.
-    """
+
+def check_options(max_drop: Optional[float], ac_images: Optional[int],
+                  max_iterations: Optional[int]) -> None:
+    """Refuse accuracy-control settings out of range (one line each)."""
+    if max_drop is not None and not max_drop >= 0:
+        raise QuantizeError(f'--max-drop must be >= 0 (an absolute mAP '
+                            f'drop), got {max_drop}')
+    for flag, value in (('--ac-images', ac_images),
+                        ('--max-iterations', max_iterations)):
+        if value is not None and value < 1:
+            raise QuantizeError(f'{flag} must be >= 1, got {value}')
+
+
+class DetectionValidator:
+    """NNCF's ``validation_fn``: the bbox mAP of a candidate graph (saved
+    in ``work_dir``) on ``num`` images of ``split`` (all when None)."""
 
     def __init__(self, cfg, split: str, num: Optional[int], work_dir: str,
                  threads: Optional[int] = None) -> None:
@@ -65,15 +55,13 @@ class DetectionValidator:
         self.path = osp.join(work_dir, 'candidate.onnx')
         self.calls = 0
 
-    def __call__(self, model, indices) -> Tuple[float, None]:
-        """``(bbox mAP, None)`` of ``model`` on the items ``indices``."""
+    def __call__(self, model, indices):
         import onnx
         onnx.save(model, self.path)
         self.calls += 1
         return self.scorer.graph(self.path, indices=list(indices)), None
 
     def score(self, model) -> float:
-        """bbox mAP of ``model`` on every item."""
         return self(model, range(len(self.items)))[0]
 
 
@@ -81,51 +69,27 @@ def quantize_nncf(fp32_path: str,
                   out_path: str,
                   calibration: Sequence,
                   max_drop: Optional[float] = None,
-                  validator: Optional[Callable] = None,
+                  validator: Optional[DetectionValidator] = None,
                   max_iterations: int = DEFAULT_MAX_ITERATIONS) -> dict:
-    """Quantize ``fp32_path`` into ``out_path`` (a QDQ ONNX file) with NNCF.
-
-    Args:
-        fp32_path (str): the FP32 graph.
-        out_path (str): the INT8 graph (written directly; the workflow
-            writes the final file atomically).
-        calibration (Sequence): arrays (first input) or feed dicts.
-        max_drop (float, optional): largest absolute mAP drop; None: plain
-            ``nncf.quantize``.
-        validator (DetectionValidator): the mAP of a candidate (needed with
-            ``max_drop``).
-        max_iterations (int): accuracy-control iterations at most.
+    """Quantize ``fp32_path`` into ``out_path`` with NNCF. With
+    ``max_drop`` (absolute mAP), ``nncf.quantize_with_accuracy_control``
+    reverts the costliest quantizers until ``validator`` scores the result
+    within ``max_drop`` of FP32; it is scored again and refused beyond.
 
     Returns:
-        dict: as :func:`.static.quantize_onnx` (``config``, ``quantized``,
-        ``excluded``, ``excluded_ops``, ``boundary``, ``ops``,
-        ``calibration``) plus, with ``max_drop``, ``accuracy``
-        (``fp32_map``, ``int8_map``, ``drop``, ``max_drop``,
-        ``evaluations``).
-
-    Raises:
-        QuantizeError: NNCF is not installed, fails, or the drop is beyond
-            ``max_drop``.
+        dict: as :func:`.static.quantize_onnx`, plus with ``max_drop``
+        ``accuracy`` (``fp32_map``, ``int8_map``, ``drop``, ``max_drop``,
+        ``evaluations`` and the validator's ``info``).
     """
-    try:
-        import nncf
-        import onnx
-        from nncf.quantization.advanced_parameters import \
-            AdvancedAccuracyRestorerParameters
-    except ImportError as e:
-        raise QuantizeError(f'--backend nncf needs nncf ({e}); pip install '
-                            '-e ".[openvino]"') from None
+    nncf = import_nncf()
+    from nncf.quantization.advanced_parameters import \
+        AdvancedAccuracyRestorerParameters
     if not calibration:
         raise QuantizeError('no calibration inputs')
-    if max_drop is not None and not max_drop >= 0:
-        raise QuantizeError(f'--max-drop must be >= 0 (an absolute mAP '
-                            f'drop), got {max_drop}')
+    check_options(max_drop, None, max_iterations)
     if max_drop is not None and validator is None:
         raise QuantizeError('--max-drop needs a validation function')
-    if max_iterations < 1:
-        raise QuantizeError(f'--max-iterations must be >= 1, got '
-                            f'{max_iterations}')
-    model = onnx.load(fp32_path)
+    model = load(fp32_path)
     region, excluded = quantizable_nodes(model)
     feeds = as_feeds(calibration, graph_inputs(model))
     kwargs = dict(preset=nncf.QuantizationPreset.MIXED,
@@ -133,7 +97,9 @@ def quantize_nncf(fp32_path: str,
                   subset_size=len(feeds),
                   ignored_scope=nncf.IgnoredScope(names=excluded,
                                                   validate=False))
-    nncf.set_log_level(logging.ERROR)
+    logger = logging.getLogger('nncf')
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # progress bars
             if max_drop is None:
@@ -155,34 +121,28 @@ def quantize_nncf(fp32_path: str,
         text = str(e).strip().splitlines()
         raise QuantizeError(f'NNCF quantization failed: {type(e).__name__}'
                             f': {text[0] if text else ""}') from None
-    onnx.save(quantized, out_path)
-    info = dict(config=DESCRIPTION, quantized=len(region),
-                excluded=len(excluded),
-                excluded_ops=Counter(n.op_type for n in model.graph.node
-                                     if n.name in set(excluded)),
-                boundary=boundary_tensors(model, region),
-                calibration=len(feeds))
+    finally:
+        logger.setLevel(level)
+    info = region_info(model, region, excluded, len(feeds), DESCRIPTION)
     if max_drop is not None:
         evaluations = validator.calls
-        fp32_map, int8_map = validator.score(model), validator.score(
-            quantized)
+        fp32_map = validator.score(model)
+        int8_map = validator.score(quantized)
         drop = fp32_map - int8_map
         info['accuracy'] = dict(fp32_map=fp32_map, int8_map=int8_map,
                                 drop=drop, max_drop=max_drop,
-                                evaluations=evaluations,
-                                **validator.info)
+                                evaluations=evaluations, **validator.info)
         if drop > max_drop:
             raise QuantizeError(
                 f'NNCF accuracy control: INT8 mAP {int8_map:.4f} is '
                 f'{drop:.4f} below FP32 {fp32_map:.4f}, more than --max-drop'
                 f' {max_drop:g} after at most {max_iterations} iterations '
                 '(raise --max-iterations or --max-drop)')
-        description = (f'{DESCRIPTION}; accuracy control: max mAP drop '
-                       f'{max_drop:g} on {validator.info["images"]} '
-                       f'{validator.info["split"]} images, drop '
-                       f'{drop:.4f}')
-        info['config'] = description
-    keep_metadata(fp32_path, out_path, info['config'], len(feeds))
-    info['ops'] = Counter(n.op_type for n in onnx.load(
-        out_path, load_external_data=False).graph.node)
+        info['config'] += (f'; accuracy control: max mAP drop {max_drop:g} '
+                           f'on {validator.info["images"]} '
+                           f'{validator.info["split"]} images, drop '
+                           f'{drop:.4f}')
+    import onnx
+    record(quantized, info['config'], len(feeds))
+    onnx.save(quantized, out_path)
     return info
