@@ -1,17 +1,11 @@
 #!/usr/bin/env python
 """Test (and evaluate) a detector, mmrepvgg registered.
 
-Same arguments as mmdet's tools/test.py, plus:
-
-- ``--deploy``: switch every RepVGG block of the loaded model to its fused
-  form before testing;
-- the checkpoint is read safely and must match the config's model exactly
-  (keys and shapes), else the tool exits 1 with one ``error: ...`` line
-  saying what is wrong (a deploy checkpoint with a training config, a
-  training checkpoint with a deploy config, missing/unexpected keys);
-  ``--non-strict`` restores mmengine's lenient loading;
-- ``CONFIG MODEL.onnx``: an end-to-end ONNX file in the same test loop,
-  run by onnxruntime or, with ``--runtime openvino``, by OpenVINO (float32).
+Same arguments as mmdet's tools/test.py, plus ``--deploy`` (fuse every
+RepVGG block after loading) and ``--non-strict``. The checkpoint is read
+safely and must match the config's model, else one ``error: ...`` line says
+what is wrong; ``CONFIG MODEL.onnx`` runs an end-to-end ONNX file in the same
+test loop (onnxruntime, or OpenVINO with ``--runtime openvino``).
 """
 import importlib.util
 import os.path as osp
@@ -19,7 +13,7 @@ import runpy
 
 
 def parse_args(argv=None):
-    from mmrepvgg.apis.runner import add_runner_args, parse_runner_args
+    from mmrepvgg.apis.runner import parse_runner_args
     from mmrepvgg.utils.cli import ToolArgumentParser
     parser = ToolArgumentParser(description='Test (and eval) a model')
     parser.add_argument('config', help='test config file path')
@@ -40,34 +34,16 @@ def parse_args(argv=None):
                         'after loading the checkpoint')
     parser.add_argument(
         '--non-strict', action='store_true',
-        help='load a checkpoint that does not match the model (missing or '
-        'unexpected keys only logged, as mmengine does): results are then '
-        'meaningless unless you know why the keys differ')
+        help='load a checkpoint that does not match the model (keys only '
+        'logged, as mmengine does)')
     parser.add_argument(
         '--runtime', choices=['onnxruntime', 'openvino'], default=None,
-        help='what runs an .onnx checkpoint: onnxruntime (default) or '
-        'OpenVINO (float32, pip install -e .[openvino])')
-    add_runner_args(parser)
+        help='what runs an .onnx checkpoint (default: onnxruntime)')
     return parse_runner_args(parser, argv)
 
 
-def _add_visualization(cfg, args):
-    from mmrepvgg.utils.cli import ToolError
-    hooks = cfg.default_hooks
-    if 'visualization' not in hooks:
-        raise ToolError('--show/--show-dir need a "visualization" hook in '
-                        'default_hooks')
-    hooks.visualization.draw = True
-    if args.show:
-        hooks.visualization.show = True
-        hooks.visualization.wait_time = args.wait_time
-    if args.show_dir:
-        hooks.visualization.test_out_dir = args.show_dir
-
-
 def build_cfg(args):
-    """The runner config for ``args``, after checking the checkpoint against
-    the config's model; raises ToolError on bad input."""
+    """The runner config for ``args``; raises ToolError on bad input."""
     import mmrepvgg  # noqa: F401  (registers RepVGG modules and hooks)
     from mmengine.config import ConfigDict
 
@@ -88,7 +64,15 @@ def build_cfg(args):
                           strict=not args.non_strict)
     cfg.load_from = args.checkpoint
     if args.show or args.show_dir:
-        _add_visualization(cfg, args)
+        vis = cfg.default_hooks.get('visualization')
+        if vis is None:
+            raise ToolError('--show/--show-dir need a "visualization" hook '
+                            'in default_hooks')
+        vis.draw = True
+        if args.show:
+            vis.update(show=True, wait_time=args.wait_time)
+        if args.show_dir:
+            vis.test_out_dir = args.show_dir
     if args.tta:
         if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
             raise ToolError('--tta needs tta_model and tta_pipeline in the '
@@ -106,15 +90,12 @@ def build_cfg(args):
             hooks.append(dict(type='SwitchToDeployHook'))
         cfg.custom_hooks = hooks
     if args.out is not None:
-        cfg.test_evaluator = _with_dump(cfg.test_evaluator, args.out)
+        evaluator = cfg.test_evaluator
+        cfg.test_evaluator = list(evaluator) if isinstance(
+            evaluator, (list, tuple)) else [evaluator]
+        cfg.test_evaluator.append(
+            dict(type='DumpDetResults', out_file_path=args.out))
     return cfg
-
-
-def _with_dump(evaluator, out):
-    dump = dict(type='DumpDetResults', out_file_path=out)
-    if isinstance(evaluator, (list, tuple)):
-        return list(evaluator) + [dump]
-    return [evaluator, dump]
 
 
 def main(argv=None) -> int:

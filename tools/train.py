@@ -1,15 +1,10 @@
 #!/usr/bin/env python
 """Train a detector with mmdet's runner, mmrepvgg registered.
 
-Same arguments and behaviour as mmdet's tools/train.py, plus:
-
-- checkpoints are saved atomically: every plain ``CheckpointHook`` of the
-  config runs as ``AtomicCheckpointHook`` (a kill at any moment leaves the
-  previous checkpoints and ``last_checkpoint`` intact);
-- ``--resume`` alone continues from the newest checkpoint of the work dir
-  that is complete and loads, skipping (with a warning) unreadable ones;
-- bad input (config, ``--cfg-options``, ``--resume`` file, ``load_from``)
-  exits 1 with one ``error: ...`` line before anything is written.
+Same arguments as mmdet's tools/train.py. Checkpoints are written atomically
+(every plain ``CheckpointHook`` runs as ``AtomicCheckpointHook``), ``--resume``
+alone continues from the work dir's newest usable checkpoint, and bad input
+exits 1 with one ``error: ...`` line before anything is written.
 """
 import importlib.util
 import os.path as osp
@@ -17,7 +12,7 @@ import runpy
 
 
 def parse_args(argv=None):
-    from mmrepvgg.apis.runner import add_runner_args, parse_runner_args
+    from mmrepvgg.apis.runner import parse_runner_args
     from mmrepvgg.utils.cli import ToolArgumentParser
     parser = ToolArgumentParser(description='Train a detector')
     parser.add_argument('config', help='train config file path')
@@ -27,11 +22,8 @@ def parse_args(argv=None):
                         help='scale the learning rate with the batch size')
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
-        help='resume from this checkpoint, or, without a path, from the '
-        'newest complete and readable checkpoint of the work dir '
-        '(last_checkpoint, epoch_*.pth, iter_*.pth; unreadable ones are '
-        'skipped with a warning)')
-    add_runner_args(parser)
+        help='resume from this checkpoint or, without a path, from the work '
+        "dir's newest usable one")
     return parse_runner_args(parser, argv)
 
 

@@ -1,13 +1,11 @@
-"""Checkpoint conversion pipeline behind ``tools/convert_deploy.py``.
-
-Build the model from a config, load a trained checkpoint safely, switch every
-re-parameterizable block, verify outputs of backbone, neck and heads on random
-inputs, and write the deploy checkpoint and its config atomically.
-"""
+"""Checkpoint conversion behind ``tools/convert_deploy.py``: build, load
+safely, switch every re-parameterizable block, verify backbone, neck and
+head outputs, write the deploy checkpoint and its config atomically."""
 import copy
+import glob
 import os.path as osp
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,20 +35,11 @@ class ConvertError(ToolError):
 
 
 # ----------------------------------------------------------------- loading
-def extract_state_dict(obj: Any, error: type = ConvertError
-                       ) -> Tuple['OrderedDict[str, torch.Tensor]', dict]:
-    """The flat state dict of a loaded checkpoint object.
-
-    Removes up to three ``state_dict`` / ``model`` wrappers and ``module.``
-    prefixes (DataParallel). Returns the state dict and what was removed,
-    ``dict(wrapper=[...], stripped_module_prefix=bool)``.
-
-    Raises:
-        error: ``obj`` holds no dict of tensors with string keys, or a key
-            appears both with and without ``module.``.
-    """
-    how = dict(wrapper=[], stripped_module_prefix=False)
-    while True:
+def extract_state_dict(obj, error: type = ConvertError
+                       ) -> 'OrderedDict[str, torch.Tensor]':
+    """The flat state dict inside a loaded checkpoint: up to three
+    ``state_dict`` / ``model`` wrappers and ``module.`` prefixes removed."""
+    for depth in range(4):
         if not isinstance(obj, dict):
             raise error(
                 f'not a checkpoint: a {type(obj).__name__}, expected a dict '
@@ -61,12 +50,11 @@ def extract_state_dict(obj: Any, error: type = ConvertError
             break
         key = next((k for k in ('state_dict', 'model')
                     if isinstance(obj.get(k), dict)), None)
-        if key is None or len(how['wrapper']) >= 3:
+        if key is None or depth == 3:
             raise error('no state dict of tensors found; non-tensor entries: '
                         + preview(f'{k} ({type(v).__name__})'
                                   for k, v in obj.items()
                                   if not isinstance(v, torch.Tensor)))
-        how['wrapper'].append(key)
         obj = obj[key]
     sd: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
     for k, v in obj.items():
@@ -75,21 +63,22 @@ def extract_state_dict(obj: Any, error: type = ConvertError
         name = k
         while name.startswith('module.'):
             name = name[len('module.'):]
-            how['stripped_module_prefix'] = True
         if name in sd:
             raise error(f'key {name} appears twice (with and without '
                         '"module.")')
         sd[name] = v
-    return sd, how
+    return sd
 
 
-def check_tensors(sd: Dict[str, torch.Tensor], path: str) -> None:
-    """Refuse state dicts that cannot hold trained weights: sparse, meta or
-    complex tensors, NaN or Inf values, negative variances.
-
-    Raises:
-        ConvertError / NonFiniteError: naming ``path`` and the first key.
-    """
+def read_state_dict(path: str, unsafe_load: bool = False
+                    ) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Safely load a checkpoint file; ``(state_dict, meta)``. Sparse, meta,
+    complex or non-finite tensors and negative variances are refused."""
+    ckpt = load_checkpoint(path, map_location='cpu', unsafe=unsafe_load)
+    try:
+        sd = extract_state_dict(ckpt)
+    except ConvertError as e:
+        raise ConvertError(f'{path}: {e}') from None
     for k, v in sd.items():
         if v.layout != torch.strided:
             raise ConvertError(f'{path}: {k} is a {v.layout} tensor; '
@@ -100,30 +89,14 @@ def check_tensors(sd: Dict[str, torch.Tensor], path: str) -> None:
             raise ConvertError(f'{path}: {k} is complex ({v.dtype}); '
                                'expected real weights')
     check_finite(sd, path)
-
-
-def read_state_dict(path: str, unsafe_load: bool = False
-                    ) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Safely load a checkpoint file; ``(state_dict, meta)``.
-
-    Raises:
-        CheckpointError / ConvertError: naming ``path``.
-    """
-    ckpt = load_checkpoint(path, map_location='cpu', unsafe=unsafe_load)
-    try:
-        sd, _ = extract_state_dict(ckpt)
-    except ConvertError as e:
-        raise ConvertError(f'{path}: {e}') from None
-    check_tensors(sd, path)
     meta = ckpt.get('meta')
     return sd, meta if isinstance(meta, dict) else {}
 
 
 def is_deploy_state_dict(sd: Dict[str, torch.Tensor]) -> bool:
     """True if ``sd`` holds fused blocks and no multi-branch block."""
-    keys = list(sd)
-    return (any('.conv_reparam.' in k for k in keys)
-            and not any('.branch_3x3.' in k for k in keys))
+    return (any('.conv_reparam.' in k for k in sd)
+            and not any('.branch_3x3.' in k for k in sd))
 
 
 def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
@@ -158,22 +131,20 @@ def key_mismatch(own: Dict[str, torch.Tensor],
     unexpected = [k for k in sd if k not in own]
     shape = [k for k in own if k in sd and tuple(own[k].shape) != tuple(
         getattr(sd[k], 'shape', ()))]
-    parts = []
-    if missing:
-        parts.append(f'missing keys: {preview(missing)}')
-    if unexpected:
-        parts.append(f'unexpected keys: {preview(unexpected)}')
-    if shape:
-        parts.append('shape mismatch: ' + preview(
-            [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}'
-             for k in shape]))
-    return missing, unexpected, shape, '; '.join(parts)
+    sizes = {k: f' {tuple(sd[k].shape)} vs {tuple(own[k].shape)}'
+             for k in shape}
+    problem = '; '.join(
+        f'{what}: ' + preview([k + sizes.get(k, '') for k in keys])
+        for what, keys in (('missing keys', missing),
+                           ('unexpected keys', unexpected),
+                           ('shape mismatch', shape)) if keys)
+    return missing, unexpected, shape, problem
 
 
 def load_weights(model: nn.Module, sd: Dict[str, torch.Tensor],
                  path: str, config: str) -> None:
     """Strict load; a mismatch lists the missing/unexpected keys."""
-    *_, problem = key_mismatch(model.state_dict(), sd)
+    problem = key_mismatch(model.state_dict(), sd)[3]
     if problem:
         raise ConvertError(f'{path} does not match config {config}: ' +
                            problem)
@@ -190,10 +161,7 @@ def test_input_shape(cfg: Config) -> Tuple[int, int]:
     for step in pipeline or []:
         if step.get('type') == 'Resize' and step.get('scale'):
             scale = step['scale']
-            if isinstance(scale, int):
-                h = w = scale
-            else:
-                w, h = scale[0], scale[1]
+            w, h = (scale, scale) if isinstance(scale, int) else scale[:2]
             if step.get('keep_ratio'):
                 h, w = min(h, w), max(h, w)
             break
@@ -208,14 +176,9 @@ def make_inputs(shape: Tuple[int, int], batch: int = 1, seed: int = 0,
     g = torch.Generator().manual_seed(seed)
     h, w = shape
     x = torch.randn(batch, 3, h, w, generator=g).to(device)
-    samples = []
-    for _ in range(batch):
-        s = DetDataSample()
-        s.set_metainfo(dict(img_shape=(h, w), ori_shape=(h, w),
-                            pad_shape=(h, w), batch_input_shape=(h, w),
-                            scale_factor=(1.0, 1.0)))
-        samples.append(s)
-    return x, samples
+    meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
+                batch_input_shape=(h, w), scale_factor=(1.0, 1.0))
+    return x, [DetDataSample(metainfo=meta) for _ in range(batch)]
 
 
 def _random_proposals(shape, batch, device, dtype, n=64):
@@ -225,8 +188,8 @@ def _random_proposals(shape, batch, device, dtype, n=64):
     for _ in range(batch):
         xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
         wh = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.5, h * 0.5])
-        wh = wh + 8
-        boxes = torch.cat([xy, (xy + wh).minimum(torch.tensor([w, h]))], 1)
+        boxes = torch.cat([xy, (xy + wh + 8).minimum(torch.tensor([w, h]))],
+                          1)
         results.append(InstanceData(bboxes=boxes.to(device=device,
                                                     dtype=dtype)))
     return results
@@ -259,8 +222,6 @@ def collect_outputs(model: nn.Module, x: torch.Tensor,
 def _check_same_outputs(ref: Dict[str, torch.Tensor],
                         new: Dict[str, torch.Tensor],
                         what: str = 'outputs differ') -> None:
-    """Raise :class:`ConvertError` unless both have the same names and
-    shapes."""
     if list(ref) != list(new):
         raise ConvertError(f'{what}: {preview(ref)} vs {preview(new)}')
     for k, a in ref.items():
@@ -271,10 +232,9 @@ def _check_same_outputs(ref: Dict[str, torch.Tensor],
 
 def compare_outputs(ref: Dict[str, torch.Tensor],
                     new: Dict[str, torch.Tensor]) -> dict:
-    """Largest absolute and relative (``max|a-b| / max|a|``) differences
-    between two sets of outputs, for checks that expect identical results
-    (a fused model vs a deploy-built twin holding its weights). Anything
-    non-finite counts as an infinite difference, never as a match."""
+    """Largest absolute and relative (``max|a-b| / max|a|``) differences of
+    two sets of outputs expected to be identical; anything non-finite counts
+    as an infinite difference, never as a match."""
     _check_same_outputs(ref, new)
     worst = dict(max_abs=0.0, max_rel=0.0, worst='', num_outputs=len(ref))
     for k, a in ref.items():
@@ -294,21 +254,14 @@ def verify_models(model: nn.Module, fused: nn.Module, x: torch.Tensor,
                   samples: list, factor: float = NOISE_FACTOR,
                   tolerance: Optional[float] = None,
                   what: str = 'model') -> dict:
-    """Judge ``fused`` against ``model`` on every backbone/neck/head output.
-
-    The truth is ``model`` evaluated in float64; ``fused`` passes when, on
-    every output, its float32 error against the truth is at most ``factor``
-    times ``model``'s own float32 error (or ``tolerance``, a fixed relative
-    bound, when given), and every block of ``model``, fed its real input and
-    fused in float64, is exact to :data:`BLOCK_FP64_TOL` (which no CPU or
-    chaotic network can blur). See :mod:`mmrepvgg.deploy.verify`.
+    """Judge ``fused`` against ``model`` on every backbone/neck/head output
+    (:mod:`mmrepvgg.deploy.verify`): its float32 error against ``model`` in
+    float64 is at most ``factor`` times ``model``'s own float32 error (or a
+    fixed relative ``tolerance``), and every block of ``model``, fed its
+    real input and fused in float64, is exact to :data:`BLOCK_FP64_TOL`.
 
     Returns:
         dict: :func:`~mmrepvgg.deploy.verify.judge_fp32`'s verdict.
-
-    Raises:
-        ConvertError: the outputs differ in names or shapes, or ``model``'s
-            own outputs are not finite (``what`` names it).
     """
     outs = {}
     block_err, block_name = blockwise_fp64_error(
@@ -337,32 +290,15 @@ def verify_models(model: nn.Module, fused: nn.Module, x: torch.Tensor,
     return verdict
 
 
-# ------------------------------------------------------------------ summary
-def count_convs(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-
-
-def _tensor_forward(model):
-    if hasattr(model, '_forward'):
-        return lambda x, s: model._forward(x, s)
-    return lambda x, s: model(x)
-
-
 # ------------------------------------------------------------------ convert
-def check_options(shape: Optional[Sequence[int]],
-                  tolerance: Optional[float], factor: float) -> None:
-    """Bounds of the numeric options, named as the command line names them.
-    """
-    if shape is not None:
-        if len(shape) != 2 or not all(
-                isinstance(v, int) and 1 <= v <= MAX_SIDE for v in shape):
-            raise ConvertError(f'--shape must be two integers in [1, '
-                               f'{MAX_SIDE}], got {list(shape)}')
-    if tolerance is not None and not (tolerance >= 0 and
-                                      tolerance < float('inf')):
-        raise ConvertError(f'--tolerance must be a finite number >= 0, '
-                           f'got {tolerance}')
-    if not (factor >= 1 and factor < float('inf')):
+def check_options(shape: Optional[Sequence[int]], factor: float) -> None:
+    """Bounds of the numeric options, named as the command line names
+    them."""
+    if shape is not None and (len(shape) != 2 or not all(
+            isinstance(v, int) and 1 <= v <= MAX_SIDE for v in shape)):
+        raise ConvertError(f'--shape must be two integers in [1, '
+                           f'{MAX_SIDE}], got {list(shape)}')
+    if not 1 <= factor < float('inf'):
         raise ConvertError(f'--noise-factor must be a finite number >= 1, '
                            f'got {factor}')
 
@@ -380,38 +316,22 @@ def convert_checkpoint(cfg: Config,
                        output: str,
                        shape: Optional[Tuple[int, int]] = None,
                        device: str = 'cpu',
-                       tolerance: Optional[float] = None,
                        factor: float = NOISE_FACTOR,
                        verify: bool = True,
-                       unsafe_load: bool = False,
-                       latency_repeats: int = 3) -> dict:
-    """Convert one checkpoint; returns a report dict.
-
-    Nothing is written unless every check passed; the checkpoint and its
-    config are written as one all-or-nothing group
-    (:func:`mmrepvgg.utils.fileio.atomic_write_group`).
-
-    Args:
-        tolerance (float, optional): fixed bound on the converted model's
-            relative error against the float64 truth, replacing the
-            float32-noise criterion (``factor``).
-        factor (float): allowed ratio of the converted model's float32
-            error to the original model's own float32 error.
-
-    Raises:
-        ConvertError: with a one-line message naming the file/key at fault.
-    """
+                       unsafe_load: bool = False) -> dict:
+    """Convert one checkpoint; returns a report dict. Nothing is written
+    unless every check passed, and the checkpoint and its config are written
+    as one all-or-nothing group."""
     out_ckpt, out_cfg = deploy_paths(output)
     check_output_paths([(checkpoint, 'input checkpoint'),
                         (config_path, 'input config')],
                        [out_ckpt, out_cfg], ConvertError)
-    check_options(shape, tolerance, factor)
+    check_options(shape, factor)
     sd, meta = read_state_dict(checkpoint, unsafe_load)
     if is_deploy_state_dict(sd):
         raise ConvertError(f'{checkpoint}: already in deploy form '
                            '(conv_reparam weights, no branches); nothing to '
                            'convert')
-
     model = build_model(cfg)
     blocks = count_reparam_blocks(model)['total']
     if blocks == 0:
@@ -421,32 +341,25 @@ def convert_checkpoint(cfg: Config,
     model.to(device).eval()
     fused = switch_to_deploy(model, inplace=False, verbose=False)
 
+    def convs(m):
+        return sum(isinstance(c, nn.modules.conv._ConvNd)
+                   for c in m.modules())
+
+    shape = tuple(shape) if shape else test_input_shape(cfg)
     report = dict(checkpoint=checkpoint, output=out_ckpt, config=out_cfg,
-                  blocks=blocks,
+                  blocks=blocks, shape=shape,
                   params_before=count_params(model),
                   params_after=count_params(fused),
-                  convs_before=count_convs(model),
-                  convs_after=count_convs(fused))
-    shape = tuple(shape) if shape else test_input_shape(cfg)
-    x, samples = make_inputs(shape, device=device)
-    report['shape'] = shape
+                  convs_before=convs(model), convs_after=convs(fused))
     if verify:
+        x, samples = make_inputs(shape, device=device)
         verdict = verify_models(model, fused, x, samples, factor=factor,
-                                tolerance=tolerance, what=checkpoint)
+                                what=checkpoint)
         report['verify'] = verdict
         if not verdict['passed']:
             raise ConvertError(
                 f'{checkpoint}: conversion check failed: '
                 f'{describe(verdict)}; nothing written')
-    if latency_repeats > 0:
-        from mmrepvgg.utils.timing import measure
-        forms = {name: (lambda f=_tensor_forward(m): f(x, samples))
-                 for name, m in (('before', model), ('after', fused))}
-        with torch.no_grad():  # inference latency: no autograd graph
-            timing = measure(forms, latency_repeats, warmup=2, sync=(
-                torch.cuda.synchronize if x.is_cuda else None))
-        report['latency_before'] = timing.median('before')
-        report['latency_after'] = timing.median('after')
 
     # The deploy config must rebuild exactly this model (strict load).
     from mmdet.registry import MODELS
@@ -454,18 +367,15 @@ def convert_checkpoint(cfg: Config,
                                     load_from=osp.abspath(out_ckpt))
     state = OrderedDict((k, v.detach().cpu()) for k, v in
                         fused.state_dict().items())
-    twin = build_model(deploy_cfg)
     try:
-        twin.load_state_dict(state, strict=True)
+        build_model(deploy_cfg).load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ConvertError(f'{config_path}: deploy config does not match the '
                            f'converted model ({str(e).splitlines()[0]})')
-
-    new_meta = dict(meta)
-    new_meta['mmrepvgg'] = dict(deploy=True, version=__version__,
-                                source_checkpoint=osp.abspath(checkpoint),
-                                source_config=osp.abspath(config_path),
-                                blocks_converted=blocks)
+    new_meta = dict(meta, mmrepvgg=dict(
+        deploy=True, version=__version__,
+        source_checkpoint=osp.abspath(checkpoint),
+        source_config=osp.abspath(config_path), blocks_converted=blocks))
     text = deploy_cfg.pretty_text
     atomic_write_group([
         (out_ckpt, lambda tmp: torch.save(
@@ -483,7 +393,6 @@ def _write_text(path: str, text: str) -> None:
 
 def find_checkpoints(spec: str) -> List[str]:
     """A file, a folder (its ``*.pth``) or a glob pattern -> sorted files."""
-    import glob
     if osp.isdir(spec):
         files = sorted(glob.glob(osp.join(spec, '*.pth')))
     elif any(c in spec for c in '*?['):

@@ -1,138 +1,256 @@
-"""Import ImageNet RepVGG weights as :class:`mmrepvgg.RepVGG` state dicts.
-
-Behind ``tools/model_converters/import_checkpoint.py``. Supported source
-layouts (detected from the keys, or forced with ``fmt``):
-
-* ``official``: DingXiaoH/RepVGG ``repvgg.py``: ``stage0`` (the stem),
-  ``stage1..4.M`` blocks with ``rbr_dense.{conv,bn}``, ``rbr_1x1.{conv,bn}``,
-  ``rbr_identity`` (BN), SE ``se.down`` / ``se.up``, fused ``rbr_reparam``;
-  classifier ``linear.*``.
-* ``mmpretrain``: mmpretrain / mmcls ``RepVGG``: ``backbone.stem``,
-  ``backbone.stage_N.M`` with ``branch_3x3.{conv,norm}``,
-  ``branch_1x1.{conv,norm}``, ``branch_norm``, SE
-  ``se_layer.conv1.conv`` / ``se_layer.conv2.conv``, fused
-  ``branch_reparam``; classifier ``head.*``.
-* ``timm``: timm ``repvgg_*`` (``byobnet.py``, ``RepVggBlock``): ``stem``
-  (itself a RepVggBlock), ``stages.S.B`` with S = 0..3 (our stage S + 1),
-  ``conv_kxk.{conv,bn}``, ``conv_1x1.{conv,bn}``, ``identity`` (BN), SE
-  ``attn.fc1`` / ``attn.fc2``, fused ``reparam_conv``; classifier
-  ``head.fc.*``.
-* ``mmrepvgg``: this package's own backbone keys (``stem``, ``stage_N.M``;
-  the block keys are read from :class:`RepVGGBlock` itself, see
-  :func:`.import_formats.backbone_layout`).
-
-Wrappers ``{'state_dict': ...}`` / ``{'model': ...}`` and ``module.``
-prefixes are removed. The classifier is dropped; every other key must map
-onto the backbone (otherwise it is reported by name), and the result must
-load strictly into a freshly built ``RepVGG(arch)`` (or ``deploy=True``
-when the source is fused): missing, unexpected and mis-shaped keys are
-reported by name, with the source key they come from.
-
-The key layouts live in :mod:`.import_formats`, the arch detection from
-weight shapes in :mod:`.import_arch`.
+"""ImageNet RepVGG weights as :class:`mmrepvgg.RepVGG` state dicts, behind
+``tools/model_converters/import_checkpoint.py``: key layouts are the table
+:data:`FORMATS`, the arch is the published one with the same weight shapes,
+and the result must load strictly into a fresh ``RepVGG(arch)``.
 """
+import functools
 import os.path as osp
-from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import re
+from collections import OrderedDict, namedtuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from mmrepvgg.deploy.verify import first_non_finite
-from mmrepvgg.utils.cli import preview
+from mmrepvgg.utils.cli import ToolError, preview
 from mmrepvgg.version import __version__
 from .convert import extract_state_dict, key_mismatch
-from .import_arch import Arch, detect_arch, detect_deploy
-from .import_formats import (FORMATS, CheckpointImportError, SourceFormat,
-                             detect_format, meta_device, parse_key,
-                             source_key)
+
+Arch = Union[str, dict]
+
+_BN = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
+#: The parts of a block (conv3, norm3, conv1, norm1, identity norm, fused
+#: conv, SE squeeze, SE excite) and their fields.
+ROLE_FIELDS = (('weight', ), _BN, ('weight', ), _BN, _BN, ('weight', 'bias'),
+               ('weight', 'bias'), ('weight', 'bias'))
+
+#: ``stage`` is formatted with (source stage index, block index); our stage
+#: number is the source's plus ``offset``; ``dropped``: classifier prefixes.
+Format = namedtuple('Format', 'description prefixes stem stage offset roles '
+                    'dropped')
+FORMATS = OrderedDict(
+    official=Format(
+        'DingXiaoH/RepVGG (repvgg.py)', ('', ), 'stage0', 'stage{}.{}', 0,
+        ('rbr_dense.conv', 'rbr_dense.bn', 'rbr_1x1.conv', 'rbr_1x1.bn',
+         'rbr_identity', 'rbr_reparam', 'se.down', 'se.up'), ('linear.', )),
+    timm=Format(
+        'timm repvgg_* (byobnet.py RepVggBlock)', ('', ), 'stem',
+        'stages.{}.{}', 1,
+        ('conv_kxk.conv', 'conv_kxk.bn', 'conv_1x1.conv', 'conv_1x1.bn',
+         'identity', 'reparam_conv', 'attn.fc1', 'attn.fc2'), ('head.', )),
+    mmrepvgg=Format(
+        'mmrepvgg RepVGG backbone', ('', ), 'stem', 'stage_{}.{}', 0,
+        ('branch_3x3.conv', 'branch_3x3.bn', 'branch_1x1.conv',
+         'branch_1x1.bn', 'branch_norm', 'conv_reparam', 'se.squeeze',
+         'se.excite'), ()),
+    mmpretrain=Format(
+        'mmpretrain / mmcls RepVGG', ('backbone.', ''), 'stem', 'stage_{}.{}',
+        0,
+        ('branch_3x3.conv', 'branch_3x3.norm', 'branch_1x1.conv',
+         'branch_1x1.norm', 'branch_norm', 'branch_reparam',
+         'se_layer.conv1.conv', 'se_layer.conv2.conv'),
+        ('head.', 'data_preprocessor.')),
+)
 
 
-# --------------------------------------------------------------- strict load
+class CheckpointImportError(ToolError):
+    """Import refused; the one-line message names the keys at fault."""
+
+
+@functools.lru_cache(maxsize=None)
+def _suffixes(name: str) -> Dict[str, str]:
+    """Source block-key suffix -> our block-key suffix."""
+    ours = FORMATS['mmrepvgg'].roles
+    return {f'{src}.{f}': f'{our}.{f}' for src, our, fields in
+            zip(FORMATS[name].roles, ours, ROLE_FIELDS) for f in fields}
+
+
+@functools.lru_cache(maxsize=None)
+def _unit_regex(name: str) -> 're.Pattern':
+    fmt = FORMATS[name]
+    stage = r'(\d+)'.join(re.escape(p) for p in fmt.stage.split('{}'))
+    return re.compile(rf'^(?:{re.escape(fmt.stem)}|{stage})\.(.+)$')
+
+
+def map_key(name: str, key: str) -> Optional[str]:
+    """Our backbone key for source ``key`` in format ``name``, ``''`` for a
+    classifier key, None if it is not one of the format's keys."""
+    fmt = FORMATS[name]
+    for prefix in fmt.prefixes:
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix):]
+        if fmt.dropped and rest.startswith(fmt.dropped):
+            return ''
+        m = _unit_regex(name).match(rest)
+        ours = m and _suffixes(name).get(m.group(3))
+        if not ours:
+            continue
+        if m.group(1) is None:
+            return f'stem.{ours}'
+        stage = int(m.group(1)) + fmt.offset
+        if stage >= 1:
+            return f'stage_{stage}.{int(m.group(2))}.{ours}'
+    return None
+
+
+def source_key(name: str, key: str, prefix: str = '') -> str:
+    """The key format ``name`` uses for our backbone key ``key``."""
+    fmt = FORMATS[name]
+    m = re.match(r'^(stem|stage_(\d+)\.(\d+))\.(.+)$', key)
+    inverse = {v: k for k, v in _suffixes(name).items()}
+    if m is None or m.group(4) not in inverse:
+        return key
+    unit = fmt.stem if m.group(1) == 'stem' else fmt.stage.format(
+        int(m.group(2)) - fmt.offset, int(m.group(3)))
+    return f'{prefix}{unit}.{inverse[m.group(4)]}'
+
+
+#: Keys only a QARepVGG block has: a 1x1 branch that is a bare conv (YOLOv6
+#: ``rbr_1x1``, super-gradients / mmrepvgg ``branch_1x1``) and a norm after
+#: the branch sum (mmrepvgg ``post_norm``, super-gradients ``post_bn``).
+_QAREPVGG_KEY = re.compile(
+    r'(^|\.)((rbr_1x1|branch_1x1)\.(weight|bias)|(post_norm|post_bn)\.'
+    r'(weight|bias|running_mean|running_var|num_batches_tracked))$')
+#: YOLOv6's post-sum norm: ``bn`` beside ``rbr_dense`` or ``rbr_reparam``.
+_BLOCK_BN_KEY = re.compile(
+    r'^(.*\.)?bn\.(weight|bias|running_mean|running_var|'
+    r'num_batches_tracked)$')
+
+
+def qarepvgg_evidence(keys) -> Optional[str]:
+    """The first key showing that ``keys`` are QARepVGG weights (None if
+    none does): no RepVGG block has them, so such a checkpoint cannot be
+    imported (only its fused form is the same)."""
+    keys = list(keys)
+    for k in keys:
+        if _QAREPVGG_KEY.search(k):
+            return k
+    blocks = {key[:key.index(b)] for key in keys
+              for b in ('rbr_dense.', 'rbr_reparam.') if b in key}
+    for k in keys:
+        m = _BLOCK_BN_KEY.match(k)
+        if m is not None and (m.group(1) or '') in blocks:
+            return k
+    return None
+
+
+def detect_format(keys) -> str:
+    """Name of the format that maps the most of ``keys``."""
+    qa = qarepvgg_evidence(keys)
+    if qa is not None:
+        raise CheckpointImportError(
+            f'a QARepVGG checkpoint, not a RepVGG one (key {qa}: a 1x1 '
+            'branch without norm or a norm after the branch sum, which '
+            'RepVGG blocks do not have); nothing imported. An mmrepvgg '
+            'QARepVGG backbone state dict loads as it is into '
+            "RepVGG(arch, block_cfg=dict(type='QARepVGGBlock'))")
+    counts = {name: sum(bool(map_key(name, k)) for k in keys)
+              for name in FORMATS}
+    best = max(counts, key=counts.get)
+    if not counts[best]:
+        raise CheckpointImportError(
+            'not a RepVGG checkpoint of a known layout (official, timm, '
+            f'mmpretrain, mmrepvgg); first keys: {preview(list(keys))}')
+    return best
+
+
+# ------------------------------------------------------------ arch, form
 def build_backbone(arch: Arch, deploy: bool) -> torch.nn.Module:
-    """``RepVGG(arch, deploy=deploy)``, on the meta device where supported
-    (only shapes are needed: no memory even for D2se)."""
+    """``RepVGG(arch, deploy=deploy)`` on the meta device: shapes only."""
     from mmrepvgg.models import RepVGG
-    with meta_device():
+    with torch.device('meta'):
         return RepVGG(arch, deploy=deploy)
 
 
-def _with_source(keys: Sequence[str], origin: Dict[str, str]) -> List[str]:
-    return [f'{k} (from {origin[k]})' if k in origin and origin[k] != k
-            else k for k in keys]
+@functools.lru_cache(maxsize=None)
+def _conv_shapes(arch: str, deploy: bool) -> frozenset:
+    return frozenset((k, tuple(v.shape)) for k, v in build_backbone(
+        arch, deploy).state_dict().items() if v.dim() == 4)
 
 
-def check_strict(sd: 'OrderedDict[str, torch.Tensor]', arch: Arch,
-                 deploy: bool, origin: Dict[str, str],
-                 fmt: SourceFormat, prefix: str = '',
-                 hint: Optional[str] = None
-                 ) -> Tuple['OrderedDict[str, torch.Tensor]', List[str]]:
-    """Strictly load ``sd`` into a fresh ``RepVGG(arch, deploy=deploy)``.
+def detect_arch(sd: Dict[str, torch.Tensor], deploy: bool
+                ) -> Tuple[str, bool]:
+    """``(arch, exact)``: the published arch whose conv weight shapes ``sd``
+    has, or else the closest one (``exact`` False)."""
+    from mmrepvgg.models import ARCH_SETTINGS
+    shapes = frozenset((k, tuple(v.shape)) for k, v in sd.items()
+                       if v.dim() == 4)
+    scores = {name: len(shapes & _conv_shapes(name, deploy)) -
+              len(shapes ^ _conv_shapes(name, deploy))
+              for name in ARCH_SETTINGS}
+    best = max(scores, key=scores.get)
+    return best, shapes == _conv_shapes(best, deploy)
 
-    Missing ``num_batches_tracked`` buffers (old checkpoints) are filled
-    with 0 when the rest of their norm is present. Returns the state dict in
-    the model's key order and the list of filled keys.
-    """
+
+def detect_deploy(sd: Dict[str, torch.Tensor]) -> bool:
+    """True if every block is fused (one conv), False if none is."""
+
+    def units(part):
+        return sorted({k.split(f'.{part}')[0] for k in sd if f'.{part}' in k})
+
+    fused, branched = units('conv_reparam.'), units('branch_')
+    if fused and branched:
+        raise CheckpointImportError(
+            f'mixes fused and multi-branch blocks (fused: {preview(fused, 3)}'
+            f'; multi-branch: {preview(branched, 3)})')
+    return bool(fused)
+
+
+# --------------------------------------------------------------- strict load
+def check_strict(sd: Dict[str, torch.Tensor], arch: Arch, deploy: bool,
+                 fmt: str, prefix: str = '', hint: Optional[str] = None
+                 ) -> Tuple['OrderedDict[str, torch.Tensor]', list]:
+    """Strictly load ``sd`` into a fresh ``RepVGG(arch, deploy=deploy)``;
+    missing ``num_batches_tracked`` buffers are filled with 0. Returns the
+    state dict in the model's key order and the filled keys."""
     try:
         model = build_backbone(arch, deploy)
     except ValueError as e:
         raise CheckpointImportError(f'invalid arch {arch!r}: {e}') from None
     expected = model.state_dict()
     out = OrderedDict(sd)
-    filled = []
-    for k in expected:
-        if k not in out and k.endswith('.num_batches_tracked') and \
-                k[:-len('num_batches_tracked')] + 'running_mean' in out:
-            out[k] = torch.tensor(0, dtype=torch.long)
-            filled.append(k)
+    tracked = 'num_batches_tracked'
+    filled = [k for k in expected if k not in out and k.endswith(tracked)
+              and k[:-len(tracked)] + 'running_mean' in out]
+    out.update((k, torch.tensor(0, dtype=torch.long)) for k in filled)
     missing, unexpected, shape, _ = key_mismatch(expected, out)
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            src = {k: source_key(fmt, k, prefix) for k in missing}
-            parts.append(f'missing keys ({len(missing)}): ' + preview(
-                [f'{k} (source {src[k]})' if src[k] and src[k] != k else k
-                 for k in missing], 3))
-        if unexpected:
-            parts.append(f'unexpected keys ({len(unexpected)}): ' +
-                         preview(_with_source(unexpected, origin), 3))
-        if shape:
-            parts.append(f'shape mismatch ({len(shape)}): ' + preview(
-                [f'{n} {tuple(out[k].shape)} vs expected '
-                 f'{tuple(expected[k].shape)}'
-                 for k, n in zip(shape, _with_source(shape, origin))], 3))
+
+    def named(k):
+        src = source_key(fmt, k, prefix)
+        return k if src == k else f'{k} (source {src})'
+
+    sizes = {k: f' {tuple(out[k].shape)} vs expected '
+             f'{tuple(expected[k].shape)}' for k in shape}
+    parts = [f'{what} ({len(keys)}): ' + preview(
+        [named(k) + sizes.get(k, '') for k in keys], 3)
+        for what, keys in (('missing keys', missing),
+                           ('unexpected keys', unexpected),
+                           ('shape mismatch', shape)) if keys]
+    if parts:
         name = arch if isinstance(arch, str) else 'custom arch'
-        form = 'deploy' if deploy else 'training'
         note = f'; {hint}' if hint else ''
         raise CheckpointImportError(
-            f'weights do not fit RepVGG {name} ({form} form{note}): ' +
-            '; '.join(parts))
+            f'weights do not fit RepVGG {name} '
+            f'({"deploy" if deploy else "training"} form{note}): '
+            + '; '.join(parts))
     try:
-        try:
-            model.load_state_dict(out, strict=True, assign=True)
-        except TypeError:  # torch < 2.1 has no assign
-            import warnings
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                model.load_state_dict(out, strict=True)
+        model.load_state_dict(out, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointImportError(
             'strict load into RepVGG failed: '
             f'{" ".join(str(e).split())[:500]}') from None
-    ordered = OrderedDict((k, _compact(out[k])) for k in expected)
-    return ordered, filled
+    return OrderedDict((k, _compact(out[k])) for k in expected), filled
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
-    """Detached tensor that owns exactly its storage (a view of a larger
-    storage would otherwise be saved whole)."""
+    """A tensor owning exactly its storage (a view of a larger storage would
+    otherwise be saved whole)."""
     t = t.detach()
-    if t.device.type == 'meta':
+    if t.is_meta:
         return t
     t = t.contiguous()
-    try:
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()
-    except (AttributeError, RuntimeError):
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
         t = t.clone()
     return t
 
@@ -140,74 +258,46 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 # -------------------------------------------------------------------- main
 def import_state_dict(obj: Any,
                       arch: Optional[Arch] = None,
-                      fmt: Optional[str] = None,
-                      allow_custom: bool = False
+                      fmt: Optional[str] = None
                       ) -> Tuple['OrderedDict[str, torch.Tensor]', dict]:
-    """Convert a loaded RepVGG checkpoint into this backbone's keys.
-
-    Args:
-        obj: the loaded checkpoint (a state dict, possibly wrapped in
-            ``{'state_dict': ...}`` or ``{'model': ...}``, possibly with
-            ``module.`` prefixes).
-        arch (str | dict, optional): force the arch; detected from the
-            weight shapes by default.
-        fmt (str, optional): force the source format ('official', 'timm',
-            'mmpretrain', 'mmrepvgg'); detected from the keys by default.
-        allow_custom (bool): when no published arch matches the detected
-            shapes, return an arch dict reproducing them instead of failing.
-
-    Returns:
-        tuple[OrderedDict, dict]: the backbone state dict (keys without a
-        ``backbone.`` prefix, in ``RepVGG`` order) and an info dict with
-        ``format``, ``arch``, ``deploy``, ``dropped`` (classifier keys),
-        ``filled`` (``num_batches_tracked`` added) and ``unwrapped``.
-
-    Raises:
-        CheckpointImportError: unknown keys, undetectable or mismatching
-            arch, missing / unexpected / mis-shaped keys (all named).
-    """
-    sd, how = extract_state_dict(obj, CheckpointImportError)
+    """Convert a loaded RepVGG checkpoint (a state dict, possibly wrapped)
+    into this backbone's keys; ``arch`` and ``fmt`` (a key of
+    :data:`FORMATS`) are detected unless given. Returns the state dict
+    (``RepVGG`` keys and order) and an info dict (``format``, ``arch``,
+    ``deploy``, ``dropped`` classifier keys, ``filled`` keys, ...)."""
+    sd = extract_state_dict(obj, CheckpointImportError)
     if fmt is None:
-        fmt_name = detect_format(list(sd))
-    elif fmt in FORMATS:
-        fmt_name = fmt
-    else:
+        fmt = detect_format(list(sd))
+    elif fmt not in FORMATS:
         raise CheckpointImportError(
             f'unknown format {fmt!r}; choose one of {list(FORMATS)}')
-    spec = FORMATS[fmt_name]
-
     mapped: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
     origin: Dict[str, str] = {}
     dropped, unknown = [], []
-    used_prefix = ''
     for k, v in sd.items():
-        kind, ours = parse_key(spec, k)
-        if kind == 'drop':
-            dropped.append(k)
-        elif kind == 'unknown':
+        ours = map_key(fmt, k)
+        if ours is None:
             unknown.append(k)
+        elif not ours:
+            dropped.append(k)
+        elif ours in mapped:
+            raise CheckpointImportError(
+                f'keys {origin[ours]} and {k} both map to {ours}')
         else:
-            if ours in mapped:
-                raise CheckpointImportError(
-                    f'keys {origin[ours]} and {k} both map to {ours}')
-            mapped[ours] = v
-            origin[ours] = k
-            if k.startswith('backbone.'):
-                used_prefix = 'backbone.'
+            mapped[ours], origin[ours] = v, k
     if unknown:
         raise CheckpointImportError(
-            f'{len(unknown)} key(s) not recognised as {spec.name} RepVGG '
-            f'weights ({spec.description}): {preview(unknown)}')
+            f'{len(unknown)} key(s) not recognised as {fmt} RepVGG '
+            f'weights ({FORMATS[fmt].description}): {preview(unknown)}')
     if not mapped:
         raise CheckpointImportError(
-            f'no backbone weights found ({spec.name} layout); keys: '
+            f'no backbone weights found ({fmt} layout); keys: '
             f'{preview(list(sd))}')
-    bad = [k for k, v in mapped.items()
+    bad = [f'{origin[k]} ({v.dtype})' for k, v in mapped.items()
            if not (v.is_floating_point() or k.endswith('num_batches_tracked'))]
     if bad:
-        raise CheckpointImportError(
-            'non floating-point weights: ' + preview(
-                [f'{origin[k]} ({mapped[k].dtype})' for k in bad]))
+        raise CheckpointImportError('non floating-point weights: '
+                                    + preview(bad))
     broken = first_non_finite(mapped)
     if broken is not None:
         detail = 'a negative variance' if bool(
@@ -217,22 +307,20 @@ def import_state_dict(obj: Any,
             'broken; nothing imported')
 
     deploy = detect_deploy(mapped)
+    guess, exact = detect_arch(mapped, deploy)
     hint = None
     if arch is None:
-        arch = detect_arch(mapped, deploy, allow_custom)
-    else:  # forced: say what the weights look like if they do not fit
-        try:
-            guess = detect_arch(mapped, deploy, allow_custom=False)
-            if guess != arch:
-                hint = f'the weights look like arch {guess}'
-        except CheckpointImportError:
-            pass
-    state, filled = check_strict(mapped, arch, deploy, origin, spec,
-                                 used_prefix, hint)
-    info = dict(format=fmt_name, format_description=spec.description,
+        arch = guess
+        if not exact:
+            hint = (f'the weights match no published RepVGG arch; {guess} '
+                    'is the closest')
+    elif exact and guess != arch:
+        hint = f'the weights look like arch {guess}'
+    prefix = 'backbone.' if any(
+        v.startswith('backbone.') for v in origin.values()) else ''
+    state, filled = check_strict(mapped, arch, deploy, fmt, prefix, hint)
+    info = dict(format=fmt, format_description=FORMATS[fmt].description,
                 arch=arch, deploy=deploy, dropped=dropped, filled=filled,
-                unwrapped=how['wrapper'],
-                stripped_module_prefix=how['stripped_module_prefix'],
                 num_tensors=len(state))
     return state, info
 
@@ -240,20 +328,14 @@ def import_state_dict(obj: Any,
 def make_checkpoint(state: Dict[str, torch.Tensor], info: dict,
                     source: Optional[str] = None,
                     prefix: str = '') -> dict:
-    """``{'meta': {'mmrepvgg': ...}, 'state_dict': ...}`` to be saved.
-
-    Args:
-        prefix (str): prepended to every key, e.g. ``'backbone.'`` for use
-            as ``load_from`` of a detector; '' (default) for
-            ``init_cfg=dict(type='Pretrained', checkpoint=...)`` on the
-            backbone.
-    """
-    arch = info['arch']
+    """``{'meta': {'mmrepvgg': ...}, 'state_dict': ...}`` to be saved;
+    ``prefix`` (e.g. ``'backbone.'`` for a detector's ``load_from``) is
+    prepended to every key."""
     meta = dict(
         version=__version__,
         source_format=info['format'],
         source_checkpoint=osp.abspath(source) if source else None,
-        arch=arch if isinstance(arch, str) else _plain(arch),
+        arch=info['arch'],
         deploy=bool(info['deploy']),
         key_prefix=prefix,
         dropped_keys=list(info['dropped']),
@@ -261,12 +343,3 @@ def make_checkpoint(state: Dict[str, torch.Tensor], info: dict,
     )
     sd = OrderedDict((prefix + k, v) for k, v in state.items())
     return dict(meta=dict(mmrepvgg=meta), state_dict=sd)
-
-
-def _plain(obj):
-    """Arch dict made of plain lists / dicts / numbers (safe to unpickle)."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj

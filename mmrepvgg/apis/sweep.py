@@ -1,19 +1,7 @@
-"""Seed sweeps: train configs under several seeds and compare mean metrics.
-
-One training run of a small detector moves by several mAP points from seed to
-seed (the toy set has 32 validation images), so two configs are compared by
-their means over seeds, with the spread.
-``tools/analysis_tools/seed_sweep.py`` is the command line; this module holds
-the parts that do not train:
-
-- :func:`final_metric` reads the last value of a metric that mmengine logged
-  in a work dir (``<timestamp>/vis_data/scalars.json``), and
-  :func:`test_metrics` the metrics of a ``tools/test.py`` run;
-- :class:`SweepRun` is one labelled config (+ ``--cfg-options``) and the
-  work dir of each of its seeds; its ``sweep_result.json`` records what was
-  trained, so a rerun reuses finished seeds and refuses to mix results of a
-  changed config or options into the same work dir;
-- :func:`summarize` and :func:`format_table` make the table.
+"""Seed sweeps: the same configs trained under several seeds, compared by
+their mean metrics (one training run of a small detector moves by several
+mAP points from seed to seed). ``tools/analysis_tools/seed_sweep.py`` is the
+command line; this module holds the parts that do not train.
 """
 import glob
 import hashlib
@@ -22,10 +10,11 @@ import math
 import os
 import os.path as osp
 import stat
+import statistics
 from typing import Dict, List, Optional, Sequence
 
 from mmrepvgg.utils.cli import ToolError
-from mmrepvgg.utils.fileio import atomic_write_bytes, check_output_paths
+from mmrepvgg.utils.fileio import atomic_write_bytes
 
 #: The result file written in a seed's work dir after its training.
 RESULT_FILE = 'sweep_result.json'
@@ -35,23 +24,15 @@ MAX_RESULT_BYTES = 65536
 
 
 def _plausible(value) -> bool:
-    """A finite number in [0, 1], as every mmdet evaluation metric (mAP,
-    recall) is; COCO's -1 means "undefined" and is refused too."""
+    """A finite number in [0, 1], as every mmdet metric is (COCO's -1,
+    "undefined", is refused too)."""
     return isinstance(value, (int, float)) and not isinstance(
         value, bool) and math.isfinite(value) and 0 <= value <= 1
 
 
 def final_metric(work_dir: str, metric: str = DEFAULT_METRIC) -> float:
-    """The last value of ``metric`` logged by the newest run in ``work_dir``.
-
-    mmengine writes one ``<timestamp>/vis_data/scalars.json`` per run (JSON
-    lines). Only the newest run is read: an older run's value is never
-    taken for the one that just trained.
-
-    Raises:
-        ToolError: no run in ``work_dir``, or its newest run did not log a
-            finite ``metric``.
-    """
+    """The last value of ``metric`` in the scalars mmengine logged for the
+    newest run in ``work_dir`` (never an older run's value)."""
     files = sorted(glob.glob(osp.join(work_dir, '*', 'vis_data',
                                       'scalars.json')))
     if not files:
@@ -75,12 +56,8 @@ def final_metric(work_dir: str, metric: str = DEFAULT_METRIC) -> float:
 
 
 def test_metrics(work_dir: str) -> Dict[str, float]:
-    """The metrics of the newest ``tools/test.py`` run in ``work_dir``: the
-    JSON mmengine's runner writes (``<timestamp>/<timestamp>.json``).
-
-    Raises:
-        ToolError: no such file, or a metric that is not in [0, 1].
-    """
+    """``AP50`` and ``mAP`` of the newest ``tools/test.py`` run in
+    ``work_dir`` (the metrics JSON mmengine's runner writes)."""
     files = sorted(glob.glob(osp.join(work_dir, '*', '*.json')))
     if not files:
         raise ToolError(f'{work_dir}: no metrics JSON of tools/test.py')
@@ -90,26 +67,12 @@ def test_metrics(work_dir: str) -> Dict[str, float]:
         if not _plausible(metrics.get(key)):
             raise ToolError(f'{files[-1]}: {key} is {metrics.get(key)!r}, '
                             'not a number in [0, 1]')
-    return metrics
-
-
-def file_digest(path: str) -> str:
-    """sha256 of a file's bytes (hex, first 16 digits)."""
-    with open(path, 'rb') as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    return dict(AP50=metrics['coco/bbox_mAP_50'], mAP=metrics['coco/bbox_mAP'])
 
 
 class SweepRun:
-    """A labelled config with ``--cfg-options``, trained under each seed.
-
-    Args:
-        label (str): the run's name in the table and its work dir name.
-        config (str): the config file.
-        options (list[str]): ``key=value`` items passed to ``tools/train.py
-            --cfg-options`` after ``randomness.seed=<seed>``.
-        work_root (str): the sweep's folder; seed ``s`` trains in
-            ``<work_root>/<label>/seed<s>``.
-    """
+    """A labelled config with ``--cfg-options`` (``key=value`` items), seed
+    ``s`` trained in ``<work_root>/<label>/seed<s>``."""
 
     def __init__(self, label: str, config: str, options: Sequence[str],
                  work_root: str) -> None:
@@ -131,24 +94,20 @@ class SweepRun:
     def work_dir(self, seed: int) -> str:
         return osp.join(self.work_root, self.label, f'seed{seed}')
 
-    def identity(self, seed: int) -> dict:
+    def identity(self, seed: int, metric: str) -> dict:
         """What a seed's result must have been trained from to be reused."""
-        return dict(config=osp.abspath(self.config),
-                    config_sha256=file_digest(self.config),
-                    options=self.options, seed=seed)
+        with open(self.config, 'rb') as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        return dict(config=osp.abspath(self.config), config_sha256=digest,
+                    options=self.options, seed=seed, metric=metric)
 
     def train_args(self, seed: int) -> List[str]:
-        """The ``tools/train.py`` arguments for ``seed``."""
         return [self.config, '--work-dir', self.work_dir(seed),
                 '--cfg-options', f'randomness.seed={seed}', *self.options]
 
     def cached(self, seed: int, metric: str) -> Optional[float]:
-        """The recorded result of ``seed``, or None if it was not trained.
-
-        Raises:
-            ToolError: the seed's work dir holds a result trained from
-                another config file content, options or metric.
-        """
+        """The recorded result of ``seed`` (None if not trained); a result
+        of another config content, options or metric is refused."""
         path = osp.join(self.work_dir(seed), RESULT_FILE)
         if not osp.lexists(path):
             return None
@@ -165,10 +124,8 @@ class SweepRun:
         if not isinstance(record, dict):
             raise ToolError(f'{path}: not a sweep record (a JSON object); '
                             'remove that folder to train it again')
-        want = self.identity(seed)
+        want = self.identity(seed, metric)
         changed = [k for k in want if record.get(k) != want[k]]
-        if record.get('metric') != metric:
-            changed.append('metric')
         if changed:
             raise ToolError(
                 f'{path} was trained with another {", ".join(changed)}; '
@@ -181,36 +138,9 @@ class SweepRun:
         return float(value)
 
     def record(self, seed: int, metric: str, value: float) -> None:
-        """Write ``sweep_result.json`` (atomically) for ``seed``."""
-        data = dict(self.identity(seed), metric=metric, value=value)
+        data = dict(self.identity(seed, metric), value=value)
         atomic_write_bytes(osp.join(self.work_dir(seed), RESULT_FILE),
                            json.dumps(data, indent=1))
-
-
-def check_out_path(out: str, runs: Sequence[SweepRun]) -> None:
-    """Refuse an ``--out`` table that would overwrite what the sweep reads
-    or writes: a config, or anything in a run's folder
-    (``<work_root>/<label>``: checkpoints, logs, records, now or later).
-
-    Raises:
-        ToolError: naming ``--out`` and the file or folder at stake.
-    """
-    real = osp.realpath(out)
-    inputs = []
-    for run in runs:
-        folder = osp.join(run.work_root, run.label)
-        if osp.commonpath([real, osp.realpath(folder)]) == \
-                osp.realpath(folder):
-            raise ToolError(f'--out {out}: inside {folder}, the work dir of '
-                            f'--run {run.label}; choose a path outside it')
-        inputs.append((run.config, f'config of --run {run.label}'))
-        for root, _, files in os.walk(folder):  # reached by a hard link
-            inputs += [(osp.join(root, f), f'file of --run {run.label}')
-                       for f in files]
-    try:
-        check_output_paths(inputs, [out])
-    except ToolError as e:
-        raise ToolError(f'--out {e}') from None
 
 
 def summarize(values: Sequence[float]) -> Dict[str, float]:
@@ -219,11 +149,9 @@ def summarize(values: Sequence[float]) -> Dict[str, float]:
     n = len(values)
     if n == 0:
         raise ValueError('summarize: no values')
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean)**2
-                        for v in values) / (n - 1)) if n > 1 else 0.0
-    return dict(n=n, mean=mean, std=std, min=min(values), max=max(values),
-                sem=std / math.sqrt(n))
+    std = statistics.stdev(values) if n > 1 else 0.0
+    return dict(n=n, mean=statistics.fmean(values), std=std, min=min(values),
+                max=max(values), sem=std / math.sqrt(n))
 
 
 def format_table(results: Dict[str, Dict[int, float]],

@@ -38,7 +38,7 @@ def test_convert_writes_checkpoint_and_deploy_config(ckpt, tmp_path, capsys):
     assert ckpt.read_bytes() == before  # input untouched
     for line in ('blocks converted : 10', 'parameters', 'conv layers',
                  'file size', 'vs float64 truth', 'original float32 err',
-                 'ratio', 'forward latency'):
+                 'ratio'):
         assert line in stdout, line
     sd = torch.load(out, weights_only=True)['state_dict']
     assert not any('branch_' in k for k in sd)
@@ -57,7 +57,7 @@ def test_convert_folder_and_glob(ckpt, tmp_path, capsys):
     shutil.copy(ckpt, ckpt.parent / 'epoch_2.pth')
     out = tmp_path / 'many'
     out.mkdir()
-    code, stdout, err = _run([TOY_CONFIG, ckpt.parent, out, '--repeats', '0',
+    code, stdout, err = _run([TOY_CONFIG, ckpt.parent, out,
                               '--no-verify'], capsys)
     assert code == 0, err
     assert _files(out) == ['epoch_1_deploy.pth', 'epoch_1_deploy.py',
@@ -65,7 +65,7 @@ def test_convert_folder_and_glob(ckpt, tmp_path, capsys):
     assert 'converting' in err  # progress bar
     out2 = tmp_path / 'glob'
     code, _, err = _run([TOY_CONFIG, str(ckpt.parent / 'epoch_*.pth'),
-                         str(out2) + os.sep, '--repeats', '0'], capsys)
+                         str(out2) + os.sep], capsys)
     assert code == 0, err
     assert len(_files(out2)) == 4
 
@@ -87,11 +87,11 @@ def _tampered(ckpt, path, key_part, fn):
 
 BAD_CASES = ['missing', 'not_a_checkpoint', 'truncated', 'mismatch',
              'no_repvgg', 'already_deployed', 'missing_config', 'same_path',
-             'malicious', 'tolerance', 'not_pth', 'nan_weight', 'inf_bias',
+             'malicious', 'not_pth', 'nan_weight', 'inf_bias',
              'nan_running_mean', 'negative_var', 'complex_weight',
              'input_named_like_config', 'output_through_symlink',
-             'out_py_is_folder', 'huge_shape', 'negative_tolerance',
-             'nan_tolerance', 'both_criteria', 'output_is_a_base_config']
+             'out_py_is_folder', 'huge_shape', 'small_noise_factor',
+             'nan_noise_factor', 'output_is_a_base_config']
 
 
 @pytest.mark.parametrize('case', BAD_CASES)
@@ -100,7 +100,7 @@ def test_bad_inputs_exit_1_with_one_line_and_no_output(case, ckpt, tmp_path,
     out_dir = tmp_path / 'out'
     out = out_dir / 'model.pth'
     config, src = TOY_CONFIG, ckpt
-    extra = ['--repeats', '0', '--shape', '64', '64']
+    extra = ['--shape', '64', '64']
     expect = None
     if case == 'missing':
         src, expect = tmp_path / 'nope.pth', 'no such checkpoint file'
@@ -136,9 +136,6 @@ def test_bad_inputs_exit_1_with_one_line_and_no_output(case, ckpt, tmp_path,
         src = tmp_path / 'evil.pth'
         _malicious(src, tmp_path / 'pwned')
         expect = 'system'
-    elif case == 'tolerance':
-        extra = extra + ['--tolerance', '1e-15']
-        expect = 'criterion: error <= tolerance 1e-15'
     elif case == 'not_pth':
         out, expect = out_dir / 'model.ckpt', 'must end with .pth'
     elif case in ('nan_weight', 'inf_bias', 'nan_running_mean',
@@ -192,17 +189,12 @@ def test_bad_inputs_exit_1_with_one_line_and_no_output(case, ckpt, tmp_path,
         (out_dir / 'model.py').mkdir()
         expect = 'is a folder'
     elif case == 'huge_shape':
-        extra = ['--repeats', '0', '--shape', '8000', '8000']
+        extra = ['--shape', '8000', '8000']
         expect = '--shape must be two integers in [1, 4096]'
-    elif case == 'negative_tolerance':
-        extra = extra + ['--tolerance', '-1']
-        expect = '--tolerance must be a finite number >= 0'
-    elif case == 'nan_tolerance':
-        extra = extra + ['--tolerance', 'nan']
-        expect = '--tolerance must be a finite number >= 0'
-    elif case == 'both_criteria':
-        extra = extra + ['--tolerance', '1e-3', '--noise-factor', '3']
-        expect = 'exclude each other'
+    elif case in ('small_noise_factor', 'nan_noise_factor'):
+        value = '0' if case == 'small_noise_factor' else 'nan'
+        extra = extra + ['--noise-factor', value]
+        expect = '--noise-factor must be a finite number >= 1'
     before = _files(out_dir)
     code, stdout, err = _run([config, src, out] + extra, capsys)
     assert code == 1, (stdout, err)
@@ -227,7 +219,7 @@ def test_glob_with_colliding_basenames_writes_nothing(ckpt, tmp_path, capsys):
     out = tmp_path / 'out'
     out.mkdir()
     code, _, err = _run([TOY_CONFIG, str(tmp_path / 'in*' / 'epoch_1.pth'),
-                         out, '--repeats', '0'], capsys)
+                         out], capsys)
     assert code == 1
     assert 'two outputs would share one file' in err, err
     assert _files(out) == []
@@ -238,8 +230,7 @@ def test_folder_into_itself_refuses_to_overwrite_inputs(ckpt, capsys):
     # itself would overwrite it with epoch_1's conversion.
     shutil.copy(ckpt, ckpt.parent / 'epoch_1_deploy.pth')
     before = _files(ckpt.parent)
-    code, _, err = _run([TOY_CONFIG, ckpt.parent, ckpt.parent,
-                         '--repeats', '0'], capsys)
+    code, _, err = _run([TOY_CONFIG, ckpt.parent, ckpt.parent], capsys)
     assert code == 1 and 'refusing to overwrite the input' in err, err
     assert _files(ckpt.parent) == before
 
@@ -250,7 +241,7 @@ def test_folder_converts_good_ones_and_summarizes_bad(ckpt, tmp_path,
     shutil.copy(ckpt, ckpt.parent / 'epoch_2.pth')
     out = tmp_path / 'many'
     out.mkdir()
-    code, stdout, err = _run([TOY_CONFIG, ckpt.parent, out, '--repeats', '0',
+    code, stdout, err = _run([TOY_CONFIG, ckpt.parent, out,
                               '--shape', '64', '64'], capsys)
     assert code == 1
     lines = [ln for ln in err.splitlines() if ln.startswith('error: ')]
@@ -264,7 +255,7 @@ def test_folder_converts_good_ones_and_summarizes_bad(ckpt, tmp_path,
 def test_failed_pair_keeps_previous_good_output(ckpt, tmp_path, capsys,
                                                 monkeypatch):
     out = tmp_path / 'out' / 'model.pth'
-    args = [TOY_CONFIG, ckpt, out, '--repeats', '0', '--shape', '64', '64']
+    args = [TOY_CONFIG, ckpt, out, '--shape', '64', '64']
     assert _run(args, capsys)[0] == 0
     old = out.read_bytes(), out.with_suffix('.py').read_bytes()
     # Writing the config fails after the checkpoint was written: the pair
@@ -293,7 +284,7 @@ def test_conversion_message_gives_both_numbers(ckpt, tmp_path, capsys,
         return k, b + 0.5
     monkeypatch.setattr(RepVGGBlock, '_kernel_bias_f64', off_by_shift)
     out = tmp_path / 'out' / 'model.pth'
-    code, _, err = _run([TOY_CONFIG, ckpt, out, '--repeats', '0', '--shape',
+    code, _, err = _run([TOY_CONFIG, ckpt, out, '--shape',
                          '64', '64'], capsys)
     assert code == 1
     assert 'conversion check failed: converted model error vs float64 ' \

@@ -21,7 +21,7 @@ def deployed(toy_trained, tmp_path_factory):
     """The toy checkpoint converted by convert_deploy.py: OUT.pth + OUT.py."""
     out = tmp_path_factory.mktemp('deployed') / 'toy_deploy.pth'
     code = load_tool('convert_deploy').main(
-        [TOY_CONFIG, str(toy_trained['ckpt']), str(out), '--repeats', '0'])
+        [TOY_CONFIG, str(toy_trained['ckpt']), str(out)])
     assert code == 0 and out.is_file() and out.with_suffix('.py').is_file()
     return out
 

@@ -49,7 +49,7 @@ def test_train_resume_convert_test(toy_trained):
 
     deploy = ws / 'deploy' / 'toy_deploy.pth'
     proc = run_tool([sys.executable, osp.join(TOOLS, 'convert_deploy.py'),
-                     TOY_CONFIG, str(ckpt), str(deploy), '--repeats', '1'],
+                     TOY_CONFIG, str(ckpt), str(deploy)],
                     cwd=ws)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'blocks converted : 10' in proc.stdout
@@ -84,7 +84,7 @@ def test_dist_train_two_processes_gloo(toy_trained):
     assert ckpt.is_file()
     deploy = ws / 'dist_deploy' / 'd.pth'
     proc = run_tool([sys.executable, osp.join(TOOLS, 'convert_deploy.py'),
-                     TOY_CONFIG, str(ckpt), str(deploy), '--repeats', '0'],
+                     TOY_CONFIG, str(ckpt), str(deploy)],
                     cwd=ws)
     assert proc.returncode == 0, proc.stderr[-3000:]
     det, log = _test(ws, deploy.with_suffix('.py'), deploy, ws / 'dist.pkl')

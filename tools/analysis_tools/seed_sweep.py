@@ -5,18 +5,13 @@
         --run repvgg configs/toy/retinanet_repvgg-tiny_repvgg-fpn_toy.py \\
         --run qarepvgg configs/toy/retinanet_qarepvgg-tiny_qarepvgg-fpn_toy.py
 
-Each ``--run LABEL CONFIG [key=value ...]`` is trained once per seed with
-``tools/train.py CONFIG --cfg-options randomness.seed=SEED key=value ...`` in
-``<work-dir>/LABEL/seed<SEED>`` (its output in ``sweep_train.log`` there),
-one training at a time (parallel CPU trainings oversubscribe the cores). The
-metric the training logged last (``coco/bbox_mAP`` by default, from the
-config's final validation) is recorded in ``sweep_result.json``; a rerun
-reuses the seeds already trained from the same config file and options and
-refuses a work dir trained from different ones, or a recorded value that is
-not a metric in [0, 1]. The table gives every seed, mean +- sample std, and
-each run's difference of means to the first run +- its standard error;
-``--out`` (the table as markdown) must lie outside every run's folder and be
-none of the files the sweep reads.
+Each ``--run LABEL CONFIG [key=value ...]`` trains once per seed, one at a
+time, in ``<work-dir>/LABEL/seed<SEED>`` (``tools/train.py CONFIG
+--cfg-options randomness.seed=SEED key=value ...``). The last logged metric
+is recorded in ``sweep_result.json`` there, so a rerun reuses finished seeds
+and refuses a work dir trained from another config or options. The table:
+every seed, mean +- sample std, each run's difference of means to the first
++- its standard error; it is the only output on stdout (progress: stderr).
 """
 import importlib.util
 import os
@@ -40,7 +35,6 @@ def parse_args(argv=None):
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2, 3])
     p.add_argument('--work-dir', default='work_dirs/sweep')
     p.add_argument('--metric', default=DEFAULT_METRIC)
-    p.add_argument('--out', help='also write the table (markdown) here')
     add_cli_args(p, unsafe_load=False)
     args = p.parse_args(argv)
     for run in args.run:
@@ -55,7 +49,7 @@ def parse_args(argv=None):
 
 
 def train(run, seed: int) -> None:
-    """Train ``seed`` of ``run`` in a child process; ToolError on failure."""
+    """Train ``seed`` of ``run`` in a child process."""
     from mmrepvgg.utils.cli import ToolError
     work_dir = run.work_dir(seed)
     os.makedirs(work_dir, exist_ok=True)
@@ -74,15 +68,11 @@ def train(run, seed: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mmrepvgg.apis.sweep import (SweepRun, check_out_path, final_metric,
-                                     format_table)
+    from mmrepvgg.apis.sweep import SweepRun, final_metric, format_table
     from mmrepvgg.utils.cli import run_cli
-    from mmrepvgg.utils.fileio import atomic_write_bytes
 
     def body() -> int:
         runs = [SweepRun(r[0], r[1], r[2:], args.work_dir) for r in args.run]
-        if args.out:  # never over a config, checkpoint or record
-            check_out_path(args.out, runs)
         cached = {(r.label, s): r.cached(s, args.metric)
                   for r in runs for s in args.seeds}  # refuse before training
         results = {r.label: {} for r in runs}
@@ -91,7 +81,7 @@ def main(argv=None) -> int:
                 value = cached[run.label, seed]
                 if value is None:
                     print(f'[sweep] {run.label} seed {seed}: training in '
-                          f'{run.work_dir(seed)}', flush=True)
+                          f'{run.work_dir(seed)}', file=sys.stderr)
                     start = time.perf_counter()
                     train(run, seed)
                     value = final_metric(run.work_dir(seed), args.metric)
@@ -100,13 +90,11 @@ def main(argv=None) -> int:
                 else:
                     took = ' (recorded)'
                 print(f'[sweep] {run.label} seed {seed}: {args.metric} '
-                      f'{value:.3f}{took}', flush=True)
+                      f'{value:.3f}{took}', file=sys.stderr)
                 results[run.label][seed] = value
         table = format_table(results, {r.label: r.config for r in runs},
                              args.metric)
         print(table)
-        if args.out:
-            atomic_write_bytes(args.out, table + '\n')
         return 0
 
     return run_cli(body, debug=args.debug,

@@ -1,22 +1,15 @@
 #!/usr/bin/env python
 """The README's real-image table: RepVGG-A0, QARepVGG-A0 and ResNet-18
-RetinaNets on the NEON tree crowns, over seeds, side by side.
+detectors on the NEON tree crowns, over seeds, side by side.
 
     python tools/analysis_tools/tree_crowns_table.py \\
         --work-dir work_dirs/trees --seeds 0 1 2
 
-It reads the runs that ``tools/analysis_tools/seed_sweep.py`` trained in
-the same work dir, one label per config of :data:`RUNS`, every seed (the
-command is in docs/real_images.md). Per run and seed: AP50 and mAP on the
-spatial hold-out (the training's final validation) and on the other sites
-(``tools/test.py`` on ``annotations/test.json``); the deploy checkpoint
-(``tools/convert_deploy.py``; ResNet-18 has no multi-branch blocks and is
-its own deploy form), the end-to-end ONNX graph and its INT8 twin, each
-evaluated on the hold-out by ``tools/test.py`` (INT8 drop = ONNX FP32 AP50 -
-INT8 AP50). Parameters (training / deploy form) and GFLOPs at the test
-input. Latency of the first seed's forms, all runs timed in the same rounds
-(:func:`mmrepvgg.utils.timing.measure`). Each seed's evaluation is kept in
-``eval.json`` in its folder and reused by a rerun.
+Reads the runs ``seed_sweep.py`` trained in the same work dir (one label per
+config of :data:`RUNS`; docs/real_images.md). Per seed: AP50 and mAP on the
+hold-out and on the other sites, and of the deploy checkpoint's ONNX and INT8
+graphs (kept in the seed's ``eval.json``); parameters and GFLOPs; latency of
+the first seed's forms, all timed in the same rounds.
 """
 import importlib.util
 import json
@@ -45,8 +38,7 @@ FORMS = (('PyTorch training', 'PyTorch training'),
 
 
 def tools_test(config, checkpoint, work, options=()):
-    """AP50 and mAP of ``tools/test.py`` (a child process, its log in
-    ``work``)."""
+    """AP50 and mAP of ``tools/test.py`` (its log in ``work``)."""
     from mmrepvgg.apis.sweep import test_metrics
     from mmrepvgg.utils.cli import ToolError
     os.makedirs(work, exist_ok=True)
@@ -59,8 +51,7 @@ def tools_test(config, checkpoint, work, options=()):
                            stderr=subprocess.STDOUT):
             raise ToolError(f'tools/test.py failed on {checkpoint} (log: '
                             f'{work}/test.log)')
-    m = test_metrics(work)
-    return dict(AP50=m['coco/bbox_mAP_50'], mAP=m['coco/bbox_mAP'])
+    return test_metrics(work)
 
 
 def evaluate_seed(label, config, seed_dir):
@@ -107,8 +98,7 @@ def evaluate_seed(label, config, seed_dir):
 
 
 def complexity(config):
-    """Parameters (M) of the training and deploy forms, GFLOPs (deploy
-    form, the config's test input, mmengine's counter)."""
+    """Parameters (M) of both forms, GFLOPs of the deploy form, input."""
     import torch
     from mmengine.analysis import get_model_complexity_info
 
@@ -129,9 +119,8 @@ def complexity(config):
 
 
 def time_forms(first_seeds, repeats):
-    """Latency (ms, median) of every form of every run, in the same
-    rounds; also the timing and why OpenVINO was left out (None: it was
-    not)."""
+    """Median latency (ms) of every form of every run, timed in the same
+    rounds; the timing; why OpenVINO was left out (None if it was not)."""
     import torch
 
     from mmrepvgg.apis.convert import load_config
@@ -159,7 +148,6 @@ def main(argv=None) -> int:
                    help="seed_sweep.py's --work-dir")
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     p.add_argument('--repeats', type=int, default=20, help='timed rounds')
-    p.add_argument('--out', help='also write the table (markdown) here')
     add_cli_args(p, unsafe_load=False)
     args = p.parse_args(argv)
 
@@ -168,7 +156,6 @@ def main(argv=None) -> int:
 
         import mmrepvgg  # noqa: F401  (registers the modules)
         from mmrepvgg.apis.sweep import summarize
-        from mmrepvgg.utils.fileio import atomic_write_bytes
         os.chdir(ROOT)  # the configs' data_root is relative to the repo
         results = {label: {s: evaluate_seed(
             label, config, osp.join(args.work_dir, label, f'seed{s}'))
@@ -208,8 +195,6 @@ def main(argv=None) -> int:
         if no_openvino:
             note += f'; OpenVINO columns n/a: {no_openvino}'
         print(table + '\n\n' + note)
-        if args.out:
-            atomic_write_bytes(args.out, table + '\n\n' + note + '\n')
         return 0
 
     return run_cli(body, debug=args.debug)

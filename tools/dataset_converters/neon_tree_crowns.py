@@ -3,27 +3,15 @@
 
     python tools/dataset_converters/neon_tree_crowns.py [--out data/neon_trees]
 
-The four annotated RGB images of the NEON tree-crown benchmark (Weinstein et
-al., PLOS Computational Biology 2021) that the ``deepforest`` 2.1.0 wheel
-(MIT) ships in ``deepforest/data/``, 10 cm per pixel, one class (tree), boxes
-hand-drawn in Pascal VOC XML. The pinned wheel is fetched once with
-``pip download --no-deps`` (not installed) into the cache folder, or read
-from ``--wheel``; its sha256 is checked either way.
-
-Splits (no tile of one split overlaps a tile of another):
-
-* ``val`` (spatial hold-out): the bottom rows of whole tiles covering at
-  least 30% of each Yellowstone (YELL) image, tiles side by side;
-* ``train``: the part of the same images above a gap band of ``--gap`` px
-  (wider than the largest crown, so no crown is in both splits), tiles at
-  stride ``tile/2``;
-* ``test`` (other sites, out of distribution): OSBS_029 (Florida) and
-  SOAP_061 (California), whole 400x400 images.
-
-A crown cut by a tile edge keeps its clipped box if at least half of its
-area is inside the tile; a smaller part becomes an ignore region
-(``iscrowd=1``: COCO evaluation neither rewards nor penalises detections
-on it, and mmdet does not train on it).
+The four annotated images of the NEON tree-crown benchmark (Weinstein et al.
+2021) shipped in the pinned ``deepforest`` 2.1.0 wheel (fetched once with
+``pip download --no-deps`` into the cache, or ``--wheel``; sha256 checked).
+Tiles of 400 px, splits overlapping no other (docs/real_images.md): ``val``,
+the bottom rows of whole tiles of each Yellowstone image (spatial hold-out);
+``train``, the part above a 100 px gap band, tiles at stride 200 px;
+``test``, the two other-site images whole. A crown cut by a tile edge keeps
+its clipped box if at least half of it is inside, else it becomes an ignore
+region (``iscrowd=1``).
 """
 import hashlib
 import importlib.util
@@ -53,22 +41,9 @@ VAL_FRACTION = 0.3
 MIN_VISIBLE = 0.5  # a cut crown with less of its area inside is ignored
 
 
-def default_cache() -> str:
-    root = os.environ.get('XDG_CACHE_HOME', osp.expanduser('~/.cache'))
-    return osp.join(root, 'mmrepvgg', 'downloads')
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_wheel(cache: str, sha256: str = WHEEL_SHA256) -> str:
-    """The cached wheel, fetched with pip the first time (atomically: the
-    cache holds a checked wheel or none)."""
+    """The cached wheel, fetched with pip the first time (the cache holds a
+    checked wheel or none)."""
     from mmrepvgg.utils.cli import ToolError
     path = osp.join(cache, WHEEL)
     if osp.isfile(path):
@@ -93,7 +68,8 @@ def fetch_wheel(cache: str, sha256: str = WHEEL_SHA256) -> str:
 
 def check_sha(path: str, sha256: str) -> None:
     from mmrepvgg.utils.cli import ToolError
-    got = _sha256(path)
+    with open(path, 'rb') as f:
+        got = hashlib.file_digest(f, 'sha256').hexdigest()
     if got != sha256:
         raise ToolError(f'--wheel {path}: sha256 {got}, expected {sha256} '
                         f'({WHEEL})')
@@ -136,7 +112,7 @@ def plan_tiles(w: int, h: int, tile: int, gap: int):
 
 def crop_boxes(boxes, x: int, y: int, tile_w: int, tile_h: int):
     """``(box, iscrowd)`` in tile coordinates of the crowns that reach into
-    the tile (see the module docstring for the rule)."""
+    the tile."""
     out = []
     for x0, y0, x1, y1 in boxes:
         cx0, cy0 = max(x0, x), max(y0, y)
@@ -151,9 +127,8 @@ def crop_boxes(boxes, x: int, y: int, tile_w: int, tile_h: int):
 
 def convert(wheel: str, out: str, tile: int = 400, gap: int = 100,
             images=IMAGES) -> dict:
-    """Write ``out/{train,val,test}/*.png`` and
-    ``out/annotations/{train,val,test}.json``; returns the counts per split.
-    The folder appears whole or not at all (built beside it, renamed)."""
+    """Write ``out/{train,val,test}/*.png`` and ``out/annotations/*.json``
+    (the folder appears whole or not at all); the counts per split."""
     from PIL import Image
     from mmrepvgg.utils.cli import ToolError
     parent = osp.dirname(osp.abspath(out))
@@ -224,16 +199,13 @@ def main(argv=None) -> int:
     p.add_argument('--out', default='data/neon_trees', help='output folder')
     p.add_argument('--wheel', help=f'a local {WHEEL} (default: fetched '
                    'with pip into the cache folder)')
-    p.add_argument('--cache-dir', default=default_cache(),
+    cache = os.environ.get('XDG_CACHE_HOME', osp.expanduser('~/.cache'))
+    p.add_argument('--cache-dir',
+                   default=osp.join(cache, 'mmrepvgg', 'downloads'),
                    help='where the fetched wheel is kept')
-    p.add_argument('--tile', type=int, default=400, help='tile side (px)')
-    p.add_argument('--gap', type=int, default=100,
-                   help='band (px) between training and validation tiles')
     args = p.parse_args(argv)
 
     def body() -> int:
-        if args.tile < 64 or args.gap < 0:
-            raise ToolError('--tile must be >= 64 and --gap >= 0')
         if args.wheel:
             if not osp.isfile(args.wheel):
                 raise ToolError(f'--wheel {args.wheel}: no such file')
@@ -241,7 +213,7 @@ def main(argv=None) -> int:
             wheel = args.wheel
         else:
             wheel = fetch_wheel(args.cache_dir)
-        counts = convert(wheel, args.out, args.tile, args.gap)
+        counts = convert(wheel, args.out)
         for split, (n, crowns) in counts.items():
             print(f'{split}: {n} images, {crowns} crowns')
         print(f'written to {args.out}')

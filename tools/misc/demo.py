@@ -4,29 +4,12 @@ test both forms -> ONNX -> INT8 -> speed.
 
     python tools/misc/demo.py [--work-dir work_dirs/demo] [--epochs N]
 
-1. fetches the NEON tree-crown images (once, into the cache) and tiles them
-   (tools/dataset_converters/neon_tree_crowns.py),
-2. trains the RepVGG-A0 RetinaNet from scratch on CPU with tools/train.py,
-3. converts the checkpoint (what tools/convert_deploy.py runs),
-4. tests the training form and the deploy form with tools/test.py on the
-   spatial hold-out (tiles never overlapping the training tiles),
-5. exports the deploy model end to end, post-processing in the graph (what
-   tools/deployment/export_onnx.py --postprocess --img-shape-input runs:
-   boxes clipped to each tile's own shape, as mmdet does, so the 400 px tiles
-   padded to 416 give mmdet's detections) and tests the ONNX
-   file with tools/test.py (onnxruntime in mmdet's test loop),
-6. quantizes it to INT8 (what tools/deployment/quantize.py runs, calibrated on
-   training tiles), tests the INT8 file the same way and draws ground truth,
-   deploy and INT8 detections of validation tiles side by side (one PNG),
-7. compares detections and times every form side by side (one table).
-
-Every number comes from a machine-readable result, never from a log: the
-metrics JSON that tools/test.py's runner writes into its work dir, the
-detection pickles of --out, and the reports the package's convert, export
-and quantize functions return. Full logs of the tools go to the work dir.
-Exits non-zero if the deploy or ONNX AP50 or mAP differs from the training
-form's (3 decimals), the INT8 AP50 is more than --max-int8-drop below the
-ONNX FP32 AP50, or the training AP50 is below --min-ap50.
+Every number comes from a machine-readable result (metrics JSON, detection
+pickles, the reports of the package functions), never from a log; logs go to
+the work dir (docs/get_started.md#the-demo). Exits 1 if the deploy or ONNX
+AP50 or mAP differs from the training form's (3 decimals), the INT8 AP50 is
+more than --max-int8-drop below ONNX FP32, or the training AP50 is below
+--min-ap50.
 """
 import argparse
 import importlib.util
@@ -43,10 +26,9 @@ CONFIG = osp.join(ROOT,
                   'configs/neon_trees/atss_repvgg-a0_fpn_neon-trees.py')
 ONNX_FORM = 'ONNX FP32 end to end'
 INT8_FORM = 'ONNX INT8 end to end'
-#: Detections of two float32 forms are the same within these (pixels of the
-#: original image, score) ...
+#: Detections of two float32 forms, or of an INT8 and a float32 form, are the
+#: same within these (pixels of the original image, score).
 FP32_TOL = (0.5, 1e-3)
-#: ... and of an INT8 form and a float32 one within these.
 INT8_TOL = (2.0, 0.05)
 
 
@@ -55,8 +37,7 @@ def _shown(cmd) -> str:
 
 
 def run_tool(step: str, cmd, log_path: str) -> None:
-    """Run a tool, its output into ``log_path``; exit with the log's tail if
-    it fails."""
+    """Run a tool, its output into ``log_path`` (its tail on failure)."""
     print(f'\n==> {step}\n    $ {_shown(cmd)}', flush=True)
     t0 = time.time()
     with open(log_path, 'w') as log:
@@ -73,8 +54,7 @@ def run_tool(step: str, cmd, log_path: str) -> None:
 
 
 def run_step(step: str, cmd, fn):
-    """Run ``fn()`` (the package function behind the tool command ``cmd``);
-    a refusal exits with its one line."""
+    """Run ``fn()``, the package function behind the tool command ``cmd``."""
     from mmrepvgg.utils.cli import ToolError
     print(f'\n==> {step}\n    same as: {_shown(cmd)}', flush=True)
     try:
@@ -83,17 +63,9 @@ def run_step(step: str, cmd, fn):
         raise SystemExit(f'{step} failed: {e}') from None
 
 
-def test_metrics(work_dir: str) -> dict:
-    """``{'AP50': .., 'mAP': ..}`` of the newest tools/test.py run in
-    ``work_dir``."""
-    from mmrepvgg.apis.sweep import test_metrics as metrics
-    m = metrics(work_dir)
-    return dict(AP50=m['coco/bbox_mAP_50'], mAP=m['coco/bbox_mAP'])
-
-
 def ground_truth_dump(ann_file: str, like: str, out: str) -> str:
     """The boxes of ``ann_file`` (COCO) as a ``tools/test.py --out`` pickle
-    in the image order of the pickle ``like``, to be drawn as a column."""
+    in the image order of the pickle ``like``."""
     import pickle
     import numpy as np
     with open(ann_file) as f:
@@ -117,8 +89,7 @@ def ground_truth_dump(ann_file: str, like: str, out: str) -> str:
 
 
 def compare(pkl_a: str, pkl_b: str, tol) -> dict:
-    """:func:`mmrepvgg.export.verify.compare_detections` of two
-    ``tools/test.py --out`` files."""
+    """Detections of two ``tools/test.py --out`` files compared."""
     from mmrepvgg.export.verify import compare_detections, dumped_detections
     return compare_detections(dumped_detections(pkl_b),
                               dumped_detections(pkl_a), *tol)
@@ -136,9 +107,7 @@ def main(argv=None) -> int:
     p.add_argument('--epochs', type=int,
                    help="training epochs (default: the config's)")
     p.add_argument('--min-ap50', type=float, default=0.2,
-                   help='lowest accepted hold-out AP50 of the training form: '
-                   'a floor that a broken pipeline (about 0) fails; what '
-                   'the schedules reach: docs/real_images.md')
+                   help='lowest accepted hold-out AP50 of the training form')
     p.add_argument('--repeats', type=int, default=20)
     p.add_argument('--max-int8-drop', type=float, default=0.02,
                    help='largest accepted INT8 AP50 drop vs ONNX FP32')
@@ -154,6 +123,7 @@ def main(argv=None) -> int:
              osp.join(wd, 'data.log'))
     import mmrepvgg  # noqa: F401  (registers the modules)
     from mmrepvgg.apis.convert import convert_checkpoint, load_config
+    from mmrepvgg.apis.sweep import test_metrics
     from mmrepvgg.benchmark.detector import demo_summary, side_by_side
     from mmrepvgg.export.onnx_export import export_onnx
     from mmrepvgg.export.quantize import quantize_checkpoint

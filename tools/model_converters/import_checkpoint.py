@@ -2,49 +2,33 @@
 """Import ImageNet RepVGG weights (official, mmpretrain, timm) as RepVGG
 backbone weights.
 
-    python tools/model_converters/import_checkpoint.py RepVGG-A0-train.pth \\
-        repvgg_a0.pth
-    python tools/model_converters/import_checkpoint.py repvgg_b1g4.pth \\
-        out.pth --arch B1g4
+    python tools/model_converters/import_checkpoint.py SRC.pth OUT.pth \\
+        [--arch B1g4] [--format official] [--prefix backbone.]
 
-Writes OUT = {'meta': {'mmrepvgg': {...}}, 'state_dict': backbone keys (no
-'backbone.' prefix unless --prefix)}, usable as
-``backbone=dict(type='RepVGG', arch=..., init_cfg=dict(type='Pretrained',
-checkpoint=OUT))``. The source format and arch are detected from the keys and
-weight shapes; the classifier is dropped; every other key must map onto the
-backbone and the result must load strictly into a fresh RepVGG. Exits 1 with
-one line naming the keys or file at fault, and writes nothing, on any error.
+Format and arch are detected from keys and weight shapes, the classifier is
+dropped, and the result must load strictly into a fresh RepVGG; OUT is usable
+as ``init_cfg=dict(type='Pretrained', checkpoint=OUT)`` of the backbone. Any
+error exits 1 with one line naming the keys or file at fault, writing
+nothing.
 """
-import argparse
 import importlib.util
-import json
 import os.path as osp
 import runpy
 
 
-FORMAT_NAMES = ('official', 'mmpretrain', 'timm', 'mmrepvgg')
-
-
 def parse_args(argv=None):
-    from mmrepvgg.utils.cli import add_cli_args
-    p = argparse.ArgumentParser(
-        description='Convert ImageNet RepVGG weights (DingXiaoH/RepVGG, '
-        'mmpretrain, timm repvgg_*) into mmrepvgg RepVGG backbone weights.')
+    from mmrepvgg.utils.cli import ToolArgumentParser, add_cli_args
+    p = ToolArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('src', metavar='SRC', help='source checkpoint')
     p.add_argument('out', metavar='OUT', help='output checkpoint (.pth)')
-    p.add_argument('--arch', help='force the arch: a name (A0 ... D2se) or a '
-                   'JSON arch dict; detected from the weight shapes by '
-                   'default')
-    p.add_argument('--format', choices=FORMAT_NAMES,
+    p.add_argument('--arch', help='force the arch (A0 ... D2se; default: '
+                   'detected from the weight shapes)')
+    p.add_argument('--format',
+                   choices=('official', 'mmpretrain', 'timm', 'mmrepvgg'),
                    help='force the source key layout (default: detected)')
-    p.add_argument('--allow-custom-arch', action='store_true',
-                   help='when the shapes match no published arch, import '
-                   'them as an arch dict (recorded in meta) instead of '
-                   'failing')
     p.add_argument('--prefix', default='',
                    help="prefix for every output key, e.g. 'backbone.' to "
-                   'use OUT as load_from of a detector (default: none, for '
-                   "the backbone's init_cfg Pretrained)")
+                   'use OUT as load_from of a detector')
     add_cli_args(p)
     return p.parse_args(argv)
 
@@ -54,81 +38,35 @@ def main(argv=None) -> int:
     return tool_main(parse_args, run, argv)
 
 
-#: Largest number of blocks per stage accepted in an --arch dict (the
-#: published archs have at most 24; a typo must not build for minutes).
-MAX_STAGE_BLOCKS = 64
-
-
-def parse_arch(value):
-    """``--arch``: a published name or a JSON dict (None if not given)."""
-    from mmrepvgg.utils.cli import ToolError
-    if value is None:
-        return None
-    from mmrepvgg import ARCH_SETTINGS
-    text = value.strip()
-    if text.startswith('{'):
-        try:
-            arch = json.loads(text)
-        except ValueError as e:
-            raise ToolError(f'--arch: invalid JSON arch dict ({e})')
-        if not isinstance(arch, dict):
-            raise ToolError('--arch: expected a JSON object (arch dict), got '
-                            f'{type(arch).__name__}')
-        blocks = arch.get('num_blocks')
-        if not (isinstance(blocks, list) and blocks and all(
-                isinstance(n, int) and not isinstance(n, bool) and
-                1 <= n <= MAX_STAGE_BLOCKS for n in blocks)):
-            raise ToolError('--arch: num_blocks must be a list of integers in '
-                            f'[1, {MAX_STAGE_BLOCKS}], got {blocks!r}')
-        gmap = arch.get('group_layer_map')
-        if isinstance(gmap, dict):
-            try:
-                arch['group_layer_map'] = {int(k): v for k, v in gmap.items()}
-            except ValueError:
-                raise ToolError('--arch: group_layer_map keys must be block '
-                                f'indices, got {sorted(gmap)}')
-        return arch
-    if text not in ARCH_SETTINGS:
-        raise ToolError(f'--arch {value!r} is unknown; choose one of '
-                        f'{", ".join(ARCH_SETTINGS)} or pass a JSON dict')
-    return text
-
-
 def run(args) -> int:
-    from mmrepvgg.utils.cli import ToolError
-    import mmrepvgg  # noqa: F401  (registers modules and safe globals)
+    from mmrepvgg import ARCH_SETTINGS
     from mmrepvgg.apis.import_checkpoint import (CheckpointImportError,
                                                  import_state_dict,
                                                  make_checkpoint)
-    from mmrepvgg.utils.fileio import check_output_paths
     from mmrepvgg.deploy import load_checkpoint, save_checkpoint
+    from mmrepvgg.utils.cli import ToolError, preview
+    from mmrepvgg.utils.fileio import check_output_paths
 
     if not args.out.endswith('.pth'):
         raise ToolError(f'{args.out}: OUT must end with .pth')
     # by file identity: symlinks and hard links to the source are refused
     check_output_paths([(args.src, 'source checkpoint')], [args.out])
-    arch = parse_arch(args.arch)
+    if args.arch is not None and args.arch not in ARCH_SETTINGS:
+        raise ToolError(f'--arch {args.arch!r} is unknown; choose one of '
+                        f'{", ".join(ARCH_SETTINGS)}')
     obj = load_checkpoint(args.src, map_location='cpu',
                           unsafe=args.unsafe_load)
     try:
-        state, info = import_state_dict(
-            obj, arch=arch, fmt=args.format,
-            allow_custom=args.allow_custom_arch)
+        state, info = import_state_dict(obj, arch=args.arch, fmt=args.format)
     except CheckpointImportError as e:
         raise ToolError(f'{args.src}: {e}') from None
-    ckpt = make_checkpoint(state, info, source=args.src, prefix=args.prefix)
-    save_checkpoint(ckpt, args.out)
-    print_report(args, info)
-    return 0
+    save_checkpoint(make_checkpoint(state, info, source=args.src,
+                                    prefix=args.prefix), args.out)
 
-
-def print_report(args, info: dict) -> None:
-    from mmrepvgg.utils.cli import preview
     form = 'deploy (fused)' if info['deploy'] else 'training (multi-branch)'
-    arch_repr = repr(info['arch'])
     print(f'imported {args.src} -> {args.out}')
     print(f'  source format : {info["format"]} ({info["format_description"]})')
-    print(f'  arch          : {arch_repr}, {form} form')
+    print(f'  arch          : {info["arch"]!r}, {form} form')
     print(f'  tensors       : {info["num_tensors"]}')
     if info['dropped']:
         print(f'  dropped       : {len(info["dropped"])} classifier key(s) '
@@ -136,14 +74,15 @@ def print_report(args, info: dict) -> None:
     if info['filled']:
         print(f'  filled        : {len(info["filled"])} missing '
               'num_batches_tracked buffer(s) with 0')
-    deploy = ', deploy=True' if info['deploy'] else ''
     if args.prefix:
         print(f'  use with      : load_from={args.out!r} (keys prefixed '
               f'{args.prefix!r})')
     else:
+        deploy = ', deploy=True' if info['deploy'] else ''
         print(f"  use with      : backbone=dict(type='RepVGG', "
-              f'arch={arch_repr}{deploy}, init_cfg=dict(type=\'Pretrained\','
-              f' checkpoint={args.out!r}))')
+              f"arch={info['arch']!r}{deploy}, init_cfg=dict("
+              f"type='Pretrained', checkpoint={args.out!r}))")
+    return 0
 
 
 if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py
