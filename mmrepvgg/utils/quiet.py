@@ -83,11 +83,12 @@ def run_tool(main, exit_on_ctrl_c: bool = True) -> None:
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    # Exit as the interpreter would (threads, atexit, streams), then at once:
-    # finalization restores SIGINT's default action before tearing down
-    # torch and mmdet, and a Ctrl-C there killed the tool by signal.
-    for t in threading.enumerate():
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
+    # Exit as the interpreter would, then at once: finalization restores
+    # SIGINT's default action before tearing down torch and mmdet, and a
+    # Ctrl-C there killed the tool by signal. threading._shutdown is the
+    # interpreter's own first exit step: it runs the threading exit hooks
+    # (a ThreadPoolExecutor's, which OpenVINO's telemetry leaves behind)
+    # before it joins the threads; a bare join of those waited forever.
+    threading._shutdown()
     atexit._run_exitfuncs()
     _exit_now(code or 0)
