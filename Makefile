@@ -47,7 +47,7 @@ noise-table: setup
 
 # Speed of the forms of RepVGG backbones, timed in the same rounds: training,
 # deploy, a plain Conv2d+ReLU reference, onnxruntime FP32 and INT8 (and
-# bfloat16 with BENCH_ARGS=--bf16); writes work_dirs/benchmark/benchmark.{md,png,json}.
+# bfloat16 with BENCH_ARGS=--bf16); writes work_dirs/benchmark/benchmark.{md,json}.
 # Run on a quiet machine, e.g. BENCH_ARGS='--threads 2 --sizes 224 --bf16 --repeats 36'.
 BENCH_ARGS ?=
 benchmark: setup
