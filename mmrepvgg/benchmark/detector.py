@@ -1,8 +1,5 @@
-"""Whole-detector forms for the demo's summary and the benchmark's
-``--detector`` part: end-to-end latency (preprocessed image in, detections
-out) of PyTorch and exported graphs timed side by side, each with its mAP;
-and a picture of the detections of several forms (:func:`side_by_side`).
-"""
+"""Whole-detector forms timed side by side with their mAP (the demo, the
+benchmark's ``--detector``); the demo's picture of their detections."""
 from functools import partial
 from typing import Mapping, Optional, Sequence
 
@@ -10,6 +7,7 @@ import numpy as np
 import torch
 
 from mmrepvgg.utils.timing import measure
+from .report import md_table
 
 #: The detector's INT8 mAP may be this much below its FP32 mAP (issue 18).
 MAX_INT8_DROP = 0.01
@@ -17,47 +15,31 @@ MAX_INT8_DROP = 0.01
 
 def format_summary(rows: Sequence[dict], title: str = '',
                    map_label: str = 'toy-val mAP') -> str:
-    """The demo's one table, Markdown: form | ``map_label`` | latency |
-    speed-up (vs the first row), from rows of ``form``, ``map`` (None:
-    n/a), ``latency_ms`` and ``speedup``, under ``title``."""
-    lines = [title] if title else []
-    lines += [f'| form | {map_label} | latency ms | speed-up |',
-              '|---|---:|---:|---:|']
-    for r in rows:
-        m = 'n/a' if r.get('map') is None else f'{r["map"]:.3f}'
-        lines.append(f'| {r["form"]} | {m} | {r["latency_ms"]:.2f} | '
-                     f'{r["speedup"]:.2f}x |')
-    return '\n'.join(lines)
-
-
-def _models(cfg, config_path: str, checkpoint: str):
-    """The trained detector (eval mode) and its deploy form."""
-    from mmrepvgg.apis.convert import (build_model, load_weights,
-                                       read_state_dict)
-    from mmrepvgg.deploy import switch_to_deploy
-    training = build_model(cfg)
-    load_weights(training, read_state_dict(checkpoint)[0], checkpoint,
-                 config_path)
-    training.eval()
-    return training, switch_to_deploy(training, inplace=False, verbose=False)
+    """The demo's one table, Markdown: form | ``map_label`` (None: n/a) |
+    latency | speed-up (vs the first row), under ``title``."""
+    return '\n'.join(([title] if title else []) + md_table(
+        ['form', map_label, 'latency ms', 'speed-up'],
+        [[r['form'], 'n/a' if r.get('map') is None else f'{r["map"]:.3f}',
+          f'{r["latency_ms"]:.2f}', f'{r["speedup"]:.2f}x'] for r in rows]))
 
 
 def forms(cfg, config_path: str, checkpoint: str,
           onnx_files: Mapping[str, str], openvino: bool = False) -> dict:
-    """Zero-argument calls of a trained detector's forms on the first test
-    image (preprocessed): ``PyTorch training``, ``PyTorch deploy``
-    (``model.predict``), each ``onnx_files`` graph (name -> end-to-end
-    ``.onnx``) on onnxruntime and, with ``openvino``, ``<name> (OpenVINO)``
-    (float32 hint), every runtime with PyTorch's thread count.
-
-    Returns:
-        dict: ``fns`` (form -> call), ``skipped`` (form -> why),
-        ``input`` (the batch), ``threads``, ``training``, ``deploy``.
-    """
+    """Calls (``fns``) of a trained detector's forms on its first test
+    image (``input``): PyTorch training and deploy ``predict``, each of
+    ``onnx_files`` (name -> end-to-end graph) on onnxruntime and, with
+    ``openvino``, on OpenVINO (else ``skipped``: form -> why), all with
+    PyTorch's ``threads``; and the ``training`` and ``deploy`` models."""
+    from mmrepvgg.apis.convert import (build_model, load_weights,
+                                       read_state_dict)
+    from mmrepvgg.deploy import switch_to_deploy
     from mmrepvgg.export.openvino import unusable_reason
     from mmrepvgg.export.runtime import input_names, make_session
     from mmrepvgg.export.verify import dataset_batch
-    training, deploy = _models(cfg, config_path, checkpoint)
+    training = build_model(cfg)
+    load_weights(training, read_state_dict(checkpoint)[0], checkpoint,
+                 config_path)
+    deploy = switch_to_deploy(training.eval(), inplace=False, verbose=False)
     x, samples, note = dataset_batch(cfg, training, 1)
     if x is None:
         raise ValueError(f'{config_path}: {note}')
@@ -95,31 +77,16 @@ def demo_summary(cfg,
                  network_batch: int = 0,
                  openvino: bool = False,
                  map_label: str = 'toy-val mAP') -> dict:
-    """Time the forms of :func:`forms` side by side and build the summary
-    (``maps``: form -> mAP measured elsewhere, else ``n/a``); with
-    ``network_batch``, also the training and deploy networks alone (tensor
-    forward, no post-processing) on a random batch of that size.
-
-    Returns:
-        dict: ``rows`` (for :func:`format_summary`), ``table``, ``timing``
-        (:class:`~mmrepvgg.utils.timing.Timing`), ``shape``, ``skipped``;
-        with ``network_batch``, ``network`` (``timing`` of the forms
-        ``training`` and ``deploy``, ``shape``, ``threads``).
-    """
+    """Time the forms of :func:`forms` side by side: ``rows`` (with
+    ``maps``, form -> mAP measured elsewhere) and their ``table``,
+    ``timing``, ``shape``, ``skipped``; with ``network_batch``, ``network``:
+    the ``timing`` of the ``training`` and ``deploy`` networks alone (no
+    post-processing) on a random batch of that ``shape``, ``threads``."""
     from mmrepvgg.apis.convert import make_inputs, test_input_shape
     f = forms(cfg, config_path, checkpoint, onnx_files, openvino)
-    fns, n = f['fns'], f['threads']
-    with torch.inference_mode():
-        timing = measure(fns, repeats, warmup, threads=n)
-    first = next(iter(fns))
-    rows = [dict(form=k, map=maps.get(k), latency_ms=1e3 * timing.median(k),
-                 speedup=timing.ratio(first, k)['median']) for k in fns]
-    shape = tuple(f['input'].shape)
-    title = (f'input {"x".join(map(str, shape))}, {n} PyTorch threads; '
-             f'{timing.describe()}')
-    out = dict(rows=rows, table=format_summary(rows, title, map_label),
-               timing=timing, shape=shape, skipped=f['skipped'])
+    out = _summary(f, maps, repeats, warmup, map_label)
     if network_batch:
+        n = f['threads']
         xb, sb = make_inputs(test_input_shape(cfg), batch=network_batch)
         with torch.inference_mode():
             net = measure({k: (lambda m=f[k]: m._forward(xb, sb))
@@ -129,6 +96,22 @@ def demo_summary(cfg,
     return out
 
 
+def _summary(f: dict, maps: Mapping[str, Optional[float]], repeats: int,
+             warmup: int, map_label: str) -> dict:
+    """:func:`demo_summary` of the forms ``f`` of :func:`forms`."""
+    fns, n = f['fns'], f['threads']
+    with torch.inference_mode():
+        timing = measure(fns, repeats, warmup, threads=n)
+    first = next(iter(fns))
+    rows = [dict(form=k, map=maps.get(k), latency_ms=1e3 * timing.median(k),
+                 speedup=timing.ratio(first, k)['median']) for k in fns]
+    shape = tuple(f['input'].shape)
+    title = (f'input {"x".join(map(str, shape))}, {n} PyTorch threads; '
+             f'{timing.describe()}')
+    return dict(rows=rows, table=format_summary(rows, title, map_label),
+                timing=timing, shape=shape, skipped=f['skipped'])
+
+
 def detector_forms(cfg,
                    config_path: str,
                    checkpoint: str,
@@ -136,25 +119,14 @@ def detector_forms(cfg,
                    repeats: int = 20,
                    warmup: int = 3,
                    log=print) -> dict:
-    """The detector end to end, every form with its bbox mAP on ``images``
-    val images (all: None) scored by the config's evaluator: PyTorch
-    training and deploy, the end-to-end FP32 graph and its verified INT8
-    graph (:func:`mmrepvgg.export.quantize.quantize_checkpoint`), each on
-    onnxruntime and OpenVINO, timed by :func:`demo_summary`.
-
-    Returns:
-        dict: :func:`demo_summary`'s, plus ``maps``, ``targets`` (INT8 mAP
-        within :data:`MAX_INT8_DROP` of FP32, per runtime) and
-        ``markdown`` (the report's section).
-    """
+    """:func:`demo_summary` of PyTorch training and deploy, the end-to-end
+    FP32 graph and its verified INT8 graph on onnxruntime and OpenVINO, with
+    ``maps`` (bbox mAP on ``images`` val images, all: None), ``targets``
+    (INT8 mAP within :data:`MAX_INT8_DROP` of FP32) and ``markdown``."""
     from mmrepvgg.export.evaluate import SplitScorer
-    from mmrepvgg.export.openvino import unusable_reason
     from mmrepvgg.export.quantize import quantize_checkpoint
     from mmrepvgg.utils.fileio import scratch_dir
     scorer = SplitScorer(cfg, 'val', images, torch.get_num_threads())
-    training, deploy = _models(cfg, config_path, checkpoint)
-    maps = {'PyTorch training': scorer.score(training.predict),
-            'PyTorch deploy': scorer.score(deploy.predict)}
     with scratch_dir('mmrepvgg-bench-detector') as tmp:
         files = {'ONNX FP32': f'{tmp}/fp32.onnx',
                  'ONNX INT8': f'{tmp}/int8.onnx'}
@@ -162,15 +134,16 @@ def detector_forms(cfg,
         q = quantize_checkpoint(cfg, config_path, checkpoint,
                                 files['ONNX INT8'],
                                 fp32_output=files['ONNX FP32'])
-        usable = unusable_reason() is None
+        f = forms(cfg, config_path, checkpoint, files, openvino=True)
+        maps = {'PyTorch training': scorer.score(f['training'].predict),
+                'PyTorch deploy': scorer.score(f['deploy'].predict)}
         for name, path in files.items():
             maps[name] = scorer.graph(path)
-            if usable:
+            if f'{name} (OpenVINO)' in f['fns']:
                 maps[f'{name} (OpenVINO)'] = scorer.graph(path, 'openvino')
         log('detector: timing the forms')
-        out = demo_summary(cfg, config_path, checkpoint, files, maps,
-                           repeats=repeats, warmup=warmup, openvino=True,
-                           map_label=f'{scorer.info["split"]} mAP')
+        out = _summary(f, maps, repeats, warmup,
+                       f'{scorer.info["split"]} mAP')
     targets = []
     for suffix in ('', ' (OpenVINO)'):
         a, b = f'ONNX INT8{suffix}', f'ONNX FP32{suffix}'
@@ -197,16 +170,10 @@ def side_by_side(results: Mapping[str, str],
                  scale: Optional[int] = None,
                  score_thr: float = 0.3) -> str:
     """One PNG (written atomically, returned) of the first ``num_images``
-    test images, one row per image and one column per form, each drawn with
-    its detections (score from ``score_thr``) by mmdet's
-    ``DetLocalVisualizer``.
-
-    Args:
-        results (Mapping[str, str]): column title -> detection pickle of
-            ``tools/test.py --out`` (same test set, same order).
-        scale (int, optional): images (and boxes) enlarged this many times
-            before drawing; default: to about 384 pixels.
-    """
+    test images, one row per image and one column per form (``results``:
+    title -> ``tools/test.py --out`` pickle, same test set), detections
+    from ``score_thr`` drawn by mmdet's ``DetLocalVisualizer`` on the image
+    enlarged ``scale`` times (default: to about 384 pixels)."""
     import cv2
     import mmcv
     from mmdet.structures import DetDataSample
@@ -239,12 +206,12 @@ def side_by_side(results: Mapping[str, str],
             sample = DetDataSample(pred_instances=inst)
             vis.add_datasample(title, image, sample, draw_gt=False,
                                pred_score_thr=score_thr)
-            cell = vis.get_image()
-            band = np.full((24, cell.shape[1], 3), 255, np.uint8)
-            cv2.putText(band, title[:max(1, cell.shape[1] // 10)], (4, 17),
+            cell = np.pad(vis.get_image().astype(np.uint8),
+                          ((24, 0), (0, 0), (0, 0)), constant_values=255)
+            cv2.putText(cell, title[:max(1, cell.shape[1] // 10)], (4, 17),
                         cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1,
                         cv2.LINE_AA)
-            cells.append(np.concatenate([band, cell.astype(np.uint8)]))
+            cells.append(cell)
         rows.append(np.concatenate(cells, axis=1))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)),

@@ -1,11 +1,8 @@
-"""The package's one timer: several forms of one computation timed side by
-side (:func:`measure`; the method and what it measured: docs/benchmark.md).
+"""The package's one timer (:func:`measure`; the method: docs/benchmark.md).
 
 Every round makes one timed call of every form, in an order that changes
-from round to round (a Williams design, or seeded random), so drifts of the
-machine's load reach every form alike. Each timed call follows ``settle``
-untimed calls of the same form (the call right after another form pays for
-its working set or sleeping thread pools). Rounds much slower than the
+from round to round (a Williams design, or seeded random), each after
+``settle`` untimed calls of the same form. Rounds much slower than the
 median round, or during which other processes used CPU time, are disturbed
 and dropped from every median, unless more than half are (then all are kept
 and the result is ``busy``). Ratios are medians of per-round ratios.
@@ -28,9 +25,8 @@ ORDERS = ('balanced', 'random')
 
 
 def balanced_schedule(names: Sequence[str]) -> List[Tuple[str, ...]]:
-    """One cycle of a Williams design over ``names`` (``n`` orders, ``2n``
-    for odd ``n``): every form at every position and right after every other
-    form equally often."""
+    """One cycle of a Williams design (``n`` orders, ``2n`` for odd ``n``):
+    every form at every position and after every other equally often."""
     names = tuple(names)
     n = len(names)
     if n <= 1:
@@ -68,63 +64,37 @@ def machine_busy() -> Optional[float]:
         return None
 
 
-def classify_rounds(rounds: Sequence[dict],
-                    threads: int,
+def classify_rounds(rounds: Sequence[dict], threads: int,
                     ncpu: Optional[int] = None,
-                    tolerance: float = ROUND_TOLERANCE,
-                    tick: float = 0.01) -> List[str]:
-    """Why each round (``wall``, ``total`` of the timed calls and
-    ``others_cpu`` seconds) is disturbed, ``''`` if it is not: ``'slow round
-    +23%'`` (``total`` over the median by more than ``tolerance``),
-    ``'other load 0.8 cores'`` (beyond the ``ncpu - threads`` cores our
-    threads leave free), or both; ``tick``: one jiffy of ``/proc/stat``."""
-    if not rounds:
-        return []
-    med = statistics.median(r['total'] for r in rounds)
+                    tick: float = 0.01) -> Tuple[List[str], List[int], bool]:
+    """``(reasons, kept, busy)`` of rounds (``wall``, ``total`` of the timed
+    calls, ``others_cpu`` seconds): why each is disturbed, ``''`` if not
+    (``'slow round +23%'``, ``'other load 0.8 cores'`` beyond the cores our
+    ``threads`` leave free, ``tick``: a jiffy of ``/proc/stat``), the rounds
+    kept (module docstring)."""
+    med = statistics.median(r['total'] for r in rounds) if rounds else 0
     free = max(0, (ncpu or os.cpu_count() or 1) - threads)
-    out = []
+    reasons = []
     for r in rounds:
         why = []
-        if med > 0 and r['total'] > (1 + tolerance) * med:
+        if med > 0 and r['total'] > (1 + ROUND_TOLERANCE) * med:
             why.append(f'slow round +{100 * (r["total"] / med - 1):.0f}%')
         others = r.get('others_cpu')
         if others is not None and r['wall'] > 0 and \
                 others > (free + OTHERS_CORES) * r['wall'] + 2 * tick:
             why.append(f'other load {others / r["wall"]:.1f} cores')
-        out.append('; '.join(why))
-    return out
-
-
-def select_rounds(reasons: Sequence[str]) -> Tuple[List[int], bool]:
-    """``(kept round indices, busy)``: the undisturbed rounds, or all rounds
-    with ``busy=True`` when more than half are disturbed."""
+        reasons.append('; '.join(why))
     kept = [i for i, r in enumerate(reasons) if not r]
     if len(kept) < math.ceil(len(reasons) / 2):
-        return list(range(len(reasons))), True
-    return kept, False
-
-
-def ratio_stats(a: Sequence[float], b: Sequence[float],
-                keep: Optional[Sequence[int]] = None) -> dict:
-    """``median``, quartiles ``q1``, ``q3`` and count ``n`` of the per-round
-    ratios ``a[i] / b[i]`` over the rounds ``keep`` (default all)."""
-    ratios = sorted(a[i] / b[i] for i in (range(len(a)) if keep is None
-                                          else keep))
-    if not ratios:
-        raise ValueError('no rounds to compute a ratio from')
-    q1 = q3 = ratios[0]
-    if len(ratios) >= 2:
-        q1, _, q3 = statistics.quantiles(ratios, n=4, method='inclusive')
-    return dict(median=statistics.median(ratios), q1=q1, q3=q3,
-                n=len(ratios))
+        return reasons, list(range(len(reasons))), True
+    return reasons, kept, False
 
 
 @dataclass
 class Timing:
     """``times`` (form -> seconds of each timed call), per round its
-    ``orders``, ``rounds`` (``wall``, ``total``, ``own_cpu``, ``others_cpu``)
-    and ``reasons`` (``''``: undisturbed); the rounds every median uses
-    (``kept``) and ``busy``."""
+    ``orders``, ``rounds`` and ``reasons``; the rounds every median uses
+    (``kept``) and ``busy`` (:func:`classify_rounds`)."""
     times: Dict[str, List[float]]
     orders: List[Tuple[str, ...]]
     rounds: List[dict]
@@ -141,8 +111,12 @@ class Timing:
         return statistics.median(self.times[form][i] for i in self.kept)
 
     def ratio(self, a: str, b: str) -> dict:
-        """:func:`ratio_stats` of ``a / b`` over the kept rounds."""
-        return ratio_stats(self.times[a], self.times[b], self.kept)
+        """``median`` and count ``n`` of the per-round ratios ``a / b`` over
+        the kept rounds."""
+        ratios = [self.times[a][i] / self.times[b][i] for i in self.kept]
+        if not ratios:
+            raise ValueError('no rounds to compute a ratio from')
+        return dict(median=statistics.median(ratios), n=len(ratios))
 
     def describe(self) -> str:
         """``median of 18 of 20 rounds (2 disturbed)`` and the like."""
@@ -158,44 +132,34 @@ def measure(fns: Mapping[str, Callable[[], object]],
             warmup: int = 3,
             settle: int = 1,
             order: str = 'balanced',
-            sync: Optional[Callable[[], None]] = None,
             threads: Optional[int] = None,
-            tolerance: float = ROUND_TOLERANCE,
             seed: int = 0) -> Timing:
-    """Time the zero-argument calls ``fns`` (form -> call) side by side:
-    ``warmup`` untimed rounds, then ``repeats`` timed ones (module
-    docstring). ``sync`` is called around every timed call (e.g.
-    ``torch.cuda.synchronize``); ``threads``: cores the forms use (default:
-    all), to tell other processes' load from ours."""
+    """Time the zero-argument calls ``fns`` (form -> call) side by side,
+    ``warmup`` untimed rounds, then ``repeats`` timed ones; ``threads``:
+    cores the forms use (default: all), to tell others' load from ours."""
     if repeats < 1 or warmup < 0 or settle < 0:
         raise ValueError(f'need repeats >= 1, warmup >= 0 and settle >= 0, '
                          f'got {repeats}, {warmup}, {settle}')
-    sync = sync or (lambda: None)
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for o in round_orders(list(fns), warmup, order, seed + 1):
         for name in o:
             fns[name]()
-    sync()
     orders = round_orders(list(fns), repeats, order, seed)
     rounds = []
     for o in orders:
         w0, c0, b0 = time.perf_counter(), time.process_time(), machine_busy()
-        total = 0.0
         for name in o:
             for _ in range(settle):
                 fns[name]()
-            sync()
             t0 = time.perf_counter()
             fns[name]()
-            sync()
             times[name].append(time.perf_counter() - t0)
-            total += times[name][-1]
         w1, c1, b1 = time.perf_counter(), time.process_time(), machine_busy()
         others = None if b0 is None or b1 is None else max(
             0.0, (b1 - b0) - (c1 - c0))
-        rounds.append(dict(wall=w1 - w0, total=total, own_cpu=c1 - c0,
-                           others_cpu=others))
+        rounds.append(dict(wall=w1 - w0, total=sum(
+            times[name][-1] for name in o), own_cpu=c1 - c0,
+            others_cpu=others))
     ncpu = os.cpu_count() or 1
-    reasons = classify_rounds(rounds, threads or ncpu, ncpu, tolerance)
-    kept, busy = select_rounds(reasons)
-    return Timing(times, orders, rounds, reasons, kept, busy)
+    return Timing(times, orders, rounds,
+                  *classify_rounds(rounds, threads or ncpu, ncpu))

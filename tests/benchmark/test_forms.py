@@ -6,10 +6,8 @@ import torch
 import torch.nn as nn
 
 from mmrepvgg.benchmark import run as bm
-from mmrepvgg.benchmark.options import BenchmarkError
+from mmrepvgg.benchmark.run import BenchmarkError
 from mmrepvgg.deploy.switch import count_params
-from mmrepvgg.deploy.verify import flatten_outputs
-from mmrepvgg.export.verify import TruthAndReference
 from mmrepvgg.testing import relative_error
 
 TINY = dict(num_blocks=(1, 2, 1, 1), width_factor=(0.25, 0.25, 0.25, 0.25))
@@ -41,12 +39,14 @@ def test_reference_equals_deploy(arch):
         assert d.shape == r.shape
         assert relative_error(d, r) <= 1e-6
         assert relative_error(t, d) <= 1e-4
-    truth, noise_ref = TruthAndReference(forms['training']).named(x)
-    for name in ('deploy', 'reference'):
-        with torch.inference_mode():
-            cand = flatten_outputs(forms[name](x))
-        v = bm.judge_form('tiny', name, truth, noise_ref, cand)
-        assert v['passed'] and v['num_outputs'] == 4
+    acc = bm._check('tiny', forms['training'], _calls(forms), x)
+    assert set(acc) == {'deploy', 'reference'}
+    assert all(a['kind'] == 'fp32' and a['passed'] for a in acc.values())
+
+
+def _calls(forms):
+    return {f: (lambda x, m=forms[f]: lambda: m(x))
+            for f in ('deploy', 'reference')}
 
 
 def test_equivalence_failure_names_both_errors():
@@ -54,11 +54,8 @@ def test_equivalence_failure_names_both_errors():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():  # a wrong bias in one fused conv
         forms['deploy'].stage_2[0].conv_reparam.bias.add_(0.05)
-    truth, ref = TruthAndReference(forms['training']).named(x)
-    with torch.inference_mode():
-        cand = flatten_outputs(forms['deploy'](x))
     with pytest.raises(BenchmarkError) as e:
-        bm.judge_form('tiny 32x32', 'deploy', truth, ref, cand)
+        bm._check('tiny 32x32', forms['training'], _calls(forms), x)
     msg = str(e.value)
     assert 'tiny 32x32' in msg and 'deploy model error vs float64 truth' in msg
     assert "training model's own float32 error" in msg

@@ -57,38 +57,47 @@ def _round(total, others=0.0, wall=None):
                 others_cpu=others)
 
 
+def _timing(a, b, kept):
+    return timing.Timing(times=dict(a=a, b=b), orders=[], rounds=[],
+                         reasons=[''] * len(a), kept=kept, busy=False)
+
+
 def test_disturbed_rounds_are_detected_and_dropped():
     rounds = [_round(1.0), _round(1.02), _round(0.99), _round(1.4),
               _round(1.01, others=0.6), _round(1.0, others=0.01)]
-    reasons = timing.classify_rounds(rounds, threads=2, ncpu=2)
+    reasons, kept, busy = timing.classify_rounds(rounds, threads=2, ncpu=2)
     assert reasons[0] == reasons[1] == reasons[2] == reasons[5] == ''
     assert reasons[3].startswith('slow round +')
     assert reasons[4] == 'other load 0.6 cores'
-    kept, busy = timing.select_rounds(reasons)
     assert kept == [0, 1, 2, 5] and not busy
     # a free core absorbs one other process
     assert timing.classify_rounds([_round(1.0, others=0.6)], threads=1,
-                                  ncpu=2) == ['']
+                                  ncpu=2)[0] == ['']
     # more than half disturbed: everything kept, flagged busy
-    kept, busy = timing.select_rounds(['', 'slow', 'slow'])
+    reasons, kept, busy = timing.classify_rounds(
+        [_round(1.0), _round(1.0, others=0.6), _round(1.0, others=0.6)],
+        threads=2, ncpu=2)
+    assert [bool(r) for r in reasons] == [False, True, True]
     assert kept == [0, 1, 2] and busy
     # one contended round cannot move the ratio
     a = [1.0, 1.0, 1.0, 1.0, 5.0]
     b = [2.0, 2.0, 2.0, 2.0, 2.0]
     rs = [_round(x + y) for x, y in zip(a, b)]
-    kept, _ = timing.select_rounds(timing.classify_rounds(rs, 2, 2))
+    _, kept, _ = timing.classify_rounds(rs, 2, 2)
     assert kept == [0, 1, 2, 3]
-    assert timing.ratio_stats(a, b, kept)['median'] == 0.5
+    assert _timing(a, b, kept).ratio('a', 'b')['median'] == 0.5
 
 
 def test_ratios():
-    assert timing.ratio_stats([2, 20, 4], [1, 10, 4])['median'] == 2
-    assert timing.ratio_stats([2, 20, 4, 9], [1, 10, 4, 1],
-                              keep=[0, 2])['median'] == 1.5
-    s = timing.ratio_stats([1, 2, 3, 4, 5], [1, 1, 1, 1, 1])
-    assert (s['median'], s['q1'], s['q3'], s['n']) == (3, 2, 4, 5)
+    assert _timing([2, 20, 4], [1, 10, 4], [0, 1, 2]).ratio(
+        'a', 'b')['median'] == 2
+    assert _timing([2, 20, 4, 9], [1, 10, 4, 1], [0, 2]).ratio(
+        'a', 'b')['median'] == 1.5
+    s = _timing([1, 2, 3, 4, 5], [1, 1, 1, 1, 1], [0, 1, 2, 3, 4]).ratio(
+        'a', 'b')
+    assert (s['median'], s['n']) == (3, 5)
     with pytest.raises(ValueError, match='no rounds'):
-        timing.ratio_stats([1.0], [1.0], keep=[])
+        _timing([1.0], [1.0], []).ratio('a', 'b')
 
 
 def test_load_is_measured():

@@ -1,28 +1,53 @@
 #!/usr/bin/env python
-"""Benchmark the forms of RepVGG backbones on the CPU: PyTorch training /
-deploy / plain reference / torch.compile (and bfloat16), onnxruntime and
-OpenVINO FP32 and INT8, OpenVINO bfloat16.
+"""Benchmark the forms of RepVGG backbones on the CPU (docs/benchmark.md).
 
     python tools/analysis_tools/benchmark.py  # A0 B1g2 B3, 224 640, 1 8
     python tools/analysis_tools/benchmark.py --archs A0 --sizes 224 \\
-        --batch-sizes 1 8 --bf16 --repeats 40 --threads 2
+        --batch-sizes 1 8 --repeats 40 --threads 2
 
-Every form is first checked against the training form in float64, then all
-are timed in the same rounds (``docs/benchmark.md``: the method and the
-targets). Writes OUT_DIR/benchmark.md and benchmark.json and prints PASS/MISS
-per target. Exits 1 with one line ``error: ...`` on a bad option or a failed
-check, writing nothing (2 on a command line that does not parse).
+Checks every form against the float64 training form, times all in the same
+rounds, writes OUT_DIR/benchmark.md (printed, PASS/MISS per target) and
+benchmark.json; or one ``error: ...`` line and nothing.
 """
+import argparse
+import contextlib
 import importlib.util
 import os.path as osp
 import runpy
 import shlex
 import sys
 
+#: Largest batch size.
+MAX_BATCH = 1024
+
+
+def size(spec: str):
+    """``--sizes`` item: ``'224'`` -> (224, 224), ``'480x640'`` -> (480,
+    640) (H x W)."""
+    from mmrepvgg.apis.convert import MAX_SIDE
+    with contextlib.suppress(ValueError):
+        hw = [int(p) for p in spec.lower().split('x')]
+        if len(hw) in (1, 2) and 1 <= min(hw) <= max(hw) <= MAX_SIDE:
+            return hw[0], hw[-1]
+    raise argparse.ArgumentTypeError(
+        f'{spec!r} is not a size N or HxW with sides in 1..{MAX_SIDE}')
+
+
+def int_in(low: int, high: int = 1 << 31):
+    """argparse type: an integer in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        with contextlib.suppress(ValueError):
+            if low <= int(text) <= high:
+                return int(text)
+        bound = f'in {low}..{high}' if high < 1 << 31 else f'>= {low}'
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer {bound}')
+
+    return parse
+
 
 def parse_args(argv=None):
-    from mmrepvgg.benchmark.options import (ALL_FORMS, MAX_BATCH, int_in,
-                                            size)
+    from mmrepvgg.benchmark.run import ALL_FORMS, DEFAULT_FORMS
     from mmrepvgg.models.backbones.repvgg import ARCH_SETTINGS
     from mmrepvgg.utils.cli import ToolArgumentParser, add_cli_args
     from mmrepvgg.utils.timing import ORDERS
@@ -37,11 +62,14 @@ def parse_args(argv=None):
                    help='input sizes, N (square) or HxW; default 224 640')
     p.add_argument('--batch-sizes', nargs='+', type=int_in(1, MAX_BATCH),
                    default=[1, 8], help='default 1 8')
+    forms = list(DEFAULT_FORMS)
+    if importlib.util.find_spec('onnxruntime'):
+        forms += ['ort-fp32', 'ort-int8']
     p.add_argument('--forms', nargs='+', choices=ALL_FORMS, metavar='FORM',
-                   help=f'forms to time, of {" ".join(ALL_FORMS)} (ov-*: '
-                   'pip install -e .[openvino]); default training deploy '
-                   'reference, and ort-fp32 ort-int8 with onnxruntime')
-    p.add_argument('--bf16', action='store_true', help='add deploy-bf16')
+                   default=forms,
+                   help=f'forms to time, of {" ".join(ALL_FORMS)} (ort-*: '
+                   'pip install -e .[onnx], ov-*: .[openvino]); default '
+                   f'{" ".join(forms)}')
     p.add_argument('--repeats', type=int_in(1), default=24,
                    help='timed rounds per row; default 24')
     p.add_argument('--warmup', type=int_in(0), default=3,
@@ -61,7 +89,7 @@ def parse_args(argv=None):
                    '(default: all)')
     p.add_argument('--out-dir', default='work_dirs/benchmark',
                    help='where benchmark.md and benchmark.json go; default '
-                   'work_dirs/benchmark')
+                   '%(default)s')
     add_cli_args(p, unsafe_load=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
@@ -79,53 +107,40 @@ def run(args) -> int:
 
     import mmrepvgg  # noqa: F401  (registers the modules)
     from mmrepvgg.apis.convert import load_config
-    from mmrepvgg.benchmark import options, report
+    from mmrepvgg.benchmark import report
     from mmrepvgg.benchmark import run as bench
+    from mmrepvgg.benchmark.detector import detector_forms
     from mmrepvgg.utils.fileio import scratch_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    archs = [(a, a) for a in dict.fromkeys(args.archs)]
-    forms = args.forms or list(options.DEFAULT_FORMS)
-    if not args.forms and importlib.util.find_spec('onnxruntime'):
-        forms += ['ort-fp32', 'ort-int8']
-    elif not args.forms:
-        print('note: onnxruntime is not installed: timing the PyTorch forms '
-              'only (pip install -e .[onnx] adds ort-fp32 and ort-int8)')
-    forms += ['deploy-bf16'] if args.bf16 else []
     report.report_paths(args.out_dir)  # refused now, not after the timing
-    det_cfg = None
     if args.detector_images and not args.detector:
-        raise options.BenchmarkError('--detector-images needs --detector')
-    if args.detector:
-        if not osp.isfile(args.detector[1]):
-            raise options.BenchmarkError(
-                f'--detector: checkpoint {args.detector[1]} does not exist')
-        det_cfg = load_config(args.detector[0])
+        raise bench.BenchmarkError('--detector-images needs --detector')
+    if args.detector and not osp.isfile(args.detector[1]):
+        raise bench.BenchmarkError(
+            f'--detector: checkpoint {args.detector[1]} does not exist')
+    cfg = load_config(args.detector[0]) if args.detector else None
     # the ONNX graphs: in a folder the next run removes after a SIGKILL
     with scratch_dir('mmrepvgg-benchmark'):
         rows = bench.run_benchmark(
-            archs, args.sizes, args.batch_sizes, forms, args.repeats,
-            args.warmup, args.settle, args.order)
-        detector = ''
-        if det_cfg is not None:
-            from mmrepvgg.benchmark.detector import detector_forms
-            detector = detector_forms(
-                det_cfg, *args.detector, args.detector_images, args.repeats,
-                args.warmup)['markdown']
+            [(a, a) for a in dict.fromkeys(args.archs)], args.sizes,
+            args.batch_sizes, args.forms, args.repeats, args.warmup,
+            args.settle, args.order)
+        detector = '' if cfg is None else detector_forms(
+            cfg, *args.detector, args.detector_images, args.repeats,
+            args.warmup)['markdown']
 
     command = 'python tools/analysis_tools/benchmark.py ' + ' '.join(
         shlex.quote(a) for a in args.argv)
-    settings = {'forms': ' '.join(rows[0]['forms']),
-                'repeats (timed rounds)': str(args.repeats),
+    settings = {'repeats (timed rounds)': str(args.repeats),
                 'warmup rounds': str(args.warmup),
                 'settle calls': str(args.settle), 'order': args.order}
-    targets = report.check_targets(rows)
-    paths = report.write_report(rows, args.out_dir, report.format_markdown(
-        rows, command, settings, report.environment(), targets) + detector)
-    print('\n'.join(['', report.format_table(rows), '',
-                     report.format_accuracy(rows), ''] + targets))
-    print(f'{detector}wrote {paths["md"]}, {paths["json"]}')
+    markdown = report.format_markdown(
+        rows, command, settings, report.environment(),
+        report.check_targets(rows)) + detector
+    paths = report.write_report(rows, args.out_dir, markdown)
+    print(f'\n{markdown}\nwrote {paths["md"]}, {paths["json"]}')
     return 0
 
 
