@@ -66,6 +66,9 @@ def format_table(rows: Sequence[dict]) -> str:
             ('batch', lambda r: str(r['batch']))]
     cols += [(f'{f} ms', lambda r, f=f: f'{r["latency_ms"][f]:.2f}'
               if f in r['latency_ms'] else '') for f in forms]
+    if any('compile_s' in r for r in rows):  # apart from its latency
+        cols.append(('compile s', lambda r: f'{r["compile_s"]:.1f}'
+                     if 'compile_s' in r else ''))
     cols += [(k, lambda r, k=k: f'{r["ratios"][k]["median"]:.3f}'
               if k in r['ratios'] else '') for k in ratios]
     cols += [(f'params {k}', lambda r, k=k: f'{r["params"][k]:,}')
