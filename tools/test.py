@@ -50,19 +50,29 @@ def build_cfg(args):
     from mmrepvgg.apis.runner import check_test_checkpoint, load_runner_config
     from mmrepvgg.utils.cli import ToolError
     from mmrepvgg.utils.fileio import check_output_paths
-    if getattr(args, 'runtime', None) is not None:
+    is_onnx = args.checkpoint.endswith('.onnx')
+    if args.runtime is not None and not is_onnx:
         raise ToolError(f'--runtime {args.runtime}: applies to an .onnx '
                         f'checkpoint, not {args.checkpoint}')
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         raise ToolError(f'--out {args.out}: must be a .pkl or .pickle file')
-    cfg = load_runner_config(args, [(args.checkpoint, 'checkpoint')])
+    if is_onnx:
+        from mmrepvgg.export.runtime import check_model_file
+        check_model_file(args.checkpoint)
+    cfg = load_runner_config(
+        args, [] if is_onnx else [(args.checkpoint, 'checkpoint')])
     if args.out is not None:
-        check_output_paths([(args.config, 'config'),
-                            (args.checkpoint, 'checkpoint')], [args.out])
-    check_test_checkpoint(cfg, args.checkpoint, args.config,
-                          unsafe_load=args.unsafe_load,
-                          strict=not args.non_strict)
-    cfg.load_from = args.checkpoint
+        check_output_paths([(args.config, 'config'), (
+            args.checkpoint, 'ONNX file' if is_onnx else 'checkpoint')],
+                           [args.out])
+    if is_onnx:  # onnxruntime or OpenVINO, same test loop
+        from mmrepvgg.export.evaluate import onnx_test_config
+        onnx_test_config(cfg, args)
+    else:
+        check_test_checkpoint(cfg, args.checkpoint, args.config,
+                              unsafe_load=args.unsafe_load,
+                              strict=not args.non_strict)
+        cfg.load_from = args.checkpoint
     if args.show or args.show_dir:
         vis = cfg.default_hooks.get('visualization')
         if vis is None:
@@ -100,10 +110,6 @@ def build_cfg(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.checkpoint.endswith('.onnx'):  # onnxruntime, same test loop
-        from mmrepvgg.export.evaluate import test_onnx
-        args.runtime = args.runtime or 'onnxruntime'
-        return test_onnx(args)
     from mmrepvgg.apis.runner import run_runner, run_tool
     return run_tool(lambda: run_runner(build_cfg(args), args, 'test'), args,
                     interrupted='interrupted')

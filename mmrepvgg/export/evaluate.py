@@ -1,14 +1,7 @@
-"""An exported end-to-end ONNX detector in mmdet's own test loop.
-
-``tools/test.py CONFIG MODEL.onnx`` runs ``Runner.test()`` unchanged (the
-config's test set, pipeline, preprocessor and evaluator); only the model is
-:class:`OnnxRuntimeDetector`, whose ``predict`` runs the graph (onnxruntime
-or OpenVINO) and rescales boxes as mmdet's heads do (``rescale=True``), so
-the metrics compare with the PyTorch model's. A fixed-size graph gets the
-batch padded (and filled up) to its size; a graph without ``img_shape``
-input gets its boxes clipped again to each ``img_shape``. Nothing is scored
-that could be wrong: declared sizes and metadata are checked before the
-runner starts, every output during the run (one line naming the file).
+"""An exported end-to-end ONNX detector in mmdet's own test loop
+(``tools/test.py CONFIG MODEL.onnx``: only the model is
+:class:`OnnxRuntimeDetector`); a graph's declarations and metadata are
+checked before the runner starts, every output before it is scored.
 """
 import json
 import os.path as osp
@@ -20,7 +13,6 @@ from mmdet.models.detectors.base import BaseDetector
 from mmdet.registry import MODELS
 from mmengine.structures import InstanceData
 
-from mmrepvgg.apis.convert import MAX_SIDE
 from mmrepvgg.utils.cli import ToolError
 from . import runtime
 from .runtime import make_session, output_names
@@ -28,52 +20,17 @@ from .postprocess import (MAX_NMS_PRE, MAX_PER_IMG, METADATA_KEY,
                           PostProcessError, check_count, check_fraction,
                           describe_settings)
 
-#: Largest batch a graph may declare (bounds what an untrusted file makes
-#: the evaluation allocate) and the one batch of ``--verify-images``.
-MAX_BATCH = 64
-#: Largest fixed input a graph may declare, in pixels over the batch.
-MAX_INPUT_PIXELS = MAX_BATCH * 1024 * 1024
-
-
 class EvaluateError(ToolError):
     """The ONNX file cannot be evaluated; the message names it."""
-
-
-def _settings(onnx_file: str, session) -> dict:
-    """The graph's post-processing metadata, checked; {} when absent."""
-    meta = session.get_modelmeta().custom_metadata_map
-    if METADATA_KEY not in meta:
-        return {}
-    try:
-        s = json.loads(meta[METADATA_KEY])
-        if not isinstance(s, dict):
-            raise ValueError('not a JSON object')
-        check_fraction(s['score_thr'], 'score_thr')
-        check_fraction(s['iou_threshold'], 'iou_threshold')
-        check_count(s['nms_pre'], 'nms_pre', MAX_NMS_PRE)
-        check_count(s['max_per_img'], 'max_per_img', MAX_PER_IMG)
-        check_count(s['num_classes'], 'num_classes', 2**31)
-        describe_settings(s)
-    except PostProcessError as e:
-        raise EvaluateError(f'{onnx_file}: metadata {METADATA_KEY}: '
-                            f'{e}') from None
-    except KeyError as e:
-        raise EvaluateError(f'{onnx_file}: metadata {METADATA_KEY} lacks '
-                            f'{e}') from None
-    except (TypeError, ValueError, IndexError) as e:
-        raise EvaluateError(f'{onnx_file}: metadata {METADATA_KEY} is '
-                            f'malformed ({e})') from None
-    return s
 
 
 def check_end2end_graph(onnx_file: str,
                         num_classes: Optional[int] = None,
                         threads: Optional[int] = 1,
                         runtime: str = 'onnxruntime') -> dict:
-    """``session``, ``with_img_shape``, ``fixed_batch``, ``fixed_hw``,
-    ``settings`` and ``num_classes`` of an end-to-end detector graph, every
-    size and setting it declares checked before anything is allocated
-    (``num_classes``: the config's, which the metadata must equal)."""
+    """``session``, ``with_img_shape``, ``settings`` and ``num_classes``
+    of an end-to-end detector graph, every declaration checked before it
+    runs (``num_classes``: the config's, which the metadata must equal)."""
     session = make_session(onnx_file, threads, runtime=runtime)
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
@@ -92,27 +49,37 @@ def check_end2end_graph(onnx_file: str,
     if len(dims) != 4:
         raise EvaluateError(f'{onnx_file}: input has shape {dims}; '
                             'expected (N, 3, H, W)')
-    fixed = [d if isinstance(d, int) else None for d in dims]
-    batch, hw = fixed[0], fixed[2:]
-    if batch is not None and not 1 <= batch <= MAX_BATCH:
-        raise EvaluateError(f'{onnx_file}: the graph declares a batch of '
-                            f'{batch}; at most {MAX_BATCH} is accepted')
-    if any(d is not None and not 1 <= d <= MAX_SIDE for d in hw):
-        raise EvaluateError(f'{onnx_file}: the graph declares an input of '
-                            f'{dims[2]}x{dims[3]}; sides up to {MAX_SIDE} '
-                            'are accepted')
-    if None not in fixed[2:] and (batch or 1) * hw[0] * hw[1] > \
-            MAX_INPUT_PIXELS:
-        raise EvaluateError(f'{onnx_file}: the graph declares a fixed input '
-                            f'of {batch}x3x{hw[0]}x{hw[1]}; at most '
-                            f'{MAX_INPUT_PIXELS} pixels per batch are '
-                            'accepted')
+    if any(isinstance(d, int) for d in dims[:1] + dims[2:]):
+        raise EvaluateError(f'{onnx_file}: the input has the fixed shape '
+                            f'{dims}; expected dynamic batch, height and '
+                            'width (tools/deployment/export_onnx.py)')
     k = outputs['dets'].shape[1:2]
     if k and isinstance(k[0], int) and k[0] > MAX_PER_IMG:
         raise EvaluateError(f'{onnx_file}: the graph declares {k[0]} '
                             f'detections per image; at most {MAX_PER_IMG} '
                             'are accepted')
-    settings = _settings(onnx_file, session)
+    meta = session.get_modelmeta().custom_metadata_map
+    settings = {}
+    try:
+        if METADATA_KEY in meta:
+            settings = json.loads(meta[METADATA_KEY])
+            if not isinstance(settings, dict):
+                raise ValueError('not a JSON object')
+            check_fraction(settings['score_thr'], 'score_thr')
+            check_fraction(settings['iou_threshold'], 'iou_threshold')
+            check_count(settings['nms_pre'], 'nms_pre', MAX_NMS_PRE)
+            check_count(settings['max_per_img'], 'max_per_img', MAX_PER_IMG)
+            check_count(settings['num_classes'], 'num_classes', 2**31)
+            describe_settings(settings)
+    except PostProcessError as e:
+        raise EvaluateError(f'{onnx_file}: metadata {METADATA_KEY}: '
+                            f'{e}') from None
+    except KeyError as e:
+        raise EvaluateError(f'{onnx_file}: metadata {METADATA_KEY} lacks '
+                            f'{e}') from None
+    except (TypeError, ValueError, IndexError) as e:
+        raise EvaluateError(f'{onnx_file}: metadata {METADATA_KEY} is '
+                            f'malformed ({e})') from None
     if num_classes is None:
         num_classes = settings.get('num_classes')
         if num_classes is None:
@@ -124,8 +91,6 @@ def check_end2end_graph(onnx_file: str,
                             f'{settings["num_classes"]} classes, the config '
                             f'{num_classes}: export it from this config')
     return dict(session=session, with_img_shape='img_shape' in inputs,
-                fixed_batch=batch,
-                fixed_hw=None if None in hw else tuple(hw),
                 settings=settings, num_classes=num_classes)
 
 
@@ -150,21 +115,15 @@ class OnnxRuntimeDetector(BaseDetector):
             setattr(self, key, value)
         self.clip_border = bool(self.settings.get('clip_border', True))
 
-    def loss(self, batch_inputs, batch_data_samples):
-        raise EvaluateError('an ONNX detector cannot be trained')
+    def _predict_only(self, *args, **kwargs):
+        raise EvaluateError('an ONNX detector only predicts')
 
-    def _forward(self, batch_inputs, batch_data_samples=None):
-        raise EvaluateError('an ONNX detector has no tensor mode; use '
-                            'predict')
-
-    def extract_feat(self, batch_inputs):
-        raise EvaluateError('an ONNX detector has no features')
+    loss = _forward = extract_feat = _predict_only
 
     def _check_outputs(self, d: np.ndarray, lab: np.ndarray,
                        n: int) -> None:
-        """Refuse outputs that would be scored wrongly: shapes for the
-        batch, at most :data:`MAX_PER_IMG` rows, finite values, integer
-        labels in the config's classes or -1."""
+        """Refuse outputs that would be scored wrongly (shapes, row count,
+        non-finite values, labels outside the config's classes and -1)."""
         where = f'{self.onnx_file}: the graph returned'
         if not (d.ndim == 3 and d.shape[2] == 5 and lab.ndim == 2
                 and d.shape[:2] == lab.shape and d.shape[0] == n):
@@ -186,37 +145,6 @@ class OnnxRuntimeDetector(BaseDetector):
                 f'{self.num_classes}) (the config\'s classes), or -1 for '
                 'padding')
 
-    def _run(self, x: np.ndarray, shapes: np.ndarray):
-        n, _, h, w = x.shape
-        if self.fixed_hw is not None:
-            fh, fw = self.fixed_hw
-            if h > fh or w > fw:
-                raise EvaluateError(
-                    f'{self.onnx_file}: the graph takes {fh}x{fw} inputs, '
-                    f'the pipeline gives {h}x{w}: export it for the '
-                    "config's test size or with dynamic sizes")
-            x = np.pad(x, ((0, 0), (0, 0), (0, fh - h), (0, fw - w)))
-        step = self.fixed_batch or n
-        dets, labels = [], []
-        for start in range(0, n, step):
-            xb, sb = x[start:start + step], shapes[start:start + step]
-            fill = step - xb.shape[0]
-            if fill:
-                xb = np.concatenate([xb, np.zeros((fill, ) + xb.shape[1:],
-                                                  xb.dtype)])
-                sb = np.concatenate([sb, np.repeat(sb[-1:], fill, 0)])
-            feeds = dict(input=xb)
-            if self.with_img_shape:
-                feeds['img_shape'] = sb
-            try:
-                d, lab = runtime.run(self.session, feeds, ['dets', 'labels'])
-            except runtime.OnnxRuntimeError as e:
-                raise EvaluateError(f'{self.onnx_file}: {e}') from None
-            self._check_outputs(d, lab, step)
-            dets.append(d[:step - fill])
-            labels.append(lab[:step - fill])
-        return np.concatenate(dets), np.concatenate(labels)
-
     def predict(self, batch_inputs: torch.Tensor, batch_data_samples: list,
                 rescale: bool = True) -> list:
         """Detections of a preprocessed batch, as mmdet's detectors return
@@ -225,7 +153,14 @@ class OnnxRuntimeDetector(BaseDetector):
         x = batch_inputs.detach().float().cpu().numpy()
         shapes = np.asarray([s.metainfo.get('img_shape', x.shape[2:])[:2]
                              for s in batch_data_samples], np.int64)
-        dets, labels = self._run(np.ascontiguousarray(x), shapes)
+        feeds = dict(input=x)
+        if self.with_img_shape:
+            feeds['img_shape'] = shapes
+        try:
+            dets, labels = runtime.run(self.session, feeds, ['dets', 'labels'])
+        except runtime.OnnxRuntimeError as e:
+            raise EvaluateError(f'{self.onnx_file}: {e}') from None
+        self._check_outputs(dets, labels, x.shape[0])
         results: List[InstanceData] = []
         for sample, d, lab, (h, w) in zip(batch_data_samples, dets, labels,
                                           shapes):
@@ -246,17 +181,13 @@ class OnnxRuntimeDetector(BaseDetector):
 
 
 class SplitScorer:
-    """bbox mAP of detectors on ``num`` images (all: None) of a split,
-    scored by the config's evaluator of that split without a runner (NNCF's
-    accuracy control, the benchmark's detector forms). The images are
+    """bbox mAP of detectors on ``num`` images (all: None) of a split, by
+    the config's evaluator of that split without a runner; the images are
     preprocessed once, one per batch."""
 
     def __init__(self, cfg, split: str = 'val', num: Optional[int] = None,
                  threads: Optional[int] = None) -> None:
-        from mmengine.dataset import pseudo_collate
-
-        from .quantize.calibration import (build_preprocessor, build_split,
-                                           pick_indices)
+        from .quantize.calibration import preprocessed
         if split not in ('val', 'test'):
             raise EvaluateError(f'scoring needs the val or test split (its '
                                 f'evaluator), not {split}')
@@ -267,16 +198,8 @@ class SplitScorer:
             'num_classes')
         self.preprocessor_cfg = cfg.model.get('data_preprocessor')
         self.threads = threads
-        preprocessor = build_preprocessor(cfg)
-        ds = build_split(cfg, split)
-        self.metainfo = ds.metainfo
-        self.items = []
-        with torch.no_grad():
-            for i in pick_indices(len(ds), num):
-                batch = preprocessor(pseudo_collate([ds[i]]), False)
-                self.items.append((batch['inputs'].float(),
-                                   batch['data_samples']))
-        self.info = dict(split=split, images=len(self.items), of=len(ds))
+        self.items, self.info = preprocessed(cfg, split, num)
+        self.metainfo = self.info.pop('metainfo')
 
     def score(self, predict, indices: Optional[Sequence[int]] = None
               ) -> float:
@@ -321,30 +244,17 @@ class SplitScorer:
         return self.score(det.predict, indices)
 
 
-def onnx_test_config(args):
-    """The runner config of ``tools/test.py CONFIG MODEL.onnx``: the model
-    replaced by :class:`OnnxRuntimeDetector`."""
-    from mmrepvgg.apis.runner import load_runner_config
-    from mmrepvgg.utils.fileio import check_output_paths
-    for flag, on in (('--tta', getattr(args, 'tta', False)),
-                     ('--deploy', getattr(args, 'deploy', False)),
-                     ('--non-strict', getattr(args, 'non_strict', False))):
-        if on:
-            raise EvaluateError(f'{flag} does not apply to an ONNX file '
-                                f'({args.checkpoint})')
+def onnx_test_config(cfg, args) -> None:
+    """``tools/test.py CONFIG MODEL.onnx``: ``cfg``'s model replaced by
+    :class:`OnnxRuntimeDetector`, the graph checked and described before
+    the runner starts (and creates its work dir)."""
+    for flag in ('tta', 'deploy', 'non_strict'):
+        if getattr(args, flag, False):
+            raise EvaluateError(f'--{flag.replace("_", "-")} does not apply '
+                                f'to an ONNX file ({args.checkpoint})')
     if getattr(args, 'launcher', 'none') != 'none':
         raise EvaluateError(f'{args.checkpoint}: ONNX evaluation runs in one '
                             'process (--launcher none)')
-    out = getattr(args, 'out', None)
-    if out is not None and not out.endswith(('.pkl', '.pickle')):
-        raise EvaluateError(f'--out {out}: must be a .pkl or .pickle file')
-    runtime.check_model_file(args.checkpoint)
-    engine = runtime.check_runtime(getattr(args, 'runtime', 'onnxruntime'))
-    cfg = load_runner_config(args)
-    if out is not None:
-        check_output_paths([(args.config, 'config'),
-                            (args.checkpoint, 'ONNX file')], [out],
-                           EvaluateError)
     pre = cfg.model.get('data_preprocessor')
     if pre is None:
         raise EvaluateError(f'{args.config}: model.data_preprocessor is '
@@ -356,54 +266,19 @@ def onnx_test_config(args):
         raise EvaluateError(f'{args.config}: model.bbox_head.num_classes='
                             f'{num_classes!r}: a positive int is needed to '
                             'check the ONNX labels')
+    engine = args.runtime or 'onnxruntime'
+    info = check_end2end_graph(args.checkpoint, num_classes, runtime=engine)
+    print(f'ONNX {args.checkpoint}: run by {engine}' + (
+        f', precision {info["session"].precision}'
+        if engine == 'openvino' else ''), flush=True)
+    if info['settings']:
+        print(f'ONNX {args.checkpoint}: post-processing in the graph: '
+              f'{describe_settings(info["settings"])}', flush=True)
     cfg.model = dict(type='OnnxRuntimeDetector',
                      onnx_file=osp.abspath(args.checkpoint),
                      data_preprocessor=pre, num_classes=num_classes,
                      runtime=engine)
     cfg.load_from = None
     cfg.resume = False
-    hooks = [h for h in cfg.get('custom_hooks', []) or []
-             if h.get('type') != 'SwitchToDeployHook']
-    cfg.custom_hooks = hooks
-    if getattr(args, 'show', False) or getattr(args, 'show_dir', None):
-        vis = cfg.default_hooks.get('visualization')
-        if vis is None:
-            raise EvaluateError('--show/--show-dir need a "visualization" '
-                                'hook in default_hooks')
-        vis.draw = True
-        if args.show:
-            vis.show = True
-            vis.wait_time = args.wait_time
-        if args.show_dir:
-            vis.test_out_dir = args.show_dir
-    if out is not None:
-        dump = dict(type='DumpDetResults', out_file_path=out)
-        ev = cfg.test_evaluator
-        cfg.test_evaluator = list(ev) + [dump] if isinstance(
-            ev, (list, tuple)) else [ev, dump]
-    return cfg
-
-
-def test_onnx(args) -> int:
-    """``tools/test.py`` for a ``.onnx`` checkpoint."""
-    from mmrepvgg.apis.runner import run_runner, run_tool
-
-    def body():
-        import mmrepvgg  # noqa: F401  (registers modules)
-        cfg = onnx_test_config(args)
-        # refused before the runner creates its work dir and log
-        info = check_end2end_graph(cfg.model['onnx_file'],
-                                   cfg.model['num_classes'],
-                                   runtime=cfg.model['runtime'])
-        print(f'ONNX {args.checkpoint}: run by {cfg.model["runtime"]}' + (
-            f', precision {info["session"].precision}'
-            if cfg.model['runtime'] == 'openvino' else ''), flush=True)
-        if info['settings']:
-            print(f'ONNX {args.checkpoint}: post-processing in the graph: '
-                  f'{describe_settings(info["settings"])}', flush=True)
-        run_runner(cfg, args, 'test')
-
-    return run_tool(body, args, interrupted='interrupted')
-
-
-test_onnx.__test__ = False  # not a pytest test
+    cfg.custom_hooks = [h for h in cfg.get('custom_hooks', []) or []
+                        if h.get('type') != 'SwitchToDeployHook']

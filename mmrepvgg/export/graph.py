@@ -1,9 +1,6 @@
 """What is traced (:class:`TensorForward`) and ``torch.onnx.export`` with
-dynamic batch, height and width; small checks of a graph file.
-
-``dynamo=False``: the TorchScript exporter traces data-dependent shapes
-(top-k, NMS) into dynamic ops and lets an autograd Function emit
-``NonMaxSuppression``; the dynamo exporter would need a custom op.
+dynamic batch, height and width (``dynamo=False``: the TorchScript exporter
+traces top-k and NMS into dynamic ops); small checks of a graph file.
 """
 import warnings
 from collections import Counter
@@ -86,22 +83,6 @@ def parts(model: nn.Module) -> str:
                       ['bbox_head'])
 
 
-def export_target(model: nn.Module, mode: str,
-                  config_path: str) -> Tuple[TensorForward, str]:
-    """``(TensorForward, description)`` of the backbone and raw modes."""
-    is_detector = hasattr(model, 'backbone')
-    if mode == 'backbone':
-        target = model.backbone if is_detector else model
-        return TensorForward(target, 'module'), \
-            f'backbone ({type(target).__name__})'
-    if not is_detector:
-        return TensorForward(model, 'module'), type(model).__name__
-    if is_single_stage(model):
-        return TensorForward(model, 'single_stage'), \
-            f'{type(model).__name__} ({parts(model)}, raw outputs)'
-    raise not_single_stage(config_path, type(model).__name__)
-
-
 def export_to(module: nn.Module,
               x: torch.Tensor,
               path: str,
@@ -157,8 +138,8 @@ def check_onnx(path: str) -> None:
 
 def keep_outputs(src: str, dst: str, names: Sequence[str],
                  metadata: Optional[Dict[str, str]] = None) -> None:
-    """Copy the graph ``src`` to ``dst`` with only the outputs ``names`` and
-    ``metadata`` added to its ``metadata_props``."""
+    """Copy ``src`` to ``dst`` keeping the outputs ``names``, ``metadata``
+    added to its ``metadata_props``."""
     import onnx
     model = onnx.load(src)
     keep = [o for o in model.graph.output if o.name in names]

@@ -1,13 +1,8 @@
-"""The export workflow behind ``tools/deployment/export_onnx.py``.
-
-Modes: ``'backbone'`` (outputs ``feat0 ...``), ``'raw'`` (a single-stage
-detector's ``bbox_head(extract_feat(x))``, outputs ``out{i}_{level}``) and
-``'end2end'`` (mmdet's post-processing in the graph, :mod:`.postprocess`;
-outputs ``dets`` and ``labels``, optional input ``img_shape``). The input is
-the preprocessed float32 NCHW batch; batch, height and width are dynamic.
-Named steps: :func:`check_request`, :func:`prepare`, :func:`build_graph`,
-:func:`verify_graph`, :func:`write_graph`, :func:`bench_graph`; OUTPUT is
-written atomically, and only after every check passed.
+"""The export workflow behind ``tools/deployment/export_onnx.py``: modes
+``backbone`` (outputs ``feat0 ...``), ``raw`` (a single-stage detector's
+head outputs) and ``end2end`` (mmdet's post-processing in the graph, outputs
+``dets`` and ``labels``), dynamic batch, height and width; named steps, and
+OUTPUT written atomically only after every check passed.
 """
 import json
 import os
@@ -27,20 +22,21 @@ from mmrepvgg.deploy.verify import NOISE_FACTOR, describe, judge_fp32
 from mmrepvgg.utils.fileio import (atomic_write, check_output_paths,
                                    scratch_dir)
 from . import runtime
-from .evaluate import MAX_BATCH
 from .graph import (DEFAULT_OPSET, TensorForward, check_onnx,
-                    export_target, export_to, fusion_leftovers,
+                    export_to, fusion_leftovers,
                     is_single_stage, keep_outputs, max_torchscript_opset,
                     not_single_stage, op_histogram, parts)
 from .loading import ExportError, load_deploy_model
 from .postprocess import (METADATA_KEY, End2EndDetector, PostProcessError,
-                          check_head, check_test_cfg, describe_settings)
+                          check_test_cfg, describe_settings)
 from .verify import (SCORE_TOL, TruthAndReference, box_tolerance,
                      compare_detections, dataset_batch, describe_comparison,
-                     make_samples, merge_comparisons, mmdet_postprocess,
-                     mmdet_predict, raw_groups, split_dets)
+                     make_samples, mmdet_postprocess, mmdet_predict,
+                     raw_groups, split_dets)
 
 MODES = ('backbone', 'raw', 'end2end')
+#: The one batch of ``--verify-images``, at most.
+MAX_BATCH = 64
 #: end2end: largest fraction of detections that may differ from mmdet's
 #: float32 ``predict`` (float32 noise moves scores across ``score_thr``).
 MAX_DIFFERING = 0.05
@@ -59,9 +55,7 @@ class ExportOptions:
     noise_factor: float = NOISE_FACTOR
     verify_images: int = 4
     unsafe_load: bool = False
-    bench: bool = False
-    repeats: int = 20
-    warmup: int = 3
+    bench: int = 0
     threads: Optional[int] = None
     runtime: str = 'onnxruntime'
 
@@ -71,9 +65,7 @@ class ExportReport:
     """What :func:`export_onnx` did and measured; the end2end fields stay
     empty in the other modes."""
     output: str
-    mode: str
     opset: int
-    shape: Tuple[int, int]
     checkpoint_form: str
     blocks: int
     threads: Optional[int] = None
@@ -123,8 +115,8 @@ def check_request(cfg: Config, config_path: str, checkpoint: str,
     if not 0 <= opts.verify_images <= MAX_BATCH:
         raise ExportError(f'--verify-images must be in [0, {MAX_BATCH}] (one '
                           f'batch), got {opts.verify_images}')
-    if opts.repeats < 1 or opts.warmup < 0:
-        raise ExportError('--repeats must be >= 1 and --warmup >= 0')
+    if opts.bench < 0:
+        raise ExportError(f'--bench must be >= 0, got {opts.bench}')
     shape = opts.shape
     if shape is not None and not (len(shape) == 2 and all(
             isinstance(v, int) and 1 <= v <= MAX_SIDE for v in shape)):
@@ -163,17 +155,19 @@ def _check_model_type(cfg: Config, mode: str, config_path: str) -> None:
                           f'post-processing in the graph: {e}') from None
 
 
+@dataclass
 class _Graph:
     """The exported module, the PyTorch network its raw outputs are judged
     against, the verification batches ``(tag, x, img_shapes)`` and the
     graph file with its session."""
-
-    def __init__(self, net: nn.Module, raw_net: nn.Module,
-                 batches: list, img_shape_input: bool, detections: bool):
-        self.net, self.raw_net, self.batches = net, raw_net, batches
-        self.img_shape_input, self.detections = img_shape_input, detections
-        self.path = self.session = None
-        self.raw_names: List[str] = []
+    net: nn.Module
+    raw_net: nn.Module
+    batches: list
+    img_shape_input: bool
+    detections: bool
+    path: Optional[str] = None
+    session: object = None
+    raw_names: List[str] = field(default_factory=list)
 
     def feed(self, x: torch.Tensor, shapes) -> Dict[str, np.ndarray]:
         f = dict(input=x.numpy())
@@ -182,9 +176,13 @@ class _Graph:
         return f
 
 
-def _random_batches(shape: Tuple[int, int], img_shape_input: bool) -> list:
-    """Batch 1 at ``shape``, and batch 2 at H + 32 (- 32 beyond MAX_SIDE),
-    W - 32 (at least 32): the dynamic axes exercised."""
+def prepare(model: nn.Module, cfg: Config, config_path: str,
+            opts: ExportOptions, shape: Tuple[int, int],
+            report: ExportReport) -> _Graph:
+    """The module to export and the verification batches of ``opts.mode``
+    (the end2end graph also outputs the raw head tensors, for checking):
+    batch 1 at ``shape`` and batch 2 at H + 32 (- 32 beyond MAX_SIDE), W -
+    32 (at least 32), the dynamic axes exercised."""
     h, w = shape
     sizes = [(1, (h, w)), (2, (h + 32 if h + 32 <= MAX_SIDE else h - 32,
                                max(32, w - 32)))]
@@ -193,30 +191,33 @@ def _random_batches(shape: Tuple[int, int], img_shape_input: bool) -> list:
         x = torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(
             seed))
         shapes = [(h, w)] * b
-        if img_shape_input and b > 1:  # a padded image: clipped to its shape
+        if opts.img_shape_input and b > 1:  # a padded image: clipped to it
             shapes[-1] = (h - h // 4, w - w // 8)
         batches.append(('x'.join(map(str, x.shape)), x, shapes))
-    return batches
-
-
-def prepare(model: nn.Module, cfg: Config, config_path: str,
-            opts: ExportOptions, shape: Tuple[int, int],
-            report: ExportReport) -> _Graph:
-    """The module to export and the verification batches of ``opts.mode``
-    (the end2end graph also outputs the raw head tensors, for checking)."""
-    batches = _random_batches(shape, opts.img_shape_input)
     if opts.mode != 'end2end':
-        net, report.exported = export_target(model, opts.mode, config_path)
-        return _Graph(net.eval(), net, batches, False, False)
+        detector = hasattr(model, 'backbone')
+        target = model.backbone if detector and opts.mode == 'backbone' \
+            else model
+        if opts.mode == 'backbone':
+            report.exported = f'backbone ({type(target).__name__})'
+        elif not detector:
+            report.exported = type(model).__name__
+        elif is_single_stage(model):
+            report.exported = (f'{type(model).__name__} ({parts(model)}, raw '
+                               'outputs)')
+        else:
+            raise not_single_stage(config_path, type(model).__name__)
+        net = TensorForward(target, 'single_stage' if detector and target
+                            is model else 'module').eval()
+        return _Graph(net, net, batches, False, False)
     if not is_single_stage(model):
         raise not_single_stage(config_path, type(model).__name__)
     try:
-        check_head(model.bbox_head)
+        net = End2EndDetector(model, with_img_shape=opts.img_shape_input,
+                              with_raw=True).eval()
     except PostProcessError as e:
         raise ExportError(f'{config_path}: cannot put the post-processing '
                           f'in the graph: {e}') from None
-    net = End2EndDetector(model, with_img_shape=opts.img_shape_input,
-                          with_raw=True).eval()
     report.settings = net.postprocess.settings
     report.postprocess = describe_settings(report.settings)
     report.exported = (f'{type(model).__name__} ({parts(model)} + '
@@ -259,7 +260,7 @@ def verify_graph(graph: _Graph, model: nn.Module, opts: ExportOptions,
     ``predict_by_feat`` on the graph's own head outputs (must match) and
     against mmdet's ``predict`` (at most :data:`MAX_DIFFERING` differ)."""
     truth_and_ref = TruthAndReference(graph.raw_net)
-    groups, post, pred, first = ({}, {}, {}), [], [], 0
+    groups, ours, post, pred, tols = ({}, {}, {}), [], [], [], []
     levels = len(model.bbox_head.prior_generator.strides) \
         if graph.detections else 0
     for tag, x, shapes in graph.batches:
@@ -271,19 +272,14 @@ def verify_graph(graph: _Graph, model: nn.Module, opts: ExportOptions,
             acc.update(part)
         if graph.detections:
             hw = tuple(x.shape[2:])
-            tol = box_tolerance(hw)
-            report.box_tol = max(report.box_tol, tol)
+            tols += [box_tolerance(hw)] * x.shape[0]
             # mmdet clips to img_shape: the input size unless the graph has
             # the img_shape input
             metas = make_samples(shapes if graph.img_shape_input else
                                  [hw] * x.shape[0], hw)
-            ours = split_dets(out[0], out[1])
-            post.append(compare_detections(
-                ours, mmdet_postprocess(model.bbox_head, raw, levels, metas),
-                tol, SCORE_TOL, first))
-            pred.append(compare_detections(
-                ours, mmdet_predict(model, x, metas), tol, SCORE_TOL, first))
-            first += x.shape[0]
+            ours += split_dets(out[0], out[1])
+            post += mmdet_postprocess(model.bbox_head, raw, levels, metas)
+            pred += mmdet_predict(model, x, metas)
     report.batches = [b[0] for b in graph.batches]
     report.verdict = judge_fp32(*groups, factor=opts.noise_factor)
     report.raw_tensors = len(graph.raw_names)
@@ -294,7 +290,9 @@ def verify_graph(graph: _Graph, model: nn.Module, opts: ExportOptions,
                           f'PyTorch: {text}; {output} not written')
     if not graph.detections:
         return
-    post, pred = merge_comparisons(post), merge_comparisons(pred)
+    report.box_tol = max(tols)
+    post = compare_detections(ours, post, tols, SCORE_TOL)
+    pred = compare_detections(ours, pred, tols, SCORE_TOL)
     report.postprocess_check, report.predict_check = post, pred
     if not (post['finite'] and pred['finite']):
         raise ExportError(f'{checkpoint}: {opts.runtime} detections are not '
@@ -318,9 +316,8 @@ def verify_graph(graph: _Graph, model: nn.Module, opts: ExportOptions,
 def write_graph(graph: _Graph, tmp: str, output: str, metadata: dict,
                 threads: Optional[int] = None,
                 engine: str = 'onnxruntime') -> None:
-    """Write the verified graph to ``tmp``; end2end keeps only ``dets`` and
-    ``labels``, stores ``metadata``, and the written graph must give the
-    verified graph's detections (it is then the one timed)."""
+    """Write the verified graph to ``tmp`` (end2end: only ``dets`` and
+    ``labels``, ``metadata`` stored, the verified graph's detections)."""
     if graph.detections:
         keep_outputs(graph.path, tmp, ['dets', 'labels'],
                      {METADATA_KEY: json.dumps(metadata)})
@@ -342,9 +339,9 @@ def write_graph(graph: _Graph, tmp: str, output: str, metadata: dict,
 
 def write_output(output: str, write: Callable[[str], None]) -> None:
     """:func:`~mmrepvgg.utils.fileio.atomic_write` of ``output``; a failing
-    file system is one line naming ``output``: an ``OSError``, or any error
-    while fewer than :data:`FULL_DISK_BYTES` are free (onnx and onnxruntime
-    report a failed write from C++, without an errno)."""
+    file system (an ``OSError``, or any error while fewer than
+    :data:`FULL_DISK_BYTES` are free: onnx fails from C++, without an errno)
+    is one line naming ``output``."""
 
     def failure(e: Exception, path: str) -> Optional[ExportError]:
         try:
@@ -393,8 +390,7 @@ def bench_graph(graph: _Graph, model: nn.Module,
         fns = dict(pytorch=lambda: graph.net(x))
     fns[opts.runtime] = lambda: runtime.run(graph.session, feed)
     with torch.inference_mode():
-        timing = measure(fns, opts.repeats, opts.warmup,
-                         threads=opts.threads)
+        timing = measure(fns, opts.bench, 3, threads=opts.threads)
     dataset = graph.detections and not tag.startswith('random')
     return dict(timing=timing, shape=tuple(x.shape),
                 input='test-set image' if dataset else 'random input')
@@ -413,9 +409,8 @@ def export_onnx(cfg: Config,
     shape = check_request(cfg, config_path, checkpoint, output, opts)
     model, info = load_deploy_model(cfg, config_path, checkpoint,
                                     opts.unsafe_load)
-    report = ExportReport(output=output, mode=opts.mode, opset=opts.opset,
-                          shape=shape, threads=opts.threads,
-                          runtime=opts.runtime, **info)
+    report = ExportReport(output=output, opset=opts.opset,
+                          threads=opts.threads, runtime=opts.runtime, **info)
     graph = prepare(model, cfg, config_path, opts, shape, report)
     metadata = dict(report.settings or {},
                     img_shape_input=opts.img_shape_input,

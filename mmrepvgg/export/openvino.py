@@ -1,14 +1,9 @@
-"""OpenVINO sessions offering the calls the callers use of an
-``onnxruntime.InferenceSession`` (inputs, outputs and metadata as the ONNX
-file declares them, ``run``; integer outputs with the declared type).
-
-Two guarantees OpenVINO does not give by itself: an explicit precision
-(``INFERENCE_PRECISION_HINT`` always set and read back: on CPUs with BF16
-or AMX the CPU plugin would run a float32 graph in bfloat16), and no crash
-of the caller (some versions die with SIGFPE in ``compile_model`` on some
-AMD EPYC machines and CPU sets with gaps: a child process compiles a tiny
-model first, once per process; if it fails every use raises
-:class:`OpenVinoUnavailable` with one line).
+"""OpenVINO sessions offering the calls callers use of an
+``onnxruntime.InferenceSession``, with two guarantees OpenVINO does not give:
+an explicit precision (``INFERENCE_PRECISION_HINT`` set and read back: on
+CPUs with BF16 or AMX a float32 graph would run in bfloat16), and no crash of
+the caller (some versions die with SIGFPE in ``compile_model`` on some
+machines: a child process compiles a tiny model first, once per process).
 """
 import importlib.util
 import os
@@ -204,4 +199,3 @@ def _np_dtype(elem_type: int):
         return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
     except (KeyError, ValueError):
         return None
-

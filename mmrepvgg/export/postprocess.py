@@ -1,14 +1,9 @@
-"""mmdet's dense-head post-processing as traceable tensor code.
-
-:class:`DensePostProcess` repeats mmdet 3.x's ``predict_by_feat``
-(``rescale=False``): per level score threshold and ``nms_pre`` top-k, priors
-generated from the feature map sizes, box decoding and clipping, score
-factors, ``min_bbox_size``, class-aware NMS as mmcv's ``batched_nms`` (one
-ONNX ``NonMaxSuppression``), ``max_per_img``. Outputs ``dets`` (N, K, 5)
-and ``labels`` (N, K), padded with zero rows and label -1 (mmdeploy's
-layout). Every data-dependent selection is a fixed-size one with a validity
-mask (dropped candidates score -1), so the module runs unchanged in PyTorch
-and traces with dynamic batch, height and width.
+"""mmdet's dense-head post-processing (``predict_by_feat``,
+``rescale=False``) as traceable tensor code: outputs ``dets`` (N, K, 5) and
+``labels`` (N, K), padded with zero rows and label -1 (mmdeploy's layout).
+Every data-dependent selection is a fixed-size one with a validity mask
+(dropped candidates score -1), so the module runs unchanged in PyTorch and
+traces with dynamic batch, height and width (``docs/deployment.md``).
 """
 import copy
 import math
@@ -168,26 +163,6 @@ def check_test_cfg(cfg) -> None:
     check_fraction(nms['iou_threshold'], 'test_cfg.nms.iou_threshold')
 
 
-def postprocess_settings(head: nn.Module) -> dict:
-    """The settings baked into the graph."""
-    cfg = head.test_cfg
-    nms = cfg.get('nms')
-    gen, coder = head.prior_generator, head.bbox_coder
-    return dict(
-        score_thr=float(cfg.get('score_thr', 0)),
-        nms_pre=int(cfg.get('nms_pre')),
-        iou_threshold=float(nms['iou_threshold']),
-        class_agnostic=bool(nms.get('class_agnostic', False)),
-        max_per_img=int(cfg.get('max_per_img')),
-        min_bbox_size=float(cfg.get('min_bbox_size', -1)),
-        num_classes=int(head.num_classes),
-        activation='sigmoid' if head.use_sigmoid_cls else 'softmax',
-        priors=type(gen).__name__,
-        strides=[tuple(int(v) for v in s) for s in gen.strides],
-        coder=type(coder).__name__,
-        clip_border=bool(getattr(coder, 'clip_border', True)))
-
-
 def describe_settings(s: dict) -> str:
     """One line of the baked-in settings, for the export report."""
     nms = (f'nms iou {s["iou_threshold"]:g}'
@@ -208,50 +183,42 @@ class DensePostProcess(nn.Module):
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
         check_head(head)
-        from mmdet.models.task_modules.prior_generators import \
-            AnchorGenerator
-        self.settings = postprocess_settings(head)
+        cfg, gen = head.test_cfg, head.prior_generator
+        nms = cfg.get('nms')
+        self.settings = dict(  # baked into the graph
+            score_thr=float(cfg.get('score_thr', 0)),
+            nms_pre=int(cfg.get('nms_pre')),
+            iou_threshold=float(nms['iou_threshold']),
+            class_agnostic=bool(nms.get('class_agnostic', False)),
+            max_per_img=int(cfg.get('max_per_img')),
+            min_bbox_size=float(cfg.get('min_bbox_size', -1)),
+            num_classes=int(head.num_classes),
+            activation='sigmoid' if head.use_sigmoid_cls else 'softmax',
+            priors=type(gen).__name__,
+            strides=[tuple(int(v) for v in s) for s in gen.strides],
+            coder=type(head.bbox_coder).__name__,
+            clip_border=bool(getattr(head.bbox_coder, 'clip_border', True)))
         for key in ('score_thr', 'nms_pre', 'iou_threshold', 'class_agnostic',
                     'max_per_img', 'min_bbox_size', 'num_classes',
                     'clip_border'):
             setattr(self, key, self.settings[key])
         self.use_sigmoid = head.use_sigmoid_cls
         self.cls_out_channels = int(head.cls_out_channels)
-        # mmdet's own priors: traced with dynamic feature map sizes
+        # mmdet's own priors and box decoding, traced with dynamic sizes
         self.prior_generator = copy.deepcopy(head.prior_generator)
-        coder = head.bbox_coder
-        self.anchors = isinstance(self.prior_generator, AnchorGenerator)
-        if self.anchors:
-            self.means = [float(v) for v in coder.means]
-            self.stds = [float(v) for v in coder.stds]
-            self.add_ctr_clamp = bool(coder.add_ctr_clamp)
-            self.ctr_clamp = float(coder.ctr_clamp)
-            # DeltaXYWHBBoxCoder.decode's default, as predict_by_feat uses
-            self.max_ratio = float(abs(math.log(16 / 1000)))
+        self.coder = copy.deepcopy(head.bbox_coder)
 
     def _decode(self, priors: Tensor, pred: Tensor, max_w: Tensor,
                 max_h: Tensor) -> Tensor:
         """``(N, M, 4)`` boxes; ``max_w``/``max_h``: ``(N, 1)`` bounds."""
-        if self.anchors:
-            means = pred.new_tensor(self.means)
-            stds = pred.new_tensor(self.stds)
-            denorm = pred * stds + means
-            dxy, dwh = denorm[..., :2], denorm[..., 2:]
-            pxy = (priors[..., :2] + priors[..., 2:]) * 0.5
-            pwh = priors[..., 2:] - priors[..., :2]
-            dxy_wh = pwh * dxy
-            if self.add_ctr_clamp:
-                dxy_wh = torch.clamp(dxy_wh, max=self.ctr_clamp,
-                                     min=-self.ctr_clamp)
-                dwh = torch.clamp(dwh, max=self.max_ratio)
-            else:
-                dwh = dwh.clamp(min=-self.max_ratio, max=self.max_ratio)
-            gxy = pxy + dxy_wh
-            gwh = pwh * dwh.exp()
-            x1y1 = gxy - gwh * 0.5
-            x2y2 = gxy + gwh * 0.5
-            x1, y1 = x1y1[..., 0], x1y1[..., 1]
-            x2, y2 = x2y2[..., 0], x2y2[..., 1]
+        from mmdet.models.task_modules.coders import delta_xywh_bbox_coder
+        c = self.coder
+        if type(c) is delta_xywh_bbox_coder.DeltaXYWHBBoxCoder:
+            # mmdet's arithmetic, unclipped: the bounds differ per image
+            x1, y1, x2, y2 = delta_xywh_bbox_coder.delta2bbox(
+                priors.reshape(-1, 4), pred.reshape(-1, 4), c.means, c.stds,
+                None, 16 / 1000, False, c.add_ctr_clamp,
+                c.ctr_clamp).reshape(pred.shape).unbind(-1)
         else:
             x1 = priors[..., 0] - pred[..., 0]
             y1 = priors[..., 1] - pred[..., 1]

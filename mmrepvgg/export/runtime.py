@@ -10,7 +10,6 @@ import numpy as np
 from mmrepvgg.utils.cli import ToolError
 
 RUNTIMES = ('onnxruntime', 'openvino')
-DEFAULT_PROVIDERS = ('CPUExecutionProvider', )
 #: Largest ``.onnx`` file opened (a protobuf holds at most 2 GiB).
 MAX_ONNX_BYTES = 2**31
 
@@ -44,19 +43,11 @@ def check_model_file(path: Union[str, 'os.PathLike']) -> None:
 
 def make_session(model: Union[str, bytes, 'os.PathLike'],
                  threads: Optional[int] = None,
-                 providers: Optional[Sequence[str]] = None,
-                 spinning: bool = False,
                  runtime: str = 'onnxruntime',
                  precision: str = 'f32'):
-    """An ``onnxruntime.InferenceSession`` of a path or serialized model,
-    or with ``runtime='openvino'`` an :class:`~.openvino.OpenVinoSession`.
-
-    Args:
-        spinning (bool): let idle pool threads busy-wait. Off by default:
-            interleaved with PyTorch, spinning threads steal its cores.
-        precision (str): OpenVINO's ``INFERENCE_PRECISION_HINT`` (``f32`` or
-            ``bf16``); onnxruntime runs ``f32`` only.
-    """
+    """An ``onnxruntime.InferenceSession`` (CPU, idle threads not spinning:
+    they would steal PyTorch's cores) of a path or serialized model, or an
+    :class:`~.openvino.OpenVinoSession` with ``precision`` as its hint."""
     check_runtime(runtime)
     if not isinstance(model, bytes):
         check_model_file(model)
@@ -71,14 +62,13 @@ def make_session(model: Union[str, bytes, 'os.PathLike'],
     if threads:
         opts.intra_op_num_threads = int(threads)
     opts.log_severity_level = 3  # errors only
-    opts.add_session_config_entry('session.intra_op.allow_spinning',
-                                  '1' if spinning else '0')
+    opts.add_session_config_entry('session.intra_op.allow_spinning', '0')
     what = model if isinstance(model, (str, os.PathLike)) else 'the graph'
     try:
         return ort.InferenceSession(
             model if isinstance(model, bytes) else str(model),
             sess_options=opts,
-            providers=list(providers or DEFAULT_PROVIDERS))
+            providers=['CPUExecutionProvider'])
     except Exception as e:  # onnxruntime raises its own exception types
         raise OnnxRuntimeError(f'{what}: onnxruntime cannot load it: '
                                f'{_first_line(e)}') from None
@@ -132,8 +122,8 @@ def run(session, feeds: Mapping[str, np.ndarray],
 
 
 def _first_line(e: BaseException) -> str:
-    """The informative line of a message (OpenVINO's first lines name C++
-    files)."""
+    """The informative line of a message (OpenVINO's first name C++ files).
+    """
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     told = [ln for ln in lines if not ln.startswith('Exception from ')]
     return (told or lines or [type(e).__name__])[0]

@@ -1,15 +1,9 @@
-"""An exported graph against the PyTorch model it came from.
-
-Raw tensors are judged by :func:`mmrepvgg.deploy.verify.judge_fp32` (float64
-truth, PyTorch float32 as the noise measure). Detections are matched per
-image: same label, every box coordinate within ``box_tol`` pixels, score
-within ``score_tol``; images that differ are listed, never hidden.
+"""An exported graph against the PyTorch model it came from: raw tensors
+by :func:`mmrepvgg.deploy.verify.judge_fp32`, detections matched per image
+(same label, box and score within tolerances; differing images listed).
 """
-import contextlib
-import copy
-import io
-from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import (Any, Dict, List, Mapping, Optional, Sequence, Tuple,
+                    Union)
 
 import numpy as np
 import torch
@@ -34,12 +28,12 @@ def raw_groups(truth: Mapping[str, torch.Tensor],
                tag: str) -> Tuple[Dict[str, torch.Tensor], ...]:
     """``(truth, reference, candidate)`` for :func:`judge_fp32`, the levels
     of one head output (``out0_0``, ``out0_1`` ...) as one tensor
-    ``out0@tag``: the coarsest levels hold too few values for their own
-    float32 noise to be measured. Shapes must match (dynamic axes)."""
+    ``out0@tag`` (a coarse level alone is too small to measure its noise).
+    """
     if len(candidate) != len(reference):
         raise ExportError(f'onnxruntime returned {len(candidate)} outputs, '
                           f'PyTorch {len(reference)}')
-    groups: 'OrderedDict[str, list]' = OrderedDict()
+    groups: Dict[str, list] = {}
     for name, a, b, d in zip(names, truth.values(), reference.values(),
                              candidate):
         if tuple(b.shape) != tuple(d.shape):
@@ -52,8 +46,8 @@ def raw_groups(truth: Mapping[str, torch.Tensor],
         groups.setdefault(key, []).append(
             (a.detach().cpu().flatten(), b.detach().cpu().flatten(),
              torch.from_numpy(np.asarray(d)).flatten()))
-    return tuple(OrderedDict((k, torch.cat([p[i] for p in v]))
-                             for k, v in groups.items()) for i in range(3))
+    return tuple({k: torch.cat([p[i] for p in v]) for k, v in groups.items()}
+                 for i in range(3))
 
 
 def noisier(truth: Mapping[str, torch.Tensor],
@@ -72,13 +66,8 @@ def as_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 class TruthAndReference:
     """A module's outputs in float64 (the truth) and float32 (the
-    reference), flattened.
-
-    The reference of each output is the contiguous or channels_last run,
-    whichever is further from the truth (:func:`noisier`): oneDNN's NHWC
-    kernels (OpenVINO's, ``torch.compile``'s) round differently, and both
-    are this network's float32 noise on this CPU.
-    """
+    reference: the contiguous or channels_last run, whichever is further
+    from the truth, as oneDNN's NHWC kernels round differently)."""
 
     def __init__(self, module: nn.Module) -> None:
         from mmrepvgg.deploy.switch import deepcopy_model
@@ -99,10 +88,9 @@ class TruthAndReference:
 
 
 def box_tolerance(shape: Sequence[int]) -> float:
-    """The default box tolerance of an input of ``shape`` (``(..., H,
-    W)``)."""
-    return max(BOX_TOL_MIN, BOX_TOL_REL * max(int(shape[-2]),
-                                              int(shape[-1])))
+    """The default box tolerance of an input of ``shape`` (``..., H, W``).
+    """
+    return max(BOX_TOL_MIN, BOX_TOL_REL * max(map(int, shape[-2:])))
 
 
 def _detections(bboxes, scores, labels, **extra) -> Dict[str, Any]:
@@ -160,30 +148,31 @@ def _match_image(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
 
 def compare_detections(candidate: Sequence[Mapping[str, np.ndarray]],
                        reference: Sequence[Mapping[str, np.ndarray]],
-                       box_tol: float = BOX_TOL_MIN,
-                       score_tol: float = SCORE_TOL,
-                       first_image: int = 0) -> Dict[str, Any]:
-    """Per-image comparison of two detection lists: counts, worst
-    matched differences, ``differing`` ``(image, text)`` pairs,
-    ``unmatched`` detections of either side, ``finite``."""
-    res = dict(merge_comparisons([]), images=len(candidate))
-    for k, (a, b) in enumerate(zip(candidate, reference)):
+                       box_tol: Union[float, Sequence[float]] = BOX_TOL_MIN,
+                       score_tol: float = SCORE_TOL) -> Dict[str, Any]:
+    """Per-image comparison of two detection lists (``box_tol``: one or
+    one per image): counts, worst matched differences, ``differing``
+    ``(image, text)`` pairs, ``unmatched`` detections of either side,
+    ``finite``."""
+    res = dict(images=len(candidate), detections=0, reference_detections=0,
+               matched=0, max_box=0.0, max_score=0.0, differing=[],
+               unmatched=0, finite=True)
+    tols = np.broadcast_to(box_tol, (len(candidate), ))
+    for k, (a, b, tol) in enumerate(zip(candidate, reference, tols)):
         res['detections'] += len(a['labels'])
         res['reference_detections'] += len(b['labels'])
         if not (np.isfinite(a['bboxes']).all()
                 and np.isfinite(a['scores']).all()):
             res['finite'] = False
-            res['differing'].append(
-                (first_image + k, 'non-finite boxes or scores'))
+            res['differing'].append((k, 'non-finite boxes or scores'))
             continue
-        pairs, la, lb = _match_image(a, b, box_tol, score_tol)
+        pairs, la, lb = _match_image(a, b, float(tol), score_tol)
         res['matched'] += len(pairs)
         res['max_box'] = max([res['max_box']] + [p[2] for p in pairs])
         res['max_score'] = max([res['max_score']] + [p[3] for p in pairs])
         if la or lb:
             res['unmatched'] += len(la) + len(lb)
-            res['differing'].append(
-                (first_image + k, _describe_lonely(a, b, la, lb)))
+            res['differing'].append((k, _describe_lonely(a, b, la, lb)))
     return res
 
 
@@ -203,22 +192,6 @@ def _describe_lonely(a, b, la: List[int], lb: List[int], n: int = 3) -> str:
     if lb:
         parts.append(f'only in PyTorch: {fmt(b, lb)}')
     return ', '.join(parts)
-
-
-def merge_comparisons(items: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """Sum of :func:`compare_detections` results over several batches."""
-    out = dict(images=0, detections=0, reference_detections=0, matched=0,
-               max_box=0.0, max_score=0.0, differing=[], unmatched=0,
-               finite=True)
-    for r in items:
-        for k in ('images', 'detections', 'reference_detections', 'matched',
-                  'unmatched'):
-            out[k] += r[k]
-        for k in ('max_box', 'max_score'):
-            out[k] = max(out[k], r[k])
-        out['differing'] += r['differing']
-        out['finite'] = out['finite'] and r['finite']
-    return out
 
 
 def describe_comparison(r: Mapping[str, Any], what: str) -> str:
@@ -272,27 +245,17 @@ def mmdet_postprocess(head: nn.Module, raw: Sequence[np.ndarray],
 
 def dataset_batch(cfg, model: nn.Module, num: int
                   ) -> Tuple[Optional[torch.Tensor], Optional[list], str]:
-    """``(inputs, samples, note)`` of the first ``num`` test-set images,
-    preprocessed; ``(None, None, reason)`` when the set cannot be read."""
+    """``(inputs, samples, note)`` of ``num`` test-set images (evenly
+    spread, the first when 1) preprocessed as one batch; ``(None, None,
+    reason)`` when the set cannot be read."""
+    from .quantize.calibration import preprocessed
     if num <= 0:
         return None, None, 'dataset images disabled'
     try:
-        from mmdet.registry import DATASETS
-        from mmengine.dataset import pseudo_collate
-        from mmengine.registry import init_default_scope
-        init_default_scope(cfg.get('default_scope', 'mmdet'))
-        loader = cfg.get('test_dataloader') or cfg.get('val_dataloader')
-        if not loader:
-            return None, None, 'no test_dataloader in the config'
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools
-            dataset = DATASETS.build(copy.deepcopy(loader['dataset']))
-        items = [dataset[i] for i in range(min(num, len(dataset)))]
-        if not items:
-            return None, None, 'the test set is empty'
-        data = model.data_preprocessor(pseudo_collate(items), False)
+        ((x, samples), ), info = preprocessed(cfg, 'test', num,
+                                              model.data_preprocessor, True)
     except Exception as e:  # missing files, unknown dataset types
         text = str(e).strip().splitlines()
         return None, None, (f'test set not readable ({type(e).__name__}: '
                             f'{text[0] if text else ""})')
-    return data['inputs'].float(), data['data_samples'], \
-        f'{len(items)} test-set image(s)'
+    return x, samples, f'{info["images"]} test-set image(s)'

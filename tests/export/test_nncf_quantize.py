@@ -107,6 +107,3 @@ def test_bad_arguments(tiny_fp32, tmp_path):
                       validator=_Scores(tiny_fp32))
     with pytest.raises(qz.QuantizeError, match='no calibration inputs'):
         quantize_nncf(str(tiny_fp32), out, [])
-    with pytest.raises(qz.QuantizeError, match='--max-iterations'):
-        quantize_nncf(str(tiny_fp32), out, _calibration(2),
-                      max_iterations=0)

@@ -136,8 +136,8 @@ def test_export_verifies_on_openvino(detectors, tmp_path, openvino_usable):
     torch.save({'state_dict': model.state_dict()}, tmp_path / 'toy.pth')
     report = export_onnx(cfg, config_path('toy'), str(tmp_path / 'toy.pth'),
                          str(tmp_path / 'bb.onnx'), mode='backbone',
-                         shape=(64, 64), runtime='openvino', bench=True,
-                         repeats=2, warmup=1, threads=1)
+                         shape=(64, 64), runtime='openvino', bench=2,
+                         threads=1)
     assert report.runtime == 'openvino' and report.verdict['passed']
     assert set(report.bench['timing'].times) == {'pytorch', 'openvino'}
     assert (tmp_path / 'bb.onnx').is_file()

@@ -24,7 +24,7 @@ def _tiny_backbone(seed=0):
 #: u8s8 kernels without VNNI (AVX2 only) multiply-add pairs into saturating
 #: int16 (vpmaddubsw), so numbers that compare the INT8 graph's run with its
 #: quantization parameters use u8u8 (docs/int8.md).
-EXACT = qz.QuantConfig(weight_type='uint8')
+EXACT = 'uint8'
 
 
 def _calib(n, hw=32, seed=1):
@@ -180,9 +180,10 @@ def test_weight_outlier_shows_in_its_layer(tiny_graphs, tmp_path):
             assert a['weight_sqnr_db'] == pytest.approx(b['weight_sqnr_db'])
 
 
-def test_bad_quant_config():
+def test_bad_weight_type(tiny_graphs, tmp_path):
     with pytest.raises(qz.QuantizeError, match='--weight-type'):
-        qz.QuantConfig(weight_type='int4')
+        qz.quantize_onnx(tiny_graphs['fp32'], str(tmp_path / 'q.onnx'),
+                         _calib(1), weight_type='int4')
 
 
 def test_pick_indices():

@@ -135,8 +135,8 @@ def test_bare_backbone_config_and_bench(models, tmp_path, capsys):
     out = tmp_path / 'backbone.onnx'
     cfg = models['dir'] / 'backbone.py'
     code, stdout, err = _run([cfg, models['dir'] / 'backbone.pth', out,
-                              '--shape', '64', '64', '--bench', '--repeats',
-                              '2', '--warmup', '1', '--opset', '18'],
+                              '--shape', '64', '64', '--bench', '2',
+                              '--opset', '18'],
                              capsys)
     assert code == 0, err
     assert 'exported RepVGG' in stdout and 'opset 18' in stdout
@@ -324,7 +324,7 @@ def test_end2end_toy(models, tmp_path, capsys):
                               '--postprocess', '--shape', '96', '128',
                               '--verify-images', '0',  # whatever the cwd
                               '--cfg-options', 'model.test_cfg.score_thr=0.3',
-                              '--bench', '--repeats', '2', '--warmup', '1'],
+                              '--bench', '2'],
                              capsys)
     assert code == 0, err
     assert _files(tmp_path) == ['toy.onnx']

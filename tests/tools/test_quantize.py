@@ -257,7 +257,6 @@ def test_nncf_accuracy_control_end_to_end(toy_trained, tmp_path, capsys,
     out, fp32 = tmp_path / 'nncf_int8.onnx', tmp_path / 'fp32.onnx'
     code, stdout, err = _run([TOY_CONFIG, toy_trained['ckpt'], out,
                               '--backend', 'nncf', '--max-drop', '0.05',
-                              '--ac-images', '3', '--max-iterations', '1',
                               '--calib-images', '4', '--verify-images', '2',
                               '--save-fp32', fp32, '--threads', '1'], capsys)
     assert code == 0, err
@@ -269,10 +268,10 @@ def test_nncf_accuracy_control_end_to_end(toy_trained, tmp_path, capsys,
     meta = {p.key: p.value for p in q.metadata_props}
     assert {p.key for p in f.metadata_props} <= set(meta)
     config = json.loads(meta[qz.QUANT_METADATA_KEY])['config']
-    assert 'NNCF' in config and 'max mAP drop 0.05 on 3 val images' in config
+    assert 'NNCF' in config and 'max mAP drop 0.05 on 2 val images' in config
     assert 'quantization   : nncf: NNCF' in stdout
     line = next(ln for ln in stdout.splitlines() if 'accuracy ctrl' in ln)
-    assert 'bbox mAP on 3 of 8 val images: FP32' in line
+    assert 'bbox mAP on 2 of 8 val images: FP32' in line
     drop = float(line.split('(drop ')[1].split(',')[0])
     assert drop <= 0.05
     assert stdout.count('boundary raw') == 6
@@ -292,13 +291,9 @@ def test_nncf_accuracy_control_end_to_end(toy_trained, tmp_path, capsys,
     (['--max-drop', '0.01'], '--max-drop: needs --backend nncf'),
     (['--backend', 'nncf', '--weight-type', 'uint8'],
      'applies to --backend onnxruntime'),
-    (['--backend', 'nncf', '--ac-images', '2'],
-     '--ac-images and --max-iterations need --max-drop'),
     (['--backend', 'nncf', '--max-drop', '-1'], '--max-drop must be >= 0'),
     (['--backend', 'nncf', '--max-drop', '0.01', '--backbone-only'],
      'not with --backbone-only'),
-    (['--backend', 'nncf', '--max-drop', '0.01', '--max-iterations', '0'],
-     '--max-iterations must be >= 1'),
 ])
 def test_backend_options_refused_before_work(argv, expect, random_toy_ckpt,
                                              tmp_path, capsys):

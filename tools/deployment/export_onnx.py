@@ -2,16 +2,12 @@
 """Export a deployed (fused) RepVGG model to ONNX and verify it.
 
     python tools/deployment/export_onnx.py CONFIG CHECKPOINT OUTPUT.onnx \\
-        --postprocess
-    python tools/deployment/export_onnx.py CONFIG CHECKPOINT OUTPUT.onnx
-    python tools/deployment/export_onnx.py CONFIG CHECKPOINT backbone.onnx \\
-        --backbone-only
+        [--postprocess | --backbone-only]
 
-CHECKPOINT is a training-form checkpoint (fused here) or a deploy checkpoint
-from tools/convert_deploy.py. --postprocess puts mmdet's post-processing in
-the graph (outputs dets and labels); without it a single-stage detector
-exports its raw head outputs. OUTPUT appears only after the graph was verified
-against PyTorch; any error is one line `error: ...` and no file.
+CHECKPOINT is a training-form or deploy checkpoint. --postprocess puts
+mmdet's post-processing in the graph (outputs dets and labels); without it a
+single-stage detector exports its raw head outputs. OUTPUT appears only after
+the graph was verified against PyTorch; an error is one line and no file.
 """
 import importlib.util
 import os.path as osp
@@ -52,14 +48,12 @@ def parse_args(argv=None):
                    help='--postprocess: also verify on this many images of '
                    "the config's test set when it is readable (default 4; "
                    '0: random inputs only)')
-    p.add_argument('--bench', action='store_true',
-                   help='time onnxruntime vs PyTorch deploy on the same '
-                   'input (interleaved, median); --postprocess: the graph '
-                   "vs PyTorch deploy + mmdet's post-processing")
-    p.add_argument('--repeats', type=int, default=20,
-                   help='--bench timed rounds (default 20)')
-    p.add_argument('--warmup', type=int, default=3,
-                   help='--bench untimed rounds (default 3)')
+    p.add_argument('--bench', type=int, nargs='?', const=20, default=0,
+                   metavar='ROUNDS',
+                   help='time the runtime vs PyTorch deploy on the same '
+                   'input (interleaved, median of ROUNDS, default 20); '
+                   "--postprocess: the graph vs PyTorch deploy + mmdet's "
+                   'post-processing')
     p.add_argument('--threads', type=int,
                    help='threads of both PyTorch and onnxruntime')
     p.add_argument('--runtime', choices=['onnxruntime', 'openvino'],

@@ -4,16 +4,15 @@
     python tools/deployment/quantize.py CONFIG CHECKPOINT OUT.onnx \\
         [--backbone-only] [--layers] [--bench 30] [--backend nncf]
 
-Exports the deploy-form model to ONNX, quantizes its conv region statically
-(post-processing stays float) calibrated on real images of the config, runs
-it next to the FP32 graph on other real images and refuses to write it when
-a quantized output is below --min-sqnr dB. Outputs are checked against the
-inputs first and written together at the end; a bad input is one
-``error: ...`` line (exit 1) and no file. See docs/int8.md.
+Exports the deploy-form model to ONNX, quantizes its conv region calibrated
+on real images of the config and refuses to write it when a quantized output
+is below --min-sqnr dB against FP32 on other images. Outputs are written
+together at the end; a bad input is one ``error:`` line and no file.
 """
 import importlib.util
 import os.path as osp
 import runpy
+from collections import Counter
 
 
 def parse_args(argv=None):
@@ -50,11 +49,7 @@ def parse_args(argv=None):
                    help='the quantizer (nncf: pip install -e .[openvino])')
     p.add_argument('--max-drop', type=float, metavar='X',
                    help='nncf: accuracy control, the largest absolute bbox '
-                   'mAP drop vs FP32 on --verify-split')
-    p.add_argument('--ac-images', type=int, metavar='N',
-                   help='images the accuracy control scores (default: all)')
-    p.add_argument('--max-iterations', type=int, metavar='N',
-                   help='accuracy-control iterations at most; default 8')
+                   'mAP drop vs FP32 on the --verify-images')
     p.add_argument('--layers', action='store_true',
                    help='print the per-conv-layer SQNR table')
     p.add_argument('--layers-json', metavar='PATH.json',
@@ -75,7 +70,7 @@ def main(argv=None) -> int:
 
 
 def _ops(hist: dict, n: int) -> str:
-    items = sorted(hist.items(), key=lambda kv: -kv[1])
+    items = Counter(hist).most_common()
     more = f', ... ({len(items) - n} more op types)' if len(items) > n else ''
     return ', '.join(f'{k} {v}' for k, v in items[:n]) + more
 
@@ -133,7 +128,7 @@ def print_report(r: dict) -> None:
 def run(args) -> int:
     import mmrepvgg  # noqa: F401  (registers modules and safe globals)
     from mmrepvgg.apis.convert import load_config
-    from mmrepvgg.export.quantize import QuantConfig, quantize_checkpoint
+    from mmrepvgg.export.quantize import quantize_checkpoint
     from mmrepvgg.export.runtime import set_threads
     set_threads(args.threads)
     report = quantize_checkpoint(
@@ -142,12 +137,11 @@ def run(args) -> int:
         img_shape_input=args.img_shape_input, calib_images=args.calib_images,
         calib_split=args.calib_split, verify_images=args.verify_images,
         verify_split=args.verify_split,
-        config=QuantConfig(weight_type=args.weight_type),
+        weight_type=args.weight_type,
         min_sqnr=args.min_sqnr, threads=args.threads,
         unsafe_load=args.unsafe_load, layers=args.layers, bench=args.bench,
         fp32_output=args.save_fp32, layers_json=args.layers_json,
-        backend=args.backend, max_drop=args.max_drop,
-        ac_images=args.ac_images, max_iterations=args.max_iterations)
+        backend=args.backend, max_drop=args.max_drop)
     print_report(report)
     if args.layers_json:
         print(f'wrote {args.layers_json}')

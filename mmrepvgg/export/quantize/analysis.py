@@ -3,8 +3,7 @@ per output (:func:`compare_sessions`), per detection
 (:func:`detection_agreement`) and per conv layer (:func:`layer_errors`)."""
 import copy
 import math
-from collections import OrderedDict
-from typing import List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -14,9 +13,8 @@ from .static import FOLDED_ACTIVATIONS, consumers, load, producers
 
 
 class ErrorStats:
-    """SQNR and the largest :func:`relative_error` (``inf`` once a sample
-    held a NaN or infinity) of one tensor over several samples, in
-    float64."""
+    """SQNR and the largest :func:`relative_error` of one tensor over
+    several samples, in float64."""
 
     def __init__(self) -> None:
         self.signal = self.noise = self.rel_err = 0.0
@@ -34,9 +32,8 @@ class ErrorStats:
 
     @property
     def sqnr_db(self) -> float:
-        """``10 log10(sum ref^2 / sum (ref - test)^2)``: ``inf`` for equal
-        tensors, ``-inf`` for noise on a zero signal, ``nan`` when a sample
-        held a NaN or infinity."""
+        """``10 log10(sum ref^2 / sum (ref - test)^2)``; ``nan`` once a
+        sample held a NaN or infinity."""
         if not math.isfinite(self.rel_err):
             return math.nan
         if self.noise == 0:
@@ -47,16 +44,15 @@ class ErrorStats:
 
 
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
-    """SQNR (dB) of ``test`` against ``reference``
-    (:attr:`ErrorStats.sqnr_db`)."""
+    """SQNR (dB) of ``test`` against ``reference``."""
     return ErrorStats().add(reference, test).sqnr_db
 
 
 def _run_pairs(fp32_model, int8_model, ftensors: Sequence[str],
                qtensors: Sequence[str], inputs: Sequence,
                threads: Optional[int]):
-    """Yield per input its feed, the FP32 graph's ``ftensors`` and the INT8
-    graph's ``qtensors`` (made graph outputs where they are not)."""
+    """Per input its feed, the FP32 graph's ``ftensors`` and the INT8
+    graph's ``qtensors`` (made graph outputs)."""
     import onnx
 
     from ..runtime import input_names, make_session
@@ -76,8 +72,7 @@ def _run_pairs(fp32_model, int8_model, ftensors: Sequence[str],
 
 def dequantized_name(int8_model, tensor: str) -> Optional[str]:
     """The dequantized copy of float ``tensor`` in a QDQ graph, or the
-    tensor itself where it stays float; ``None`` if the graph has
-    neither."""
+    tensor itself where it stays float (else ``None``)."""
     graph = load(int8_model).graph
     read_by = consumers(graph)
     for q in read_by.get(tensor, []):
@@ -93,16 +88,11 @@ def compare_sessions(fp32_model,
                      inputs: Sequence,
                      extra_tensors: Sequence[str] = (),
                      threads: Optional[int] = None,
-                     outputs: bool = True) -> 'OrderedDict':
-    """SQNR and relative error of an INT8 graph against its FP32 graph on
-    ``inputs`` (arrays for the first input, or feed dicts), per graph
-    output (unless ``outputs`` is False) and per float tensor of
-    ``extra_tensors`` (read in the INT8 graph as :func:`dequantized_name`).
-
-    Returns:
-        OrderedDict: name -> ``sqnr_db``, ``rel_err``, ``samples``, ``kind``
-        (``output`` or ``boundary``).
-    """
+                     outputs: bool = True) -> Dict[str, dict]:
+    """Per graph output (unless ``outputs`` is False) and per float tensor
+    of ``extra_tensors`` (in the INT8 graph: :func:`dequantized_name`), the
+    INT8 graph against the FP32 graph on ``inputs``: name -> ``sqnr_db``,
+    ``rel_err``, ``samples``, ``kind`` (``output`` or ``boundary``)."""
     fp32_model, int8_model = load(fp32_model), load(int8_model)
     outs = [o.name for o in fp32_model.graph.output] if outputs else []
     extra = [t for t in extra_tensors if t not in outs]
@@ -118,10 +108,10 @@ def compare_sessions(fp32_model,
                               outs + q_extra, inputs, threads):
         for s, x, y in zip(stats, a, b):
             s.add(x, y)
-    return OrderedDict(
-        (name, dict(sqnr_db=s.sqnr_db, rel_err=s.rel_err, samples=s.samples,
-                    kind='output' if name in outs else 'boundary'))
-        for name, s in zip(names, stats))
+    return {name: dict(sqnr_db=s.sqnr_db, rel_err=s.rel_err,
+                       samples=s.samples,
+                       kind='output' if name in outs else 'boundary')
+            for name, s in zip(names, stats)}
 
 
 #: INT8 detections match FP32 ones within this fraction of the input's
@@ -135,19 +125,17 @@ def detection_agreement(fp32_path: str, int8_path: str, inputs: Sequence,
     """:func:`~mmrepvgg.export.verify.compare_detections` of an end-to-end
     INT8 graph's ``dets``, ``labels`` against the FP32 graph's, summed over
     ``inputs``, plus ``box_tol`` and ``score_tol``."""
-    from ..verify import compare_detections, merge_comparisons, split_dets
-    results, first, box_tol = [], 0, 0.0
+    from ..verify import compare_detections, split_dets
+    ours, ref, tols = [], [], []
     dets = ['dets', 'labels']
     for feed, a, b in _run_pairs(fp32_path, int8_path, dets, dets, inputs,
                                  threads):
         x = next(iter(feed.values()))
-        tol = DET_BOX_TOL_REL * max(x.shape[-2:])
-        box_tol = max(box_tol, tol)
-        results.append(compare_detections(split_dets(*b), split_dets(*a),
-                                          tol, DET_SCORE_TOL, first))
-        first += x.shape[0]
-    return dict(merge_comparisons(results), box_tol=box_tol,
-                score_tol=DET_SCORE_TOL)
+        tols += [DET_BOX_TOL_REL * max(x.shape[-2:])] * x.shape[0]
+        ours += split_dets(*b)
+        ref += split_dets(*a)
+    return dict(compare_detections(ours, ref, tols, DET_SCORE_TOL),
+                box_tol=max(tols), score_tol=DET_SCORE_TOL)
 
 
 def layer_name(node_name: str) -> str:
@@ -170,15 +158,11 @@ def layer_errors(fp32_path: str,
                  int8_path: str,
                  inputs: Sequence,
                  threads: Optional[int] = None) -> List[dict]:
-    """Per ``Conv`` of the FP32 graph quantized in the INT8 (QDQ) graph, a
-    row: ``layer`` (module path), ``node``, ``out_channels``; ``sqnr_db``,
-    the INT8 activation (the conv's output, or that of the activation
-    folded after it) against FP32 on ``inputs``: the error accumulated so
-    far (``qdq_loss_debug``'s ``xmodel_err``, streamed here instead of held
-    in memory for every input); ``weight_sqnr_db`` of the dequantized
-    weights (``qdq_loss_debug``); ``w_peak_over_mean``, ``max|w| /
-    mean|w|`` of the worst output channel: outliers a per-channel scale
-    must cover."""
+    """Per quantized ``Conv`` a row: ``layer`` (module path), ``node``,
+    ``out_channels``, ``sqnr_db`` of its INT8 activation (after a folded
+    activation) against FP32, accumulated (``qdq_loss_debug``'s
+    ``xmodel_err``, streamed); ``weight_sqnr_db`` (``qdq_loss_debug``) and
+    ``w_peak_over_mean`` (max/mean |w| of the worst output channel)."""
     from onnxruntime.quantization import qdq_loss_debug as dbg
     fp, qm = load(fp32_path), load(int8_path)
     read_by = consumers(fp.graph)

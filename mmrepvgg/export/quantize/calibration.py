@@ -48,29 +48,6 @@ def split_dataset_cfg(cfg, split: str):
     return ds_cfg
 
 
-def build_split(cfg, split: str):
-    """The dataset of :func:`split_dataset_cfg`, built; an unreadable or
-    missing annotation file is a :class:`QuantizeError` naming it."""
-    from mmdet.registry import DATASETS
-    from mmengine.registry import init_default_scope
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    ds_cfg = split_dataset_cfg(cfg, split)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' chat
-            ds = DATASETS.build(ds_cfg)
-    except Exception as e:  # mmengine wraps errors of the dataset class
-        ann = osp.join(ds_cfg.get('data_root') or '',
-                       ds_cfg.get('ann_file', ''))
-        text = str(e).strip()
-        raise QuantizeError(
-            f'cannot read the {split} images of the config (annotations '
-            f'{ann!r}): {text.splitlines()[0] if text else type(e).__name__}'
-        ) from None
-    if len(ds) == 0:
-        raise QuantizeError(f'the {split} dataset of the config is empty')
-    return ds
-
-
 def pick_indices(total: int, num: Optional[int]) -> List[int]:
     """``num`` indices spread evenly over ``range(total)`` (all of them
     when ``num`` is ``None`` or at least ``total``)."""
@@ -93,34 +70,63 @@ def build_preprocessor(cfg):
     return MODELS.build(copy.deepcopy(dp)).eval()
 
 
+def preprocessed(cfg, split: str, num: Optional[int], preprocessor=None,
+                 one_batch: bool = False) -> Tuple[list, dict]:
+    """``num`` images of ``split`` (evenly spread; all when ``None``)
+    through the test pipeline and ``preprocessor`` (default
+    :func:`build_preprocessor`): ``(inputs, data_samples)`` batches of one
+    image each (all in one with ``one_batch``), and ``dict(split, images,
+    of, metainfo)``. Verification, calibration and scoring read images
+    here."""
+    import torch
+    from mmengine.dataset import pseudo_collate
+    from mmdet.registry import DATASETS
+    if preprocessor is None:
+        preprocessor = build_preprocessor(cfg)
+    from mmengine.registry import init_default_scope
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    ds_cfg = split_dataset_cfg(cfg, split)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' chat
+            ds = DATASETS.build(ds_cfg)
+    except Exception as e:  # mmengine wraps errors of the dataset class
+        ann = osp.join(ds_cfg.get('data_root') or '',
+                       ds_cfg.get('ann_file', ''))
+        text = str(e).strip()
+        raise QuantizeError(
+            f'cannot read the {split} images of the config (annotations '
+            f'{ann!r}): {text.splitlines()[0] if text else type(e).__name__}'
+        ) from None
+    if len(ds) == 0:
+        raise QuantizeError(f'the {split} dataset of the config is empty')
+    items = [ds[i] for i in pick_indices(len(ds), num)]
+    batches = []
+    with torch.no_grad():
+        for group in [items] if one_batch else [[it] for it in items]:
+            b = preprocessor(pseudo_collate(group), False)
+            batches.append((b['inputs'].float(), b['data_samples']))
+    return batches, dict(split=split, images=len(items), of=len(ds),
+                         metainfo=ds.metainfo)
+
+
 def preprocessed_images(cfg,
                         split: str,
                         num: Optional[int],
                         preprocessor=None) -> Tuple[List[dict], dict]:
-    """``num`` images of ``split`` (evenly spread; all when ``None``)
-    through the test pipeline and ``preprocessor`` (default
-    :func:`build_preprocessor`): feeds ``{'input': 1x3xHxW float32,
-    'img_shape': [[h, w]] int64}``, and ``dict(split, images, of, shapes)``.
-    """
-    import torch
-    from mmengine.dataset import pseudo_collate
-    preprocessor = preprocessor or build_preprocessor(cfg)
-    ds = build_split(cfg, split)
-    feeds, shapes = [], Counter()
-    with torch.no_grad():
-        for i in pick_indices(len(ds), num):
-            batch = preprocessor(pseudo_collate([ds[i]]), False)
-            x = batch['inputs'].float().cpu().contiguous().numpy()
-            h, w = batch['data_samples'][0].metainfo['img_shape'][:2]
-            feeds.append(dict(input=x, img_shape=np.array([[h, w]], np.int64)))
-            shapes[x.shape] += 1
-    return feeds, dict(split=split, images=len(feeds), of=len(ds),
-                       shapes=dict(shapes))
+    """:func:`preprocessed` as graph feeds ``{'input': 1x3xHxW float32,
+    'img_shape': [[h, w]] int64}``; the info also counts ``shapes``."""
+    batches, info = preprocessed(cfg, split, num, preprocessor)
+    del info['metainfo']
+    feeds = [dict(input=x.cpu().contiguous().numpy(), img_shape=np.array(
+        [s.metainfo['img_shape'][:2] for s in samples], np.int64))
+        for x, samples in batches]
+    info['shapes'] = dict(Counter(f['input'].shape for f in feeds))
+    return feeds, info
 
 
 def as_feeds(inputs, names: Sequence[str]) -> List[Dict[str, np.ndarray]]:
-    """Feed dicts for a graph with inputs ``names``: an array feeds the
-    first input; of a dict only the graph's inputs are kept."""
+    """Feed dicts for a graph with inputs ``names`` of arrays (the first
+    input) or dicts (the graph's inputs kept)."""
     feeds = []
     for x in inputs:
         if not isinstance(x, Mapping):

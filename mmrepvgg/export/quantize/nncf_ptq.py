@@ -1,7 +1,7 @@
 """The conv region of :func:`.static.quantizable_nodes` quantized by NNCF
-into a QDQ ONNX file (the rest in NNCF's ignored scope), optionally under
-accuracy control by the bbox mAP of the config's own evaluation
-(:class:`~mmrepvgg.export.evaluate.SplitScorer`)."""
+into a QDQ ONNX file, optionally under accuracy control by the bbox mAP of
+the config's own evaluation (:class:`~mmrepvgg.export.evaluate.SplitScorer`).
+"""
 import contextlib
 import io
 import logging
@@ -26,18 +26,6 @@ def import_nncf():
     except ImportError as e:
         raise QuantizeError(f'--backend nncf needs nncf ({e}); pip install '
                             '-e ".[openvino]"') from None
-
-
-def check_options(max_drop: Optional[float], ac_images: Optional[int],
-                  max_iterations: Optional[int]) -> None:
-    """Refuse accuracy-control settings out of range (one line each)."""
-    if max_drop is not None and not max_drop >= 0:
-        raise QuantizeError(f'--max-drop must be >= 0 (an absolute mAP '
-                            f'drop), got {max_drop}')
-    for flag, value in (('--ac-images', ac_images),
-                        ('--max-iterations', max_iterations)):
-        if value is not None and value < 1:
-            raise QuantizeError(f'{flag} must be >= 1, got {value}')
 
 
 class DetectionValidator:
@@ -71,22 +59,18 @@ def quantize_nncf(fp32_path: str,
                   max_drop: Optional[float] = None,
                   validator: Optional[DetectionValidator] = None,
                   max_iterations: int = DEFAULT_MAX_ITERATIONS) -> dict:
-    """Quantize ``fp32_path`` into ``out_path`` with NNCF. With
-    ``max_drop`` (absolute mAP), ``nncf.quantize_with_accuracy_control``
-    reverts the costliest quantizers until ``validator`` scores the result
-    within ``max_drop`` of FP32; it is scored again and refused beyond.
-
-    Returns:
-        dict: as :func:`.static.quantize_onnx`, plus with ``max_drop``
-        ``accuracy`` (``fp32_map``, ``int8_map``, ``drop``, ``max_drop``,
-        ``evaluations`` and the validator's ``info``).
-    """
+    """Quantize ``fp32_path`` into ``out_path`` with NNCF; with
+    ``max_drop`` (absolute mAP) under NNCF's accuracy control scored by
+    ``validator``, the result scored again and refused beyond. Returns
+    :func:`.static.region_info`, plus ``accuracy`` with ``max_drop``."""
     nncf = import_nncf()
     from nncf.quantization.advanced_parameters import \
         AdvancedAccuracyRestorerParameters
     if not calibration:
         raise QuantizeError('no calibration inputs')
-    check_options(max_drop, None, max_iterations)
+    if max_drop is not None and not max_drop >= 0:
+        raise QuantizeError(f'--max-drop must be >= 0 (an absolute mAP '
+                            f'drop), got {max_drop}')
     if max_drop is not None and validator is None:
         raise QuantizeError('--max-drop needs a validation function')
     model = load(fp32_path)
@@ -136,8 +120,7 @@ def quantize_nncf(fp32_path: str,
             raise QuantizeError(
                 f'NNCF accuracy control: INT8 mAP {int8_map:.4f} is '
                 f'{drop:.4f} below FP32 {fp32_map:.4f}, more than --max-drop'
-                f' {max_drop:g} after at most {max_iterations} iterations '
-                '(raise --max-iterations or --max-drop)')
+                f' {max_drop:g} after at most {max_iterations} iterations')
         info['config'] += (f'; accuracy control: max mAP drop {max_drop:g} '
                            f'on {validator.info["images"]} '
                            f'{validator.info["split"]} images, drop '

@@ -1,8 +1,7 @@
-"""Static INT8 quantization of an ONNX graph's conv region with
-:mod:`onnxruntime.quantization`: every ``Conv``, what feeds one (backbone,
-neck, head towers) and an activation right after one (folded into its
-range); what only reads the last convs' outputs (score activation, box
-decoding, TopK, NMS) stays float. Settings: ``docs/int8.md``."""
+"""Static INT8 quantization with :mod:`onnxruntime.quantization` of an ONNX
+graph's conv region: every ``Conv``, what feeds one and an activation right
+after one; what only reads the last convs' outputs (score activation, box
+decoding, TopK, NMS) stays float (``docs/int8.md``)."""
 import contextlib
 import functools
 import io
@@ -12,7 +11,6 @@ import os.path as osp
 import tempfile
 import types
 from collections import Counter
-from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .calibration import QuantizeError, as_feeds
@@ -23,28 +21,11 @@ FOLDED_ACTIVATIONS = ('Relu', 'Clip')
 REGION_OP_TYPES = ('Conv', 'Relu', 'Clip', 'Add', 'Resize', 'MaxPool',
                    'AveragePool', 'GlobalAveragePool', 'Concat', 'Mul',
                    'Sigmoid', 'Upsample')
+#: Weight types: ``int8`` (the fast ``u8s8`` kernels) or ``uint8``
+#: (``u8u8``: no int16 saturation on CPUs without VNNI).
 QUANT_TYPES = ('int8', 'uint8')
 #: ``metadata_props`` key of the INT8 graph describing its quantization.
 QUANT_METADATA_KEY = 'mmrepvgg.quantization'
-
-
-@dataclass
-class QuantConfig:
-    """QDQ format, asymmetric uint8 activations calibrated by MinMax,
-    symmetric per-channel weights of ``weight_type``: ``int8`` (the fast
-    ``u8s8`` kernels) or ``uint8`` (``u8u8``: no int16 saturation on CPUs
-    without VNNI)."""
-    weight_type: str = 'int8'
-
-    def __post_init__(self) -> None:
-        if self.weight_type not in QUANT_TYPES:
-            raise QuantizeError(f'--weight-type {self.weight_type!r}: '
-                                f'choose from {", ".join(QUANT_TYPES)}')
-
-    def describe(self) -> str:
-        sign = 's' if self.weight_type == 'int8' else 'u'
-        return (f'QDQ, u8 activations, {sign}8 weights per channel, MinMax '
-                'calibration')
 
 
 def load(path_or_model):
@@ -134,7 +115,9 @@ def boundary_tensors(model, region: Iterable[str]) -> List[str]:
 
 def region_info(model, region: Sequence[str], excluded: Sequence[str],
                 calibration: int, description: str) -> dict:
-    """What :func:`quantize_onnx` and the NNCF quantizer report."""
+    """What both quantizers report: ``config`` (text), ``quantized`` and
+    ``excluded`` node counts, ``excluded_ops``, ``boundary``
+    (:func:`boundary_tensors`), ``calibration`` (number of inputs)."""
     excluded = set(excluded)
     return dict(config=description, quantized=len(region),
                 excluded=len(excluded),
@@ -155,23 +138,20 @@ def record(model, description: str, calibration: int) -> None:
 def quantize_onnx(fp32_path: str,
                   out_path: str,
                   calibration: Sequence,
-                  config: Optional[QuantConfig] = None) -> dict:
+                  weight_type: str = 'int8') -> dict:
     """Statically quantize the graph ``fp32_path`` into ``out_path``
-    (written directly: the workflow makes the final file atomic).
-
-    Args:
-        calibration (Sequence): arrays for the graph's first input, or
-            feed dicts ``{input name: array}``.
-        config (QuantConfig, optional): default :class:`QuantConfig`.
-
-    Returns:
-        dict: ``config`` (text), ``quantized`` and ``excluded`` node counts,
-        ``excluded_ops`` (op histogram of the float part), ``boundary``
-        (:func:`boundary_tensors`) and ``calibration`` (number of inputs).
-    """
+    (written directly: the workflow makes the final file atomic): QDQ,
+    asymmetric uint8 activations calibrated by MinMax on arrays for the
+    first input or feed dicts, symmetric per-channel weights of
+    ``weight_type`` (:data:`QUANT_TYPES`); returns :func:`region_info`."""
     from onnxruntime import quantization as q
     from onnxruntime.quantization.shape_inference import quant_pre_process
-    config = config or QuantConfig()
+    if weight_type not in QUANT_TYPES:
+        raise QuantizeError(f'--weight-type {weight_type!r}: choose from '
+                            f'{", ".join(QUANT_TYPES)}')
+    sign = 's' if weight_type == 'int8' else 'u'
+    config = (f'QDQ, u8 activations, {sign}8 weights per channel, MinMax '
+              'calibration')
     if not calibration:
         raise QuantizeError('no calibration inputs')
     feeds = as_feeds(calibration, graph_inputs(fp32_path))
@@ -180,15 +160,15 @@ def quantize_onnx(fp32_path: str,
         quant_pre_process(fp32_path, pre, skip_symbolic_shape=True)
         model = load(pre)
         region, excluded = quantizable_nodes(model)
-        record(model, config.describe(), len(feeds))
+        record(model, config, len(feeds))
         reader = types.SimpleNamespace(
             get_next=functools.partial(next, iter(feeds), None))
         with contextlib.redirect_stdout(io.StringIO()):  # progress prints
             q.quantize_static(
                 model, out_path, reader, quant_format=q.QuantFormat.QDQ,
                 per_channel=True, activation_type=q.QuantType.QUInt8,
-                weight_type=(q.QuantType.QInt8 if config.weight_type
-                             == 'int8' else q.QuantType.QUInt8),
+                weight_type=(q.QuantType.QInt8 if weight_type == 'int8'
+                             else q.QuantType.QUInt8),
                 calibrate_method=q.CalibrationMethod.MinMax,
                 extra_options=dict(WeightSymmetric=True),
                 nodes_to_quantize=region, nodes_to_exclude=excluded,
@@ -196,7 +176,7 @@ def quantize_onnx(fp32_path: str,
                     {n.op_type for n in model.graph.node
                      if n.name in region} & set(REGION_OP_TYPES)))
     return region_info(model, region, excluded, len(feeds),
-                       config.describe())
+                       config)
 
 
 def export_module(module, x, path: str, opset: Optional[int] = None) -> None:

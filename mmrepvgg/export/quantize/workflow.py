@@ -11,40 +11,13 @@ from mmrepvgg.utils.fileio import (atomic_write_all, check_output_paths,
 from .analysis import compare_sessions, detection_agreement, layer_errors
 from .calibration import (QuantizeError, as_feeds, build_preprocessor,
                           preprocessed_images, split_dataset_cfg)
-from .static import QuantConfig, optimized_op_types, quantize_onnx
+from .static import optimized_op_types, quantize_onnx
 
 DEFAULT_CALIB_IMAGES = 64
 DEFAULT_VERIFY_IMAGES = 8
 #: A quantized tensor below this SQNR (dB) against FP32 fails verification.
 DEFAULT_MIN_SQNR = 10.0
 BACKENDS = ('onnxruntime', 'nncf')
-
-
-def _check_backend(backend: str, config: Optional[QuantConfig],
-                   max_drop: Optional[float], ac_images: Optional[int],
-                   max_iterations: Optional[int],
-                   backbone_only: bool) -> None:
-    """Refuse options that do not apply to ``backend``, before any work."""
-    from .nncf_ptq import check_options, import_nncf
-    if backend not in BACKENDS:
-        raise QuantizeError(f'--backend {backend!r}: choose from '
-                            f'{", ".join(BACKENDS)}')
-    nncf_only = [flag for flag, value in (
-        ('--max-drop', max_drop), ('--ac-images', ac_images),
-        ('--max-iterations', max_iterations)) if value is not None]
-    if backend != 'nncf' and nncf_only:
-        raise QuantizeError(f'{" ".join(nncf_only)}: needs --backend nncf')
-    if backend == 'nncf' and config not in (None, QuantConfig()):
-        raise QuantizeError('--weight-type applies to --backend onnxruntime')
-    if max_drop is None and nncf_only:
-        raise QuantizeError('--ac-images and --max-iterations need '
-                            '--max-drop')
-    if max_drop is not None and backbone_only:
-        raise QuantizeError('--max-drop measures the detector\'s mAP: not '
-                            'with --backbone-only')
-    check_options(max_drop, ac_images, max_iterations)
-    if backend == 'nncf':
-        import_nncf()
 
 
 def quantize_checkpoint(cfg,
@@ -57,7 +30,7 @@ def quantize_checkpoint(cfg,
                         calib_split: str = 'train',
                         verify_images: int = DEFAULT_VERIFY_IMAGES,
                         verify_split: str = 'val',
-                        config: Optional[QuantConfig] = None,
+                        weight_type: Optional[str] = None,
                         min_sqnr: float = DEFAULT_MIN_SQNR,
                         threads: Optional[int] = None,
                         unsafe_load: bool = False,
@@ -66,24 +39,31 @@ def quantize_checkpoint(cfg,
                         fp32_output: Optional[str] = None,
                         layers_json: Optional[str] = None,
                         backend: str = 'onnxruntime',
-                        max_drop: Optional[float] = None,
-                        ac_images: Optional[int] = None,
-                        max_iterations: Optional[int] = None) -> dict:
-    """Export the fused model of a config + checkpoint (the end-to-end
-    detector graph, post-processing left in float, or the backbone), quantize
-    it on ``calib_images`` real images of ``calib_split``, verify it against
-    the FP32 graph on ``verify_images`` of ``verify_split`` and write it; the
-    options are those of ``tools/deployment/quantize.py``.
-
-    Every output (``output``, ``fp32_output``, ``layers_json``) is checked
-    against every input and each other first; all are written together at
-    the end, or none (a quantized tensor below ``min_sqnr`` dB raises
-    :class:`QuantizeError`). Returns what was done and measured.
-    """
+                        max_drop: Optional[float] = None) -> dict:
+    """``tools/deployment/quantize.py``: export the fused model, quantize
+    it on ``calib_images`` of ``calib_split``, verify it against FP32 on
+    ``verify_images`` of ``verify_split`` (a quantized tensor below
+    ``min_sqnr`` dB raises :class:`QuantizeError`); the outputs, checked
+    against every input first, are written together or none. Returns what
+    was done and measured."""
     from ..graph import op_histogram
     from ..onnx_export import export_onnx
-    _check_backend(backend, config, max_drop, ac_images, max_iterations,
-                   backbone_only)
+    from .nncf_ptq import import_nncf
+    if backend not in BACKENDS:
+        raise QuantizeError(f'--backend {backend!r}: choose from '
+                            f'{", ".join(BACKENDS)}')
+    if backend != 'nncf' and max_drop is not None:
+        raise QuantizeError('--max-drop: needs --backend nncf')
+    if backend == 'nncf' and weight_type not in (None, 'int8'):
+        raise QuantizeError('--weight-type applies to --backend onnxruntime')
+    if max_drop is not None and not max_drop >= 0:
+        raise QuantizeError(f'--max-drop must be >= 0 (an absolute mAP '
+                            f'drop), got {max_drop}')
+    if max_drop is not None and backbone_only:
+        raise QuantizeError('--max-drop measures the detector\'s mAP: not '
+                            'with --backbone-only')
+    if backend == 'nncf':
+        import_nncf()
     outputs = [('OUTPUT', output, '.onnx'),
                ('--save-fp32', fp32_output, '.onnx'),
                ('--layers-json', layers_json, '.json')]
@@ -120,14 +100,12 @@ def quantize_checkpoint(cfg,
                           shape=tuple(calib[0]['input'].shape[2:]),
                           threads=threads, unsafe_load=unsafe_load)
         if backend == 'nncf':
-            from .nncf_ptq import (DEFAULT_MAX_ITERATIONS,
-                                   DetectionValidator, quantize_nncf)
+            from .nncf_ptq import DetectionValidator, quantize_nncf
             validator = None if max_drop is None else DetectionValidator(
-                cfg, verify_split, ac_images, tmp, threads)
-            q = quantize_nncf(fp32, int8, calib, max_drop, validator,
-                              max_iterations or DEFAULT_MAX_ITERATIONS)
+                cfg, verify_split, verify_images, tmp, threads)
+            q = quantize_nncf(fp32, int8, calib, max_drop, validator)
         else:
-            q = quantize_onnx(fp32, int8, calib, config)
+            q = quantize_onnx(fp32, int8, calib, weight_type or 'int8')
         report = dict(q, checkpoint_form=exp.checkpoint_form,
                       blocks=exp.blocks, exported=exp.exported,
                       output=output, backend=backend,
