@@ -46,9 +46,9 @@ noise-table: setup
 	done; done
 
 # Speed of the forms of RepVGG backbones, timed in the same rounds: training,
-# deploy, a plain Conv2d+ReLU reference, onnxruntime FP32 and INT8 (and
-# bfloat16 with BENCH_ARGS=--bf16); writes work_dirs/benchmark/benchmark.{md,json}.
-# Run on a quiet machine, e.g. BENCH_ARGS='--threads 2 --sizes 224 --bf16 --repeats 36'.
+# deploy, a plain Conv2d+ReLU reference, onnxruntime FP32 and INT8 (others with
+# BENCH_ARGS='--forms ...'); writes work_dirs/benchmark/benchmark.{md,json}.
+# Run on a quiet machine, e.g. BENCH_ARGS='--threads 2 --sizes 224 --repeats 36'.
 BENCH_ARGS ?=
 benchmark: setup
 	$(PY) tools/analysis_tools/benchmark.py --out-dir work_dirs/benchmark $(BENCH_ARGS)
