@@ -4,11 +4,9 @@
     python tools/convert_deploy.py CONFIG CHECKPOINT OUTPUT.pth
     python tools/convert_deploy.py CONFIG 'work_dirs/x/epoch_*.pth' OUT_DIR/
 
-Writes OUTPUT.pth and OUTPUT.py (the deploy config) as one all-or-nothing
-pair once the converted model's backbone, neck and head outputs passed the
-float32-noise check (docs/deployment.md). With several checkpoints every
-output path is checked before anything is written, each bad checkpoint gets
-its own `error:` line and the tool exits 1 with a summary.
+Writes OUTPUT.pth and OUTPUT.py (the deploy config) as one pair once the
+converted model passed the float32-noise check (docs/deployment.md); with
+several checkpoints, each failure is one `error:` line, then a summary.
 """
 import importlib.util
 import os
@@ -28,7 +26,6 @@ def parse_args(argv=None):
     p.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
                    help="verification input size (default: the config's "
                    'test resize)')
-    p.add_argument('--device', default='cpu', help='cpu, cuda, cuda:1, ...')
     p.add_argument('--noise-factor', type=float,
                    help='largest accepted ratio of the converted error to '
                    "the original model's own float32 error (default 4)")
@@ -97,8 +94,7 @@ def run(args) -> int:
     for ckpt, out in items:
         try:
             print_report(convert_checkpoint(
-                cfg, args.config, ckpt, out, shape=args.shape,
-                device=args.device, factor=factor,
+                cfg, args.config, ckpt, out, shape=args.shape, factor=factor,
                 verify=not args.no_verify, unsafe_load=args.unsafe_load))
         except ToolError as e:
             if len(ckpts) == 1:

@@ -1,10 +1,8 @@
 #!/usr/bin/env python
 """Train a detector with mmdet's runner, mmrepvgg registered.
 
-Same arguments as mmdet's tools/train.py. Checkpoints are written atomically
-(every plain ``CheckpointHook`` runs as ``AtomicCheckpointHook``), ``--resume``
-alone continues from the work dir's newest usable checkpoint, and bad input
-exits 1 with one ``error: ...`` line before anything is written.
+Same arguments as mmdet's tools/train.py; checkpoints are written atomically
+and ``--resume`` alone continues from the newest usable one.
 """
 import importlib.util
 import os.path as osp

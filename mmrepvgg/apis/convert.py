@@ -5,7 +5,7 @@ import copy
 import glob
 import os.path as osp
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -72,8 +72,8 @@ def extract_state_dict(obj, error: type = ConvertError
 
 def read_state_dict(path: str, unsafe_load: bool = False
                     ) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Safely load a checkpoint file; ``(state_dict, meta)``. Sparse, meta,
-    complex or non-finite tensors and negative variances are refused."""
+    """``(state_dict, meta)`` of a checkpoint file, loaded safely; sparse,
+    meta, complex or non-finite tensors and negative variances refused."""
     ckpt = load_checkpoint(path, map_location='cpu', unsafe=unsafe_load)
     try:
         sd = extract_state_dict(ckpt)
@@ -123,10 +123,12 @@ def build_model(cfg: Config) -> nn.Module:
 
 
 def key_mismatch(own: Dict[str, torch.Tensor],
-                 sd: Dict[str, torch.Tensor]
+                 sd: Dict[str, torch.Tensor],
+                 name: Callable[[str], str] = str
                  ) -> Tuple[List[str], List[str], List[str], str]:
     """``(missing, unexpected, mis-shaped, description)`` of loading ``sd``
-    into a model whose state dict is ``own`` (description '' if none)."""
+    into a model whose state dict is ``own`` (description '' if none; keys
+    shown as ``name(key)``)."""
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shape = [k for k in own if k in sd and tuple(own[k].shape) != tuple(
@@ -134,7 +136,7 @@ def key_mismatch(own: Dict[str, torch.Tensor],
     sizes = {k: f' {tuple(sd[k].shape)} vs {tuple(own[k].shape)}'
              for k in shape}
     problem = '; '.join(
-        f'{what}: ' + preview([k + sizes.get(k, '') for k in keys])
+        f'{what}: ' + preview([name(k) + sizes.get(k, '') for k in keys])
         for what, keys in (('missing keys', missing),
                            ('unexpected keys', unexpected),
                            ('shape mismatch', shape)) if keys)
@@ -252,17 +254,11 @@ def compare_outputs(ref: Dict[str, torch.Tensor],
 
 def verify_models(model: nn.Module, fused: nn.Module, x: torch.Tensor,
                   samples: list, factor: float = NOISE_FACTOR,
-                  tolerance: Optional[float] = None,
                   what: str = 'model') -> dict:
-    """Judge ``fused`` against ``model`` on every backbone/neck/head output
-    (:mod:`mmrepvgg.deploy.verify`): its float32 error against ``model`` in
-    float64 is at most ``factor`` times ``model``'s own float32 error (or a
-    fixed relative ``tolerance``), and every block of ``model``, fed its
-    real input and fused in float64, is exact to :data:`BLOCK_FP64_TOL`.
-
-    Returns:
-        dict: :func:`~mmrepvgg.deploy.verify.judge_fp32`'s verdict.
-    """
+    """:func:`~mmrepvgg.deploy.verify.judge_fp32`'s verdict on every
+    backbone/neck/head output of ``fused`` against ``model``, with every
+    block of ``model`` fused in float64 on its real input exact to
+    :data:`BLOCK_FP64_TOL`."""
     outs = {}
     block_err, block_name = blockwise_fp64_error(
         model, lambda: outs.__setitem__(
@@ -276,8 +272,7 @@ def verify_models(model: nn.Module, fused: nn.Module, x: torch.Tensor,
     truth = collect_outputs(deepcopy_model(model).double(), x.double(),
                             samples)
     try:
-        verdict = judge_fp32(truth, ref, new, factor=factor,
-                             tolerance=tolerance)
+        verdict = judge_fp32(truth, ref, new, factor=factor)
     except NonFiniteError as e:
         raise ConvertError(f'{what}: the unconverted model itself gives '
                            f'non-finite outputs ({e})') from None
@@ -292,8 +287,7 @@ def verify_models(model: nn.Module, fused: nn.Module, x: torch.Tensor,
 
 # ------------------------------------------------------------------ convert
 def check_options(shape: Optional[Sequence[int]], factor: float) -> None:
-    """Bounds of the numeric options, named as the command line names
-    them."""
+    """Bounds of ``--shape`` and ``--noise-factor``."""
     if shape is not None and (len(shape) != 2 or not all(
             isinstance(v, int) and 1 <= v <= MAX_SIDE for v in shape)):
         raise ConvertError(f'--shape must be two integers in [1, '
@@ -315,13 +309,11 @@ def convert_checkpoint(cfg: Config,
                        checkpoint: str,
                        output: str,
                        shape: Optional[Tuple[int, int]] = None,
-                       device: str = 'cpu',
                        factor: float = NOISE_FACTOR,
                        verify: bool = True,
                        unsafe_load: bool = False) -> dict:
-    """Convert one checkpoint; returns a report dict. Nothing is written
-    unless every check passed, and the checkpoint and its config are written
-    as one all-or-nothing group."""
+    """Convert one checkpoint; returns a report dict. The checkpoint and its
+    config are written as one group once every check passed."""
     out_ckpt, out_cfg = deploy_paths(output)
     check_output_paths([(checkpoint, 'input checkpoint'),
                         (config_path, 'input config')],
@@ -338,7 +330,7 @@ def convert_checkpoint(cfg: Config,
         raise ConvertError(f'{config_path}: the model has no RepVGG '
                            '(re-parameterizable) block to convert')
     load_weights(model, sd, checkpoint, config_path)
-    model.to(device).eval()
+    model.eval()
     fused = switch_to_deploy(model, inplace=False, verbose=False)
 
     def convs(m):
@@ -352,7 +344,7 @@ def convert_checkpoint(cfg: Config,
                   params_after=count_params(fused),
                   convs_before=convs(model), convs_after=convs(fused))
     if verify:
-        x, samples = make_inputs(shape, device=device)
+        x, samples = make_inputs(shape)
         verdict = verify_models(model, fused, x, samples, factor=factor,
                                 what=checkpoint)
         report['verify'] = verdict

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from mmrepvgg.deploy.verify import first_non_finite
+from mmrepvgg.deploy.verify import check_finite
 from mmrepvgg.utils.cli import ToolError, preview
 from mmrepvgg.version import __version__
 from .convert import extract_state_dict, key_mismatch
@@ -51,6 +51,12 @@ FORMATS = OrderedDict(
          'se_layer.conv1.conv', 'se_layer.conv2.conv'),
         ('head.', 'data_preprocessor.')),
 )
+#: Keys only a multi-branch QARepVGG block has: a bare 1x1 conv (YOLOv6,
+#: super-gradients, mmrepvgg) or a norm after the branch sum (``post_norm``,
+#: ``post_bn``, YOLOv6's ``bn`` on the block itself).
+_QAREPVGG_KEY = re.compile(r'(^|\.)((rbr_1x1|branch_1x1)\.(weight|bias)|'
+                           r'(post_norm|post_bn)\.\w+)$|^stage\d+(\.\d+)?'
+                           r'\.bn\.\w+$')
 
 
 class CheckpointImportError(ToolError):
@@ -106,56 +112,25 @@ def source_key(name: str, key: str, prefix: str = '') -> str:
     return f'{prefix}{unit}.{inverse[m.group(4)]}'
 
 
-#: Keys only a QARepVGG block has: a 1x1 branch that is a bare conv (YOLOv6
-#: ``rbr_1x1``, super-gradients / mmrepvgg ``branch_1x1``) and a norm after
-#: the branch sum (mmrepvgg ``post_norm``, super-gradients ``post_bn``).
-_QAREPVGG_KEY = re.compile(
-    r'(^|\.)((rbr_1x1|branch_1x1)\.(weight|bias)|(post_norm|post_bn)\.'
-    r'(weight|bias|running_mean|running_var|num_batches_tracked))$')
-#: YOLOv6's post-sum norm: ``bn`` beside ``rbr_dense`` or ``rbr_reparam``.
-_BLOCK_BN_KEY = re.compile(
-    r'^(.*\.)?bn\.(weight|bias|running_mean|running_var|'
-    r'num_batches_tracked)$')
-
-
-def qarepvgg_evidence(keys) -> Optional[str]:
-    """The first key showing that ``keys`` are QARepVGG weights (None if
-    none does): no RepVGG block has them, so such a checkpoint cannot be
-    imported (only its fused form is the same)."""
-    keys = list(keys)
-    for k in keys:
-        if _QAREPVGG_KEY.search(k):
-            return k
-    blocks = {key[:key.index(b)] for key in keys
-              for b in ('rbr_dense.', 'rbr_reparam.') if b in key}
-    for k in keys:
-        m = _BLOCK_BN_KEY.match(k)
-        if m is not None and (m.group(1) or '') in blocks:
-            return k
-    return None
+def _qarepvgg_note(keys) -> str:
+    qa = next((k for k in keys if _QAREPVGG_KEY.search(k)), None)
+    return f'; a QARepVGG checkpoint, not a RepVGG one (key {qa})' \
+        if qa else ''
 
 
 def detect_format(keys) -> str:
     """Name of the format that maps the most of ``keys``."""
-    qa = qarepvgg_evidence(keys)
-    if qa is not None:
-        raise CheckpointImportError(
-            f'a QARepVGG checkpoint, not a RepVGG one (key {qa}: a 1x1 '
-            'branch without norm or a norm after the branch sum, which '
-            'RepVGG blocks do not have); nothing imported. An mmrepvgg '
-            'QARepVGG backbone state dict loads as it is into '
-            "RepVGG(arch, block_cfg=dict(type='QARepVGGBlock'))")
     counts = {name: sum(bool(map_key(name, k)) for k in keys)
               for name in FORMATS}
     best = max(counts, key=counts.get)
     if not counts[best]:
         raise CheckpointImportError(
             'not a RepVGG checkpoint of a known layout (official, timm, '
-            f'mmpretrain, mmrepvgg); first keys: {preview(list(keys))}')
+            f'mmpretrain, mmrepvgg); first keys: {preview(list(keys))}'
+            + _qarepvgg_note(keys))
     return best
 
 
-# ------------------------------------------------------------ arch, form
 def build_backbone(arch: Arch, deploy: bool) -> torch.nn.Module:
     """``RepVGG(arch, deploy=deploy)`` on the meta device: shapes only."""
     from mmrepvgg.models import RepVGG
@@ -197,7 +172,6 @@ def detect_deploy(sd: Dict[str, torch.Tensor]) -> bool:
     return bool(fused)
 
 
-# --------------------------------------------------------------- strict load
 def check_strict(sd: Dict[str, torch.Tensor], arch: Arch, deploy: bool,
                  fmt: str, prefix: str = '', hint: Optional[str] = None
                  ) -> Tuple['OrderedDict[str, torch.Tensor]', list]:
@@ -214,57 +188,36 @@ def check_strict(sd: Dict[str, torch.Tensor], arch: Arch, deploy: bool,
     filled = [k for k in expected if k not in out and k.endswith(tracked)
               and k[:-len(tracked)] + 'running_mean' in out]
     out.update((k, torch.tensor(0, dtype=torch.long)) for k in filled)
-    missing, unexpected, shape, _ = key_mismatch(expected, out)
 
     def named(k):
         src = source_key(fmt, k, prefix)
         return k if src == k else f'{k} (source {src})'
 
-    sizes = {k: f' {tuple(out[k].shape)} vs expected '
-             f'{tuple(expected[k].shape)}' for k in shape}
-    parts = [f'{what} ({len(keys)}): ' + preview(
-        [named(k) + sizes.get(k, '') for k in keys], 3)
-        for what, keys in (('missing keys', missing),
-                           ('unexpected keys', unexpected),
-                           ('shape mismatch', shape)) if keys]
-    if parts:
+    problem = key_mismatch(expected, out, named)[3]
+    if problem:
         name = arch if isinstance(arch, str) else 'custom arch'
         note = f'; {hint}' if hint else ''
         raise CheckpointImportError(
             f'weights do not fit RepVGG {name} '
-            f'({"deploy" if deploy else "training"} form{note}): '
-            + '; '.join(parts))
+            f'({"deploy" if deploy else "training"} form{note}): {problem}')
     try:
         model.load_state_dict(out, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointImportError(
             'strict load into RepVGG failed: '
             f'{" ".join(str(e).split())[:500]}') from None
-    return OrderedDict((k, _compact(out[k])) for k in expected), filled
+    # clones own exactly their storage: a view would save its source whole
+    return OrderedDict((k, out[k].detach().clone()) for k in expected), filled
 
 
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    """A tensor owning exactly its storage (a view of a larger storage would
-    otherwise be saved whole)."""
-    t = t.detach()
-    if t.is_meta:
-        return t
-    t = t.contiguous()
-    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        t = t.clone()
-    return t
-
-
-# -------------------------------------------------------------------- main
 def import_state_dict(obj: Any,
                       arch: Optional[Arch] = None,
                       fmt: Optional[str] = None
                       ) -> Tuple['OrderedDict[str, torch.Tensor]', dict]:
-    """Convert a loaded RepVGG checkpoint (a state dict, possibly wrapped)
-    into this backbone's keys; ``arch`` and ``fmt`` (a key of
-    :data:`FORMATS`) are detected unless given. Returns the state dict
-    (``RepVGG`` keys and order) and an info dict (``format``, ``arch``,
-    ``deploy``, ``dropped`` classifier keys, ``filled`` keys, ...)."""
+    """A loaded RepVGG checkpoint (possibly wrapped) in ``RepVGG`` keys and
+    order, and an info dict (``format``, ``arch``, ``deploy``, ``dropped``
+    and ``filled`` keys ...); ``arch`` and ``fmt`` are detected unless
+    given."""
     sd = extract_state_dict(obj, CheckpointImportError)
     if fmt is None:
         fmt = detect_format(list(sd))
@@ -287,25 +240,18 @@ def import_state_dict(obj: Any,
             mapped[ours], origin[ours] = v, k
     if unknown:
         raise CheckpointImportError(
-            f'{len(unknown)} key(s) not recognised as {fmt} RepVGG '
-            f'weights ({FORMATS[fmt].description}): {preview(unknown)}')
-    if not mapped:
-        raise CheckpointImportError(
-            f'no backbone weights found ({fmt} layout); keys: '
-            f'{preview(list(sd))}')
+            f'{len(unknown)} key(s) not recognised as {fmt} RepVGG weights '
+            f'({FORMATS[fmt].description}): {preview(unknown)}'
+            + _qarepvgg_note(unknown))
     bad = [f'{origin[k]} ({v.dtype})' for k, v in mapped.items()
            if not (v.is_floating_point() or k.endswith('num_batches_tracked'))]
-    if bad:
-        raise CheckpointImportError('non floating-point weights: '
-                                    + preview(bad))
-    broken = first_non_finite(mapped)
-    if broken is not None:
-        detail = 'a negative variance' if bool(
-            torch.isfinite(mapped[broken]).all()) else 'NaN or Inf values'
+    if not mapped or bad:
         raise CheckpointImportError(
-            f'{origin[broken]} holds {detail}: the source weights are '
-            'broken; nothing imported')
-
+            f'non floating-point weights: {preview(bad)}' if bad else
+            f'no backbone weights found ({fmt} layout); keys: '
+            f'{preview(list(sd))}')
+    check_finite({origin[k]: v for k, v in mapped.items()},
+                 'broken source weights, nothing imported')
     deploy = detect_deploy(mapped)
     guess, exact = detect_arch(mapped, deploy)
     hint = None
@@ -328,9 +274,8 @@ def import_state_dict(obj: Any,
 def make_checkpoint(state: Dict[str, torch.Tensor], info: dict,
                     source: Optional[str] = None,
                     prefix: str = '') -> dict:
-    """``{'meta': {'mmrepvgg': ...}, 'state_dict': ...}`` to be saved;
-    ``prefix`` (e.g. ``'backbone.'`` for a detector's ``load_from``) is
-    prepended to every key."""
+    """The checkpoint to save, ``prefix`` (``'backbone.'`` for a detector's
+    ``load_from``) prepended to every key."""
     meta = dict(
         version=__version__,
         source_format=info['format'],

@@ -1,6 +1,6 @@
-"""What tools/train.py and tools/test.py share: arguments, config, the
-checks done before mmengine's runner starts (so that a refused run leaves no
-work dir behind), and launching it."""
+"""What tools/train.py and tools/test.py share: arguments, config, checks
+before mmengine's runner starts (a refused run leaves no work dir), the
+runner."""
 import argparse
 import os
 import os.path as osp
@@ -60,9 +60,8 @@ def load_runner_config(args: argparse.Namespace,
 
 # ------------------------------------------------------------------ training
 def use_atomic_checkpoints(cfg: Config) -> int:
-    """Run every plain ``CheckpointHook`` of ``cfg`` (default or custom hook)
-    as :class:`~mmrepvgg.engine.AtomicCheckpointHook`, same arguments;
-    returns how many were replaced."""
+    """Make every plain ``CheckpointHook`` of ``cfg`` an
+    ``AtomicCheckpointHook``; returns how many."""
     from mmengine.hooks import CheckpointHook
     hooks = [cfg.get('default_hooks', {}).get('checkpoint')]
     hooks += list(cfg.get('custom_hooks', None) or [])
@@ -77,14 +76,9 @@ def use_atomic_checkpoints(cfg: Config) -> int:
 
 def resolve_resume(cfg: Config, resume: Optional[str],
                    unsafe_load: bool = False) -> None:
-    """Set ``cfg.resume``/``cfg.load_from`` for ``--resume [CKPT]``.
-
-    ``'auto'`` picks the work dir's checkpoint with the most recorded
-    progress that loads and matches the model
-    (:func:`~mmrepvgg.engine.find_resume_checkpoint`); without any, training
-    starts from scratch with a warning. An explicit ``CKPT`` must exist,
-    load and match the model.
-    """
+    """Set ``cfg.resume``/``cfg.load_from`` for ``--resume [CKPT]``: the
+    given checkpoint or, for ``'auto'``, the work dir's one with the most
+    progress (none: from scratch), either loading and matching the model."""
     from mmrepvgg.deploy.checkpoint import CheckpointError
     from mmrepvgg.engine import check_checkpoint, find_resume_checkpoint
     if resume is None:
@@ -132,8 +126,7 @@ def check_test_checkpoint(cfg: Config,
                           unsafe_load: bool = False,
                           strict: bool = True) -> None:
     """Read ``checkpoint`` safely and, with ``strict``, refuse it unless its
-    keys and shapes are those of ``cfg``'s model, saying why (a deploy
-    checkpoint with a training config, the reverse, or the keys)."""
+    keys and shapes are those of ``cfg``'s model."""
     sd, _ = read_state_dict(checkpoint, unsafe_load=unsafe_load)
     if not strict:
         return
@@ -143,31 +136,24 @@ def check_test_checkpoint(cfg: Config,
         raise ToolError(f'{config}: cannot build the model '
                         f'({error_message(e)})') from None
     missing, unexpected, _, problem = key_mismatch(own, sd)
-    if not problem:
-        return
 
     def has(keys, part):
         return any(part in k for k in keys)
 
     if has(unexpected, '.conv_reparam.') and has(missing, '.branch_3x3.'):
         twin = osp.splitext(checkpoint)[0] + '.py'
-        where = (f'{twin}, written next to it by convert_deploy.py'
-                 if osp.isfile(twin) else
-                 'the .py convert_deploy.py wrote next to it, or the '
-                 "config's deploy twin (configs/repvgg/deploy/)")
         raise ToolError(
-            f'{checkpoint}: this is a deploy checkpoint (fused conv_reparam '
-            f'weights) but {config} builds the multi-branch training model: '
-            f'use its deploy config ({where}); --deploy cannot help, it '
-            'fuses after loading')
+            f'{checkpoint}: this is a deploy checkpoint but {config} builds '
+            f'the training model: use its deploy config ({twin}, written '
+            'next to it by convert_deploy.py)')
     if has(unexpected, '.branch_3x3.') and has(missing, '.conv_reparam.'):
         raise ToolError(
-            f'{checkpoint}: this is a training checkpoint (multi-branch '
-            f'weights) but {config} builds the fused deploy model: use the '
-            'training config (add --deploy to fuse after loading), or '
-            'convert it with tools/convert_deploy.py')
-    raise ToolError(f'{checkpoint} does not match config {config}: ' +
-                    problem + ' (--non-strict loads it anyway)')
+            f'{checkpoint}: this is a training checkpoint but {config} builds '
+            'the deploy model: use the training config (add --deploy to fuse '
+            'after loading), or convert it with tools/convert_deploy.py')
+    if problem:
+        raise ToolError(f'{checkpoint} does not match config {config}: '
+                        f'{problem} (--non-strict loads it anyway)')
 
 
 # ------------------------------------------------------------------- running

@@ -1,7 +1,6 @@
-"""Seed sweeps: the same configs trained under several seeds, compared by
-their mean metrics (one training run of a small detector moves by several
-mAP points from seed to seed). ``tools/analysis_tools/seed_sweep.py`` is the
-command line; this module holds the parts that do not train.
+"""Seed sweeps (``tools/analysis_tools/seed_sweep.py``): the same configs
+trained under several seeds, compared by their mean metrics; the metrics of
+training and test runs, and tools run in a child process with a log.
 """
 import glob
 import hashlib
@@ -11,6 +10,7 @@ import os
 import os.path as osp
 import stat
 import statistics
+import subprocess
 from typing import Dict, List, Optional, Sequence
 
 from mmrepvgg.utils.cli import ToolError
@@ -21,6 +21,22 @@ RESULT_FILE = 'sweep_result.json'
 DEFAULT_METRIC = 'coco/bbox_mAP'
 #: A result file holds a few lines; a larger one is refused unread.
 MAX_RESULT_BYTES = 65536
+
+
+def run_logged(cmd: Sequence[str], log: str, what: str,
+               cwd: Optional[str] = None) -> None:
+    """Run ``cmd`` with its output into ``log``; a failure is a ToolError
+    naming ``what``, the exit code, the last line and the log."""
+    os.makedirs(osp.dirname(osp.abspath(log)), exist_ok=True)
+    with open(log, 'w') as f:
+        code = subprocess.call(cmd, cwd=cwd, stdout=f,
+                               stderr=subprocess.STDOUT)
+    if code:
+        with open(log) as f:
+            tail = [line for line in f.read().splitlines() if line.strip()]
+        raise ToolError(f'{what} exited {code}: '
+                        f'{tail[-1] if tail else "(no output)"} (full log: '
+                        f'{log})')
 
 
 def _plausible(value) -> bool:

@@ -381,3 +381,20 @@ def check_output_paths(inputs: Sequence[Tuple[str, str]],
             raise error(f'{out}: refusing to overwrite {seen[real]}; '
                         'choose another output path')
         seen[real] = seen[ident]
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+    """A new folder beside ``path`` to fill; on success it replaces
+    ``path`` (a folder) whole, on any error it is removed."""
+    parent = osp.dirname(osp.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f'.{osp.basename(path)}.', dir=parent)
+    try:
+        yield tmp
+        if osp.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

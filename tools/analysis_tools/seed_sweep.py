@@ -5,19 +5,14 @@
         --run repvgg configs/toy/retinanet_repvgg-tiny_repvgg-fpn_toy.py \\
         --run qarepvgg configs/toy/retinanet_qarepvgg-tiny_qarepvgg-fpn_toy.py
 
-Each ``--run LABEL CONFIG [key=value ...]`` trains once per seed, one at a
-time, in ``<work-dir>/LABEL/seed<SEED>`` (``tools/train.py CONFIG
---cfg-options randomness.seed=SEED key=value ...``). The last logged metric
-is recorded in ``sweep_result.json`` there, so a rerun reuses finished seeds
-and refuses a work dir trained from another config or options. The table:
-every seed, mean +- sample std, each run's difference of means to the first
-+- its standard error; it is the only output on stdout (progress: stderr).
+Each ``--run LABEL CONFIG [key=value ...]`` trains once per seed in
+``<work-dir>/LABEL/seed<SEED>``; its last logged metric is recorded there, so
+a rerun reuses finished seeds and refuses one trained from another config or
+options. stdout is the table (mean +- std, difference to the first run).
 """
 import importlib.util
-import os
 import os.path as osp
 import runpy
-import subprocess
 import sys
 import time
 
@@ -50,20 +45,11 @@ def parse_args(argv=None):
 
 def train(run, seed: int) -> None:
     """Train ``seed`` of ``run`` in a child process."""
-    from mmrepvgg.utils.cli import ToolError
-    work_dir = run.work_dir(seed)
-    os.makedirs(work_dir, exist_ok=True)
-    log = osp.join(work_dir, 'sweep_train.log')
-    cmd = [sys.executable, osp.join(ROOT, 'tools', 'train.py'),
-           *run.train_args(seed)]
-    with open(log, 'w') as f:
-        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if code != 0:
-        with open(log) as f:
-            tail = [line for line in f.read().splitlines() if line.strip()]
-        last = tail[-1] if tail else '(no output)'
-        raise ToolError(f'{run.label} seed {seed}: tools/train.py exited '
-                        f'{code}: {last} (full log: {log})')
+    from mmrepvgg.apis.sweep import run_logged
+    run_logged([sys.executable, osp.join(ROOT, 'tools', 'train.py'),
+                *run.train_args(seed)],
+               osp.join(run.work_dir(seed), 'sweep_train.log'),
+               f'{run.label} seed {seed}: tools/train.py')
 
 
 def main(argv=None) -> int:

@@ -5,18 +5,16 @@ detectors on the NEON tree crowns, over seeds, side by side.
     python tools/analysis_tools/tree_crowns_table.py \\
         --work-dir work_dirs/trees --seeds 0 1 2
 
-Reads the runs ``seed_sweep.py`` trained in the same work dir (one label per
-config of :data:`RUNS`; docs/real_images.md). Per seed: AP50 and mAP on the
-hold-out and on the other sites, and of the deploy checkpoint's ONNX and INT8
-graphs (kept in the seed's ``eval.json``); parameters and GFLOPs; latency of
-the first seed's forms, all timed in the same rounds.
+Reads the runs ``seed_sweep.py`` trained in the same work dir, one label per
+config of :data:`RUNS` (docs/real_images.md): AP50 and mAP per seed of every
+form (cached in the seed's ``eval.json``), size, and the first seed's
+latencies, all forms timed in the same rounds.
 """
 import importlib.util
 import json
 import os
 import os.path as osp
 import runpy
-import subprocess
 import sys
 
 ROOT = osp.abspath(osp.join(__file__, '../../..'))  # the repository
@@ -39,26 +37,19 @@ FORMS = (('PyTorch training', 'PyTorch training'),
 
 def tools_test(config, checkpoint, work, options=()):
     """AP50 and mAP of ``tools/test.py`` (its log in ``work``)."""
-    from mmrepvgg.apis.sweep import test_metrics
-    from mmrepvgg.utils.cli import ToolError
-    os.makedirs(work, exist_ok=True)
+    from mmrepvgg.apis.sweep import run_logged, test_metrics
     cmd = [sys.executable, osp.join(ROOT, 'tools', 'test.py'), config,
            checkpoint, '--work-dir', work]
-    if options:
-        cmd += ['--cfg-options', *options]
-    with open(osp.join(work, 'test.log'), 'w') as log:
-        if subprocess.call(cmd, cwd=ROOT, stdout=log,
-                           stderr=subprocess.STDOUT):
-            raise ToolError(f'tools/test.py failed on {checkpoint} (log: '
-                            f'{work}/test.log)')
+    run_logged(cmd + (['--cfg-options', *options] if options else []),
+               osp.join(work, 'test.log'), f'tools/test.py on {checkpoint}',
+               cwd=ROOT)
     return test_metrics(work)
 
 
 def evaluate_seed(label, config, seed_dir):
     """Every accuracy number of one trained seed (cached in eval.json)."""
-    from mmrepvgg.apis.convert import convert_checkpoint, load_config
+    from mmrepvgg.apis.convert import load_config
     from mmrepvgg.apis.sweep import final_metric
-    from mmrepvgg.export.onnx_export import export_onnx
     from mmrepvgg.export.quantize import quantize_checkpoint
     from mmrepvgg.utils.cli import ToolError
     from mmrepvgg.utils.fileio import atomic_write_bytes
@@ -73,26 +64,18 @@ def evaluate_seed(label, config, seed_dir):
         with open(record) as f:
             return json.load(f)
     out = osp.join(seed_dir, 'deploy')
+    onnx = osp.join(out, 'end2end.onnx')
+    int8 = osp.join(out, 'end2end_int8.onnx')
     os.makedirs(out, exist_ok=True)
+    quantize_checkpoint(cfg, config, ckpt, int8, img_shape_input=True,
+                        fp32_output=onnx)
     r = dict(val=dict(AP50=final_metric(seed_dir, 'coco/bbox_mAP_50'),
                       mAP=final_metric(seed_dir, 'coco/bbox_mAP')),
              test=tools_test(config, ckpt, osp.join(out, 'test_sites'),
                              TEST_SET),
-             checkpoint=ckpt)
-    dcfg, dckpt = config, ckpt
-    if 'repvgg' in osp.basename(config):
-        dckpt = osp.join(out, 'deploy.pth')
-        dcfg = osp.join(out, 'deploy.py')
-        convert_checkpoint(cfg, config, ckpt, dckpt)
-    onnx = osp.join(out, 'end2end.onnx')
-    int8 = osp.join(out, 'end2end_int8.onnx')
-    export_onnx(load_config(dcfg), dcfg, dckpt, onnx, mode='end2end',
-                img_shape_input=True, verify_images=8)  # as the demo
-    quantize_checkpoint(load_config(dcfg), dcfg, dckpt, int8,
-                        img_shape_input=True)
-    r['onnx'], r['int8'] = onnx, int8
-    r['onnx_val'] = tools_test(config, onnx, osp.join(out, 'test_onnx'))
-    r['int8_val'] = tools_test(config, int8, osp.join(out, 'test_int8'))
+             checkpoint=ckpt, onnx=onnx, int8=int8,
+             onnx_val=tools_test(config, onnx, osp.join(out, 'test_onnx')),
+             int8_val=tools_test(config, int8, osp.join(out, 'test_int8')))
     atomic_write_bytes(record, json.dumps(r, indent=1))
     return r
 
@@ -105,6 +88,7 @@ def complexity(config):
     from mmrepvgg.apis.convert import (build_model, load_config,
                                        test_input_shape)
     from mmrepvgg.deploy import switch_to_deploy
+    from mmrepvgg.deploy.switch import count_params
     cfg = load_config(config)
     model = build_model(cfg).eval()
     deploy = switch_to_deploy(model, inplace=False, verbose=False)
@@ -112,10 +96,8 @@ def complexity(config):
     flops = get_model_complexity_info(
         deploy, inputs=(torch.zeros(1, 3, h, w), ), show_table=False,
         show_arch=False)['flops']
-
-    def params(m):
-        return sum(p.numel() for p in m.parameters()) / 1e6
-    return params(model), params(deploy), flops / 1e9, (h, w)
+    return (count_params(model) / 1e6, count_params(deploy) / 1e6,
+            flops / 1e9, (h, w))
 
 
 def time_forms(first_seeds, repeats):

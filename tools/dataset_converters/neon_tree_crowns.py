@@ -4,14 +4,10 @@
     python tools/dataset_converters/neon_tree_crowns.py [--out data/neon_trees]
 
 The four annotated images of the NEON tree-crown benchmark (Weinstein et al.
-2021) shipped in the pinned ``deepforest`` 2.1.0 wheel (fetched once with
-``pip download --no-deps`` into the cache, or ``--wheel``; sha256 checked).
-Tiles of 400 px, splits overlapping no other (docs/real_images.md): ``val``,
-the bottom rows of whole tiles of each Yellowstone image (spatial hold-out);
-``train``, the part above a 100 px gap band, tiles at stride 200 px;
-``test``, the two other-site images whole. A crown cut by a tile edge keeps
-its clipped box if at least half of it is inside, else it becomes an ignore
-region (``iscrowd=1``).
+2021) in the pinned ``deepforest`` 2.1.0 wheel (fetched once with pip, or
+``--wheel``; sha256 checked), as 400 px tiles in splits that share no pixel
+(docs/real_images.md): ``val``, the bottom of each Yellowstone image;
+``train``, the part above a 100 px gap; ``test``, the other sites whole.
 """
 import hashlib
 import importlib.util
@@ -20,7 +16,6 @@ import math
 import os
 import os.path as osp
 import runpy
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -131,12 +126,10 @@ def convert(wheel: str, out: str, tile: int = 400, gap: int = 100,
     (the folder appears whole or not at all); the counts per split."""
     from PIL import Image
     from mmrepvgg.utils.cli import ToolError
-    parent = osp.dirname(osp.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.neon_trees.', dir=parent)
+    from mmrepvgg.utils.fileio import atomic_folder
     splits = {s: dict(images=[], annotations=[], categories=[
         dict(id=1, name='tree')]) for s in ('train', 'val', 'test')}
-    try:
+    with atomic_folder(out) as tmp:
         with zipfile.ZipFile(wheel) as z:
             for name, plan, crowns in images:
                 member = f'deepforest/data/{name}'
@@ -182,12 +175,6 @@ def convert(wheel: str, out: str, tile: int = 400, gap: int = 100,
             with open(osp.join(tmp, 'annotations', f'{split}.json'),
                       'w') as f:
                 json.dump(coco, f)
-        if osp.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {s: (len(c['images']),
                 sum(1 for a in c['annotations'] if not a['iscrowd']))
             for s, c in splits.items()}

@@ -8,12 +8,12 @@ background; ``annotations/{train,val}.json`` in COCO format. The same seed
 gives byte-identical files, so the dataset is "bundled" as this script.
 """
 import argparse
+import importlib.util
 import json
 import os
 import os.path as osp
-import shutil
+import runpy
 import sys
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -93,10 +93,8 @@ def main(argv=None) -> int:
         print('error: --train/--val must be >= 1 and --size >= 32',
               file=sys.stderr)
         return 1
-    parent = osp.dirname(osp.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.toy.', dir=parent)
-    try:
+    from mmrepvgg.utils.fileio import atomic_folder
+    with atomic_folder(args.out) as tmp:
         os.makedirs(osp.join(tmp, 'annotations'))
         for split, num, seed in (('train', args.train, args.seed),
                                  ('val', args.val, args.seed + 1)):
@@ -104,16 +102,11 @@ def main(argv=None) -> int:
                               args.max_objects)
             with open(osp.join(tmp, 'annotations', f'{split}.json'), 'w') as f:
                 json.dump(coco, f)
-        if osp.exists(args.out):
-            shutil.rmtree(args.out)
-        os.replace(tmp, args.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f'toy dataset: {args.train} train + {args.val} val images of '
           f'{args.size}x{args.size} in {args.out}')
     return 0
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # stdlib-only quiet start: utils/quiet.py
+    PKG = importlib.util.find_spec('mmrepvgg').submodule_search_locations[0]
+    runpy.run_path(osp.join(PKG, 'utils', 'quiet.py'))['run_tool'](main)
