@@ -74,15 +74,11 @@ def build_cfg(args):
                               strict=not args.non_strict)
         cfg.load_from = args.checkpoint
     if args.show or args.show_dir:
-        vis = cfg.default_hooks.get('visualization')
-        if vis is None:
+        from mmdet.engine.hooks.utils import trigger_visualization_hook
+        if cfg.default_hooks.get('visualization') is None:
             raise ToolError('--show/--show-dir need a "visualization" hook '
                             'in default_hooks')
-        vis.draw = True
-        if args.show:
-            vis.update(show=True, wait_time=args.wait_time)
-        if args.show_dir:
-            vis.test_out_dir = args.show_dir
+        trigger_visualization_hook(cfg, args)
     if args.tta:
         if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
             raise ToolError('--tta needs tta_model and tta_pipeline in the '

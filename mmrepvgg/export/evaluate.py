@@ -183,10 +183,11 @@ class OnnxRuntimeDetector(BaseDetector):
 class SplitScorer:
     """bbox mAP of detectors on ``num`` images (all: None) of a split, by
     the config's evaluator of that split without a runner; the images are
-    preprocessed once, one per batch."""
+    preprocessed once (or ``loaded`` already), one per batch."""
 
     def __init__(self, cfg, split: str = 'val', num: Optional[int] = None,
-                 threads: Optional[int] = None) -> None:
+                 threads: Optional[int] = None,
+                 loaded: Optional[tuple] = None) -> None:
         from .quantize.calibration import preprocessed
         if split not in ('val', 'test'):
             raise EvaluateError(f'scoring needs the val or test split (its '
@@ -198,7 +199,8 @@ class SplitScorer:
             'num_classes')
         self.preprocessor_cfg = cfg.model.get('data_preprocessor')
         self.threads = threads
-        self.items, self.info = preprocessed(cfg, split, num)
+        self.items, info = loaded or preprocessed(cfg, split, num)
+        self.info = dict(info)
         self.metainfo = self.info.pop('metainfo')
 
     def score(self, predict, indices: Optional[Sequence[int]] = None

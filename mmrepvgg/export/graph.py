@@ -64,20 +64,6 @@ class TensorForward(nn.Module):
         return [f'{base}{name}' for name, _ in _flatten(raw)]
 
 
-def is_single_stage(model_or_cls) -> bool:
-    from mmdet.models.detectors import SingleStageDetector
-    if isinstance(model_or_cls, type):
-        return issubclass(model_or_cls, SingleStageDetector)
-    return isinstance(model_or_cls, SingleStageDetector)
-
-
-def not_single_stage(config_path: str, name: str) -> ExportError:
-    return ExportError(
-        f'{config_path}: {name} is not a single-stage detector; its RoI head '
-        'needs proposals selected by post-processing (not exported): use '
-        '--backbone-only')
-
-
 def parts(model: nn.Module) -> str:
     return ' + '.join(['backbone'] + (['neck'] if model.with_neck else []) +
                       ['bbox_head'])

@@ -22,10 +22,9 @@ from mmrepvgg.deploy.verify import NOISE_FACTOR, describe, judge_fp32
 from mmrepvgg.utils.fileio import (atomic_write, check_output_paths,
                                    scratch_dir)
 from . import runtime
-from .graph import (DEFAULT_OPSET, TensorForward, check_onnx,
-                    export_to, fusion_leftovers,
-                    is_single_stage, keep_outputs, max_torchscript_opset,
-                    not_single_stage, op_histogram, parts)
+from .graph import (DEFAULT_OPSET, TensorForward, check_onnx, export_to,
+                    fusion_leftovers, keep_outputs, max_torchscript_opset,
+                    op_histogram, parts)
 from .loading import ExportError, load_deploy_model
 from .postprocess import (METADATA_KEY, End2EndDetector, PostProcessError,
                           check_test_cfg, describe_settings)
@@ -128,22 +127,23 @@ def check_request(cfg: Config, config_path: str, checkpoint: str,
             raise ExportError(f'{config_path}: test resize {shape[0]}x'
                               f'{shape[1]} is beyond [1, {MAX_SIDE}]: give '
                               '--shape')
-    if opts.mode != 'backbone':
-        _check_model_type(cfg, opts.mode, config_path)
-    return tuple(shape)
-
-
-def _check_model_type(cfg: Config, mode: str, config_path: str) -> None:
+    if opts.mode == 'backbone':
+        return tuple(shape)
+    from mmdet.models.detectors import SingleStageDetector
     from mmdet.registry import MODELS
     from mmengine.registry import init_default_scope
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     t = cfg.model.get('type')
     cls = MODELS.get(t) if isinstance(t, str) else t
     is_detector = 'backbone' in cfg.model
-    if isinstance(cls, type) and is_detector and not is_single_stage(cls):
-        raise not_single_stage(config_path, cls.__name__)
-    if mode != 'end2end':
-        return
+    if isinstance(cls, type) and is_detector and not issubclass(
+            cls, SingleStageDetector):
+        raise ExportError(
+            f'{config_path}: {cls.__name__} is not a single-stage detector; '
+            'its RoI head needs proposals selected by post-processing (not '
+            'exported): use --backbone-only')
+    if opts.mode != 'end2end':
+        return tuple(shape)
     if not is_detector:
         raise ExportError(f'{config_path}: --postprocess needs a '
                           'single-stage detector config (the model has no '
@@ -153,6 +153,7 @@ def _check_model_type(cfg: Config, mode: str, config_path: str) -> None:
     except PostProcessError as e:
         raise ExportError(f'{config_path}: cannot put the '
                           f'post-processing in the graph: {e}') from None
+    return tuple(shape)
 
 
 @dataclass
@@ -202,16 +203,12 @@ def prepare(model: nn.Module, cfg: Config, config_path: str,
             report.exported = f'backbone ({type(target).__name__})'
         elif not detector:
             report.exported = type(model).__name__
-        elif is_single_stage(model):
+        else:  # single-stage: check_request refused the others
             report.exported = (f'{type(model).__name__} ({parts(model)}, raw '
                                'outputs)')
-        else:
-            raise not_single_stage(config_path, type(model).__name__)
         net = TensorForward(target, 'single_stage' if detector and target
                             is model else 'module').eval()
         return _Graph(net, net, batches, False, False)
-    if not is_single_stage(model):
-        raise not_single_stage(config_path, type(model).__name__)
     try:
         net = End2EndDetector(model, with_img_shape=opts.img_shape_input,
                               with_raw=True).eval()
@@ -314,8 +311,7 @@ def verify_graph(graph: _Graph, model: nn.Module, opts: ExportOptions,
 
 
 def write_graph(graph: _Graph, tmp: str, output: str, metadata: dict,
-                threads: Optional[int] = None,
-                engine: str = 'onnxruntime') -> None:
+                opts: ExportOptions) -> None:
     """Write the verified graph to ``tmp`` (end2end: only ``dets`` and
     ``labels``, ``metadata`` stored, the verified graph's detections)."""
     if graph.detections:
@@ -328,7 +324,7 @@ def write_graph(graph: _Graph, tmp: str, output: str, metadata: dict,
         return
     _, x, shapes = graph.batches[-1]
     feed = graph.feed(x, shapes)
-    final = runtime.make_session(tmp, threads, runtime=engine)
+    final = runtime.make_session(tmp, opts.threads, runtime=opts.runtime)
     got, again = runtime.run(final, feed), runtime.run(graph.session, feed)
     if not (np.array_equal(got[0], again[0])
             and np.array_equal(got[1], again[1])):
@@ -421,8 +417,7 @@ def export_onnx(cfg: Config,
         with scratch_dir('mmrepvgg-export') as work:
             build_graph(graph, osp.join(work, 'verify.onnx'), opts)
             verify_graph(graph, model, opts, checkpoint, output, report)
-            write_graph(graph, tmp, output, metadata, opts.threads,
-                        opts.runtime)
+            write_graph(graph, tmp, output, metadata, opts)
             report.ops = op_histogram(tmp)
             if opts.bench:
                 report.bench = bench_graph(graph, model, opts)

@@ -102,8 +102,5 @@ def test_drop_beyond_max_drop_is_refused(tiny_fp32, tmp_path):
 
 def test_bad_arguments(tiny_fp32, tmp_path):
     out = str(tmp_path / 'int8.onnx')
-    with pytest.raises(qz.QuantizeError, match='--max-drop must be >= 0'):
-        quantize_nncf(str(tiny_fp32), out, _calibration(2), max_drop=-1,
-                      validator=_Scores(tiny_fp32))
     with pytest.raises(qz.QuantizeError, match='no calibration inputs'):
         quantize_nncf(str(tiny_fp32), out, [])

@@ -132,13 +132,10 @@ def run(args) -> int:
     from mmrepvgg.export.onnx_export import (ExportError, ExportOptions,
                                              export_onnx)
     from mmrepvgg.export.runtime import set_threads
-    from mmrepvgg.utils.cli import merge_cfg_options
-
     if args.img_shape_input and not args.postprocess:
         raise ExportError('--img-shape-input needs --postprocess')
     set_threads(args.threads)
-    cfg = load_config(args.config)
-    merge_cfg_options(cfg, args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)
     given = {k: getattr(args, k) for k in vars(ExportOptions())
              if getattr(args, k, None) is not None}  # None: the default
     opts = ExportOptions(**dict(

@@ -10,6 +10,7 @@ is below --min-sqnr dB against FP32 on other images. Outputs are written
 together at the end; a bad input is one ``error:`` line and no file.
 """
 import importlib.util
+import inspect
 import os.path as osp
 import runpy
 from collections import Counter
@@ -56,7 +57,7 @@ def parse_args(argv=None):
                    help='write the per-layer rows as JSON')
     p.add_argument('--bench', type=int, default=0, metavar='ROUNDS',
                    help='time FP32 vs INT8 onnxruntime on one image')
-    p.add_argument('--save-fp32', metavar='PATH',
+    p.add_argument('--save-fp32', dest='fp32_output', metavar='PATH',
                    help='also write the FP32 graph')
     p.add_argument('--threads', type=int,
                    help='onnxruntime (and PyTorch) threads')
@@ -131,17 +132,10 @@ def run(args) -> int:
     from mmrepvgg.export.quantize import quantize_checkpoint
     from mmrepvgg.export.runtime import set_threads
     set_threads(args.threads)
+    params = inspect.signature(quantize_checkpoint).parameters
     report = quantize_checkpoint(
         load_config(args.config, args.cfg_options), args.config,
-        args.checkpoint, args.output, backbone_only=args.backbone_only,
-        img_shape_input=args.img_shape_input, calib_images=args.calib_images,
-        calib_split=args.calib_split, verify_images=args.verify_images,
-        verify_split=args.verify_split,
-        weight_type=args.weight_type,
-        min_sqnr=args.min_sqnr, threads=args.threads,
-        unsafe_load=args.unsafe_load, layers=args.layers, bench=args.bench,
-        fp32_output=args.save_fp32, layers_json=args.layers_json,
-        backend=args.backend, max_drop=args.max_drop)
+        **{k: v for k, v in vars(args).items() if k in params})
     print_report(report)
     if args.layers_json:
         print(f'wrote {args.layers_json}')

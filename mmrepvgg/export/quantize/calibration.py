@@ -109,14 +109,11 @@ def preprocessed(cfg, split: str, num: Optional[int], preprocessor=None,
                          metainfo=ds.metainfo)
 
 
-def preprocessed_images(cfg,
-                        split: str,
-                        num: Optional[int],
-                        preprocessor=None) -> Tuple[List[dict], dict]:
-    """:func:`preprocessed` as graph feeds ``{'input': 1x3xHxW float32,
-    'img_shape': [[h, w]] int64}``; the info also counts ``shapes``."""
-    batches, info = preprocessed(cfg, split, num, preprocessor)
-    del info['metainfo']
+def image_feeds(batches: list, info: dict) -> Tuple[List[dict], dict]:
+    """:func:`preprocessed`'s batches as graph feeds ``{'input': 1x3xHxW
+    float32, 'img_shape': [[h, w]] int64}``; the info (no ``metainfo``)
+    also counts ``shapes``."""
+    info = {k: v for k, v in info.items() if k != 'metainfo'}
     feeds = [dict(input=x.cpu().contiguous().numpy(), img_shape=np.array(
         [s.metainfo['img_shape'][:2] for s in samples], np.int64))
         for x, samples in batches]

@@ -30,13 +30,15 @@ def import_nncf():
 
 class DetectionValidator:
     """NNCF's ``validation_fn``: the bbox mAP of a candidate graph (saved
-    in ``work_dir``) on ``num`` images of ``split`` (all when None)."""
+    in ``work_dir``) on ``num`` images of ``split`` (all when None) or the
+    ``loaded`` ones."""
 
     def __init__(self, cfg, split: str, num: Optional[int], work_dir: str,
-                 threads: Optional[int] = None) -> None:
+                 threads: Optional[int] = None,
+                 loaded: Optional[tuple] = None) -> None:
         from ..evaluate import EvaluateError, SplitScorer
         try:
-            self.scorer = SplitScorer(cfg, split, num, threads)
+            self.scorer = SplitScorer(cfg, split, num, threads, loaded)
         except EvaluateError as e:
             raise QuantizeError(f'--max-drop: {e}') from None
         self.items, self.info = self.scorer.items, self.scorer.info
@@ -68,9 +70,6 @@ def quantize_nncf(fp32_path: str,
         AdvancedAccuracyRestorerParameters
     if not calibration:
         raise QuantizeError('no calibration inputs')
-    if max_drop is not None and not max_drop >= 0:
-        raise QuantizeError(f'--max-drop must be >= 0 (an absolute mAP '
-                            f'drop), got {max_drop}')
     if max_drop is not None and validator is None:
         raise QuantizeError('--max-drop needs a validation function')
     model = load(fp32_path)

@@ -10,7 +10,7 @@ from mmrepvgg.utils.fileio import (atomic_write_all, check_output_paths,
                                    scratch_dir)
 from .analysis import compare_sessions, detection_agreement, layer_errors
 from .calibration import (QuantizeError, as_feeds, build_preprocessor,
-                          preprocessed_images, split_dataset_cfg)
+                          image_feeds, preprocessed, split_dataset_cfg)
 from .static import optimized_op_types, quantize_onnx
 
 DEFAULT_CALIB_IMAGES = 64
@@ -88,10 +88,10 @@ def quantize_checkpoint(cfg,
     if bench < 0:
         raise QuantizeError(f'--bench must be >= 0, got {bench}')
     preprocessor = build_preprocessor(cfg)
-    calib, calib_info = preprocessed_images(cfg, calib_split, calib_images,
-                                            preprocessor)
-    verify, verify_info = preprocessed_images(cfg, verify_split,
-                                              verify_images, preprocessor)
+    calib, calib_info = image_feeds(*preprocessed(
+        cfg, calib_split, calib_images, preprocessor))
+    loaded = preprocessed(cfg, verify_split, verify_images, preprocessor)
+    verify, verify_info = image_feeds(*loaded)  # and --max-drop's scoring
     with scratch_dir('mmrepvgg-quantize') as tmp:
         fp32, int8 = osp.join(tmp, 'fp32.onnx'), osp.join(tmp, 'int8.onnx')
         exp = export_onnx(cfg, config_path, checkpoint, fp32,
@@ -102,7 +102,7 @@ def quantize_checkpoint(cfg,
         if backend == 'nncf':
             from .nncf_ptq import DetectionValidator, quantize_nncf
             validator = None if max_drop is None else DetectionValidator(
-                cfg, verify_split, verify_images, tmp, threads)
+                cfg, verify_split, verify_images, tmp, threads, loaded)
             q = quantize_nncf(fp32, int8, calib, max_drop, validator)
         else:
             q = quantize_onnx(fp32, int8, calib, weight_type or 'int8')
