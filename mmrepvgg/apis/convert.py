@@ -20,7 +20,7 @@ from mmrepvgg.deploy.switch import count_params, deepcopy_model
 from mmrepvgg.deploy.verify import (BLOCK_FP64_TOL, NOISE_FACTOR,
                                     NonFiniteError, blockwise_fp64_error,
                                     check_finite, describe, flatten_outputs,
-                                    judge_fp32, relative_error)
+                                    judge_fp32)
 from mmrepvgg.utils.cli import (ToolError, error_message, merge_cfg_options,
                                 preview)
 from mmrepvgg.utils.fileio import atomic_write_group, check_output_paths
@@ -172,28 +172,27 @@ def test_input_shape(cfg: Config) -> Tuple[int, int]:
     return -(-h // div) * div, -(-w // div) * div
 
 
-def make_inputs(shape: Tuple[int, int], batch: int = 1, seed: int = 0,
-                device: str = 'cpu') -> Tuple[torch.Tensor, list]:
+def make_inputs(shape: Tuple[int, int],
+                seed: int = 0) -> Tuple[torch.Tensor, list]:
+    """A random image batch of one ``(H, W)`` image and its sample."""
     from mmdet.structures import DetDataSample
-    g = torch.Generator().manual_seed(seed)
     h, w = shape
-    x = torch.randn(batch, 3, h, w, generator=g).to(device)
+    x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
     meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
                 batch_input_shape=(h, w), scale_factor=(1.0, 1.0))
-    return x, [DetDataSample(metainfo=meta) for _ in range(batch)]
+    return x, [DetDataSample(metainfo=meta)]
 
 
-def _random_proposals(shape, batch, device, dtype, n=64):
+def _random_proposals(x: torch.Tensor, n: int = 64) -> list:
     g = torch.Generator().manual_seed(0)
-    h, w = shape
+    h, w = x.shape[2:]
     results = []
-    for _ in range(batch):
+    for _ in range(x.shape[0]):
         xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
         wh = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.5, h * 0.5])
         boxes = torch.cat([xy, (xy + wh + 8).minimum(torch.tensor([w, h]))],
                           1)
-        results.append(InstanceData(bboxes=boxes.to(device=device,
-                                                    dtype=dtype)))
+        results.append(InstanceData(bboxes=boxes.to(x)))
     return results
 
 
@@ -214,42 +213,9 @@ def collect_outputs(model: nn.Module, x: torch.Tensor,
             out.update(flatten_outputs(head(feats), name))
     roi_head = getattr(model, 'roi_head', None)
     if roi_head is not None:
-        proposals = _random_proposals(x.shape[2:], x.shape[0],
-                                      device=x.device, dtype=x.dtype)
-        out.update(flatten_outputs(
-            roi_head.forward(feats, proposals, samples), 'roi_head'))
+        out.update(flatten_outputs(roi_head.forward(
+            feats, _random_proposals(x), samples), 'roi_head'))
     return out
-
-
-def _check_same_outputs(ref: Dict[str, torch.Tensor],
-                        new: Dict[str, torch.Tensor],
-                        what: str = 'outputs differ') -> None:
-    if list(ref) != list(new):
-        raise ConvertError(f'{what}: {preview(ref)} vs {preview(new)}')
-    for k, a in ref.items():
-        if a.shape != new[k].shape:
-            raise ConvertError(f'output {k} changed shape: {tuple(a.shape)} '
-                               f'-> {tuple(new[k].shape)}')
-
-
-def compare_outputs(ref: Dict[str, torch.Tensor],
-                    new: Dict[str, torch.Tensor]) -> dict:
-    """Largest absolute and relative (``max|a-b| / max|a|``) differences of
-    two sets of outputs expected to be identical; anything non-finite counts
-    as an infinite difference, never as a match."""
-    _check_same_outputs(ref, new)
-    worst = dict(max_abs=0.0, max_rel=0.0, worst='', num_outputs=len(ref))
-    for k, a in ref.items():
-        b = new[k]
-        rel = relative_error(a, b)
-        diff = (a.double() - b.double()).abs().max().item() \
-            if a.numel() else 0.0
-        if rel == float('inf') or diff != diff:
-            diff = float('inf')
-        worst['max_abs'] = max(worst['max_abs'], diff)
-        if rel >= worst['max_rel']:
-            worst['max_rel'], worst['worst'] = rel, k
-    return worst
 
 
 def verify_models(model: nn.Module, fused: nn.Module, x: torch.Tensor,
@@ -265,8 +231,13 @@ def verify_models(model: nn.Module, fused: nn.Module, x: torch.Tensor,
             'ref', collect_outputs(model, x, samples)))
     ref = outs['ref']
     new = collect_outputs(fused, x, samples)
-    _check_same_outputs(ref, new,
-                        'converted model produces different outputs')
+    if list(ref) != list(new):
+        raise ConvertError('converted model produces different outputs: '
+                           f'{preview(ref)} vs {preview(new)}')
+    for k, a in ref.items():
+        if a.shape != new[k].shape:
+            raise ConvertError(f'output {k} changed shape: {tuple(a.shape)} '
+                               f'-> {tuple(new[k].shape)}')
     if x.dtype != torch.float32:
         raise ConvertError(f'verification runs in float32, got {x.dtype}')
     truth = collect_outputs(deepcopy_model(model).double(), x.double(),

@@ -74,31 +74,13 @@ def demo_summary(cfg,
                  maps: Mapping[str, Optional[float]],
                  repeats: int = 20,
                  warmup: int = 3,
-                 network_batch: int = 0,
                  openvino: bool = False,
-                 map_label: str = 'toy-val mAP') -> dict:
-    """Time the forms of :func:`forms` side by side: ``rows`` (with
-    ``maps``, form -> mAP measured elsewhere) and their ``table``,
-    ``timing``, ``shape``, ``skipped``; with ``network_batch``, ``network``:
-    the ``timing`` of the ``training`` and ``deploy`` networks alone (no
-    post-processing) on a random batch of that ``shape``, ``threads``."""
-    from mmrepvgg.apis.convert import make_inputs, test_input_shape
-    f = forms(cfg, config_path, checkpoint, onnx_files, openvino)
-    out = _summary(f, maps, repeats, warmup, map_label)
-    if network_batch:
-        n = f['threads']
-        xb, sb = make_inputs(test_input_shape(cfg), batch=network_batch)
-        with torch.inference_mode():
-            net = measure({k: (lambda m=f[k]: m._forward(xb, sb))
-                           for k in ('training', 'deploy')},
-                          repeats, warmup, threads=n)
-        out['network'] = dict(timing=net, shape=tuple(xb.shape), threads=n)
-    return out
-
-
-def _summary(f: dict, maps: Mapping[str, Optional[float]], repeats: int,
-             warmup: int, map_label: str) -> dict:
-    """:func:`demo_summary` of the forms ``f`` of :func:`forms`."""
+                 map_label: str = 'toy-val mAP',
+                 f: Optional[dict] = None) -> dict:
+    """Time the forms ``f`` (default: :func:`forms`) side by side: ``rows``
+    (with ``maps``, form -> mAP measured elsewhere) and their ``table``,
+    ``timing``, ``shape``, ``skipped``."""
+    f = f or forms(cfg, config_path, checkpoint, onnx_files, openvino)
     fns, n = f['fns'], f['threads']
     with torch.inference_mode():
         timing = measure(fns, repeats, warmup, threads=n)
@@ -142,8 +124,9 @@ def detector_forms(cfg,
             if f'{name} (OpenVINO)' in f['fns']:
                 maps[f'{name} (OpenVINO)'] = scorer.graph(path, 'openvino')
         log('detector: timing the forms')
-        out = _summary(f, maps, repeats, warmup,
-                       f'{scorer.info["split"]} mAP')
+        out = demo_summary(cfg, config_path, checkpoint, files, maps,
+                           repeats, warmup, True,
+                           f'{scorer.info["split"]} mAP', f)
     targets = []
     for suffix in ('', ' (OpenVINO)'):
         a, b = f'ONNX INT8{suffix}', f'ONNX FP32{suffix}'

@@ -172,7 +172,6 @@ def run_benchmark(archs: Sequence[Tuple[str, Union[str, dict]]],
                   repeats: int = 24,
                   warmup: int = 3,
                   settle: int = 1,
-                  order: str = 'balanced',
                   log: Callable[[str], None] = print) -> List[dict]:
     """Benchmark every (arch, size, batch) on the CPU, one dict per row
     (``archs``: ``(label, arch)``, arch as ``RepVGG`` takes it; ``log``:
@@ -215,7 +214,7 @@ def run_benchmark(archs: Sequence[Tuple[str, Union[str, dict]]],
                               calls, x[:1])
             for batch in batch_sizes:
                 row = dict(head, accuracy=accuracy, **_time(
-                    calls, x[:batch], repeats, warmup, settle, order))
+                    calls, x[:batch], repeats, warmup, settle))
                 if compile_s:
                     row['compile_s'] = compile_s[tuple(x[:batch].shape)]
                 rows.append(row)
@@ -278,14 +277,14 @@ def _check(name: str, training: nn.Module, calls: dict,
 
 
 def _time(calls: dict, x: torch.Tensor, repeats: int, warmup: int,
-          settle: int, order: str) -> dict:
+          settle: int) -> dict:
     """Latency, ratios and rounds of the forms on ``x``."""
     fns = {f: make(x) for f, make in calls.items()}
     threads = torch.get_num_threads()
     with torch.inference_mode():
         if 'compile' in fns:
             fns['compile']()  # compiles for this shape, before the rounds
-        t = measure(fns, repeats, warmup, settle, order, threads)
+        t = measure(fns, repeats, warmup, settle, threads)
     return dict(
         height=x.shape[2], width=x.shape[3], batch=x.shape[0],
         latency_ms={k: t.median(k) * 1e3 for k in t.times},
@@ -294,7 +293,7 @@ def _time(calls: dict, x: torch.Tensor, repeats: int, warmup: int,
         rounds=dict(total=len(t.reasons), kept=len(t.kept),
                     dropped=t.disturbed, busy=t.busy, reasons=t.reasons,
                     summary=t.describe(), samples=t.rounds),
-        settle=settle, order=order, threads=threads,
+        settle=settle, threads=threads,
         times_ms={k: [s * 1e3 for s in v] for k, v in t.times.items()},
         orders=[list(o) for o in t.orders])
 

@@ -1,7 +1,7 @@
 """The package's one timer (:func:`measure`; the method: docs/benchmark.md).
 
 Every round makes one timed call of every form, in an order that changes
-from round to round (a Williams design, or seeded random), each after
+from round to round (a Williams design), each after
 ``settle`` untimed calls of the same form. Rounds much slower than the
 median round, or during which other processes used CPU time, are disturbed
 and dropped from every median, unless more than half are (then all are kept
@@ -9,7 +9,6 @@ and the result is ``busy``). Ratios are medians of per-round ratios.
 """
 import math
 import os
-import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ ROUND_TOLERANCE = 0.15
 #: CPU cores other processes may use (on top of the cores our threads leave
 #: free) before a round is disturbed.
 OTHERS_CORES = 0.1
-ORDERS = ('balanced', 'random')
 
 
 def balanced_schedule(names: Sequence[str]) -> List[Tuple[str, ...]]:
@@ -37,20 +35,6 @@ def balanced_schedule(names: Sequence[str]) -> List[Tuple[str, ...]]:
     if n % 2:
         rows += [row[::-1] for row in rows]
     return [tuple(names[v] for v in row) for row in rows]
-
-
-def round_orders(names: Sequence[str], rounds: int, order: str = 'balanced',
-                 seed: int = 0) -> List[Tuple[str, ...]]:
-    """The order of the forms in each of ``rounds`` rounds: the balanced
-    cycle repeated, or a shuffle per round seeded with ``seed``."""
-    if order == 'balanced':
-        cycle = balanced_schedule(names)
-        return [cycle[i % len(cycle)] for i in range(rounds)]
-    if order == 'random':
-        rng = random.Random(seed)
-        return [tuple(rng.sample(list(names), len(names)))
-                for _ in range(rounds)]
-    raise ValueError(f'order must be balanced or random, got {order!r}')
 
 
 def machine_busy() -> Optional[float]:
@@ -131,9 +115,7 @@ def measure(fns: Mapping[str, Callable[[], object]],
             repeats: int,
             warmup: int = 3,
             settle: int = 1,
-            order: str = 'balanced',
-            threads: Optional[int] = None,
-            seed: int = 0) -> Timing:
+            threads: Optional[int] = None) -> Timing:
     """Time the zero-argument calls ``fns`` (form -> call) side by side,
     ``warmup`` untimed rounds, then ``repeats`` timed ones; ``threads``:
     cores the forms use (default: all), to tell others' load from ours."""
@@ -141,10 +123,11 @@ def measure(fns: Mapping[str, Callable[[], object]],
         raise ValueError(f'need repeats >= 1, warmup >= 0 and settle >= 0, '
                          f'got {repeats}, {warmup}, {settle}')
     times: Dict[str, List[float]] = {name: [] for name in fns}
-    for o in round_orders(list(fns), warmup, order, seed + 1):
-        for name in o:
+    cycle = balanced_schedule(list(fns))
+    for i in range(warmup):
+        for name in cycle[i % len(cycle)]:
             fns[name]()
-    orders = round_orders(list(fns), repeats, order, seed)
+    orders = [cycle[i % len(cycle)] for i in range(repeats)]
     rounds = []
     for o in orders:
         w0, c0, b0 = time.perf_counter(), time.process_time(), machine_busy()

@@ -29,16 +29,12 @@ def test_demo_summary_times_the_forms(toy_data, tmp_path, monkeypatch):
     randomize_(model, seed=0)
     torch.save({'state_dict': model.state_dict()}, tmp_path / 'ckpt.pth')
     s = demo_summary(cfg, TOY_CONFIG, str(tmp_path / 'ckpt.pth'), {},
-                     {'PyTorch deploy': 0.25}, repeats=2, warmup=1,
-                     network_batch=2)
+                     {'PyTorch deploy': 0.25}, repeats=2, warmup=1)
     assert [r['form'] for r in s['rows']] == ['PyTorch training',
                                               'PyTorch deploy']
     assert s['rows'][0]['speedup'] == 1.0 and s['rows'][0]['map'] is None
     assert '| PyTorch deploy | 0.250 |' in s['table']
     assert len(s['timing'].reasons) == 2
-    net = s['network']
-    assert net['shape'][0] == 2 and set(net['timing'].times) == {
-        'training', 'deploy'}
 
 
 def test_side_by_side_picture(toy_data, tmp_path):

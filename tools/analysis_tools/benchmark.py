@@ -50,7 +50,6 @@ def parse_args(argv=None):
     from mmrepvgg.benchmark.run import ALL_FORMS, DEFAULT_FORMS
     from mmrepvgg.models.backbones.repvgg import ARCH_SETTINGS
     from mmrepvgg.utils.cli import ToolArgumentParser, add_cli_args
-    from mmrepvgg.utils.timing import ORDERS
     p = ToolArgumentParser(
         description='Time the forms of RepVGG backbones side by side, each '
         'checked against the training form first.')
@@ -77,8 +76,6 @@ def parse_args(argv=None):
     p.add_argument('--settle', type=int_in(0), default=1,
                    help='untimed calls of a form before each timed call; '
                    'default 1')
-    p.add_argument('--order', choices=ORDERS, default='balanced',
-                   help='order of the forms in the rounds; default balanced')
     p.add_argument('--threads', type=int_in(1),
                    help="threads of every runtime (default: torch's)")
     p.add_argument('--detector', nargs=2, metavar=('CONFIG', 'CHECKPOINT'),
@@ -126,7 +123,7 @@ def run(args) -> int:
         rows = bench.run_benchmark(
             [(a, a) for a in dict.fromkeys(args.archs)], args.sizes,
             args.batch_sizes, args.forms, args.repeats, args.warmup,
-            args.settle, args.order)
+            args.settle)
         detector = '' if cfg is None else detector_forms(
             cfg, *args.detector, args.detector_images, args.repeats,
             args.warmup)['markdown']
@@ -135,7 +132,7 @@ def run(args) -> int:
         shlex.quote(a) for a in args.argv)
     settings = {'repeats (timed rounds)': str(args.repeats),
                 'warmup rounds': str(args.warmup),
-                'settle calls': str(args.settle), 'order': args.order}
+                'settle calls': str(args.settle)}
     markdown = report.format_markdown(
         rows, command, settings, report.environment(),
         report.check_targets(rows)) + detector

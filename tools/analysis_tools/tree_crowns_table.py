@@ -138,6 +138,7 @@ def main(argv=None) -> int:
 
         import mmrepvgg  # noqa: F401  (registers the modules)
         from mmrepvgg.apis.sweep import summarize
+        from mmrepvgg.benchmark.report import md_table
         os.chdir(ROOT)  # the configs' data_root is relative to the repo
         results = {label: {s: evaluate_seed(
             label, config, osp.join(args.work_dir, label, f'seed{s}'))
@@ -149,26 +150,23 @@ def main(argv=None) -> int:
             s = summarize([get(results[label][seed]) for seed in args.seeds])
             return f'{s["mean"]:.3f} ± {s["std"]:.3f}'
 
-        lines = [
-            '| model | params M (train / deploy) | GFLOPs | hold-out AP50 | '
-            'hold-out mAP | other sites AP50 | other sites mAP | '
-            + ' | '.join(f'{col} ms' for col, _ in FORMS) +
-            ' | INT8 AP50 drop |',
-            '|---|---|---:|---:|---:|---:|---:|' + '---:|' * len(FORMS)
-            + '---:|']
+        rows = []
         for label, config in RUNS:
             pt, pd, gflops, (h, w) = complexity(config)
-            cells = [f'{pt:.2f} / {pd:.2f}', f'{gflops:.1f}',
+            cells = [label, f'{pt:.2f} / {pd:.2f}', f'{gflops:.1f}',
                      stat(label, lambda r: r['val']['AP50']),
                      stat(label, lambda r: r['val']['mAP']),
                      stat(label, lambda r: r['test']['AP50']),
                      stat(label, lambda r: r['test']['mAP'])]
             cells += [f'{latency[label, f]:.1f}' if (label, f) in latency
                       else 'n/a' for _, f in FORMS]
-            cells.append(stat(label, lambda r: r['onnx_val']['AP50'] -
-                              r['int8_val']['AP50']))
-            lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
-        table = '\n'.join(lines)
+            rows.append(cells + [stat(label, lambda r: r['onnx_val']['AP50']
+                                      - r['int8_val']['AP50'])])
+        table = '\n'.join(md_table(
+            ['model', 'params M (train / deploy)', 'GFLOPs', 'hold-out AP50',
+             'hold-out mAP', 'other sites AP50', 'other sites mAP']
+            + [f'{col} ms' for col, _ in FORMS] + ['INT8 AP50 drop'], rows,
+            left=2))
         note = (f'{len(args.seeds)} seeds ({", ".join(map(str, args.seeds))})'
                 f', mean ± sample std; latency: seed {args.seeds[0]}, batch '
                 f'1, {h}x{w}, {torch.get_num_threads()} threads, '

@@ -4,8 +4,8 @@
     python tools/misc/make_toy_dataset.py [--out data/toy]
 
 Images of squares, circles and triangles in random colours on a noisy
-background; ``annotations/{train,val}.json`` in COCO format. The same seed
-gives byte-identical files, so the dataset is "bundled" as this script.
+background; ``annotations/{train,val}.json`` in COCO format. Byte-identical
+files every time, so the dataset is "bundled" as this script.
 """
 import argparse
 import importlib.util
@@ -19,15 +19,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASSES = ('square', 'circle', 'triangle')
+MAX_OBJECTS = 3
 
 
-def draw_image(rng: np.random.RandomState, size: int, max_objects: int):
+def draw_image(rng: np.random.RandomState, size: int):
     bg = rng.randint(0, 90, size=3)
     noise = rng.randint(-20, 21, size=(size, size, 3))
     img = Image.fromarray(np.clip(bg + noise, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     boxes = []
-    for _ in range(rng.randint(1, max_objects + 1)):
+    for _ in range(rng.randint(1, MAX_OBJECTS + 1)):
         for _attempt in range(20):
             s = int(rng.randint(size // 6, size // 2.5))
             x0 = int(rng.randint(0, size - s))
@@ -58,14 +59,14 @@ def _iou(a, b):
     return inter / (union - inter)
 
 
-def make_split(root: str, split: str, num: int, size: int, seed: int,
-               max_objects: int) -> dict:
+def make_split(root: str, split: str, num: int, size: int,
+               seed: int) -> dict:
     rng = np.random.RandomState(seed)
     img_dir = osp.join(root, split)
     os.makedirs(img_dir, exist_ok=True)
     images, annotations = [], []
     for i in range(num):
-        img, boxes = draw_image(rng, size, max_objects)
+        img, boxes = draw_image(rng, size)
         name = f'{i:04d}.png'
         img.save(osp.join(img_dir, name))
         images.append(dict(id=i, file_name=name, width=size, height=size))
@@ -86,8 +87,6 @@ def main(argv=None) -> int:
     p.add_argument('--train', type=int, default=96, help='training images')
     p.add_argument('--val', type=int, default=32, help='validation images')
     p.add_argument('--size', type=int, default=128, help='image side (px)')
-    p.add_argument('--max-objects', type=int, default=3)
-    p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
     if args.train < 1 or args.val < 1 or args.size < 32:
         print('error: --train/--val must be >= 1 and --size >= 32',
@@ -96,10 +95,9 @@ def main(argv=None) -> int:
     from mmrepvgg.utils.fileio import atomic_folder
     with atomic_folder(args.out) as tmp:
         os.makedirs(osp.join(tmp, 'annotations'))
-        for split, num, seed in (('train', args.train, args.seed),
-                                 ('val', args.val, args.seed + 1)):
-            coco = make_split(tmp, split, num, args.size, seed,
-                              args.max_objects)
+        for seed, (split, num) in enumerate((('train', args.train),
+                                             ('val', args.val))):
+            coco = make_split(tmp, split, num, args.size, seed)
             with open(osp.join(tmp, 'annotations', f'{split}.json'), 'w') as f:
                 json.dump(coco, f)
     print(f'toy dataset: {args.train} train + {args.val} val images of '
