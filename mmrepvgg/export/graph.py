@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from mmrepvgg.utils.cli import error_message
 from .loading import ExportError
 
 #: Widely consumed (TensorRT >= 8.6, onnxruntime >= 1.14).
@@ -119,7 +120,7 @@ def check_onnx(path: str) -> None:
         onnx.checker.check_model(path)
     except Exception as e:  # onnx raises ValidationError and others
         raise ExportError(f'exported graph fails onnx.checker: '
-                          f'{str(e).splitlines()[0]}') from None
+                          f'{error_message(e)}') from None
 
 
 def keep_outputs(src: str, dst: str, names: Sequence[str],

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config
 
-from mmrepvgg.apis.convert import MAX_SIDE, test_input_shape
+from mmrepvgg.apis.convert import MAX_SIDE, check_options, test_input_shape
 from mmrepvgg.deploy.verify import NOISE_FACTOR, describe, judge_fp32
 from mmrepvgg.utils.fileio import (atomic_write, check_output_paths,
                                    scratch_dir)
@@ -108,19 +108,15 @@ def check_request(cfg: Config, config_path: str, checkpoint: str,
     if not low <= opts.opset <= max_opset:
         raise ExportError(f'--opset {opts.opset}: the TorchScript exporter '
                           f'supports opsets {low}..{max_opset} here')
-    if not opts.noise_factor > 0:
-        raise ExportError(f'--noise-factor must be > 0, got '
-                          f'{opts.noise_factor}')
     if not 0 <= opts.verify_images <= MAX_BATCH:
         raise ExportError(f'--verify-images must be in [0, {MAX_BATCH}] (one '
                           f'batch), got {opts.verify_images}')
     if opts.bench < 0:
         raise ExportError(f'--bench must be >= 0, got {opts.bench}')
+    # the same bounds as convert_deploy: an infinite --noise-factor would
+    # switch the float32-noise check off
+    check_options(opts.shape, opts.noise_factor)
     shape = opts.shape
-    if shape is not None and not (len(shape) == 2 and all(
-            isinstance(v, int) and 1 <= v <= MAX_SIDE for v in shape)):
-        raise ExportError(f'--shape must be two integers in [1, {MAX_SIDE}],'
-                          f' got {list(shape)}')
     if not shape:
         shape = test_input_shape(cfg)
         if not all(1 <= v <= MAX_SIDE for v in shape):

@@ -33,12 +33,10 @@ def test_reference_equals_deploy(arch):
     x = torch.randn(2, 3, 48, 40)
     with torch.inference_mode():
         outs_d, outs_r = forms['deploy'](x), ref(x)
-        outs_t = forms['training'](x)
     assert len(outs_d) == len(outs_r) == 4
-    for d, r, t in zip(outs_d, outs_r, outs_t):
+    for d, r in zip(outs_d, outs_r):
         assert d.shape == r.shape
         assert relative_error(d, r) <= 1e-6
-        assert relative_error(t, d) <= 1e-4
     acc = bm._check('tiny', forms['training'], _calls(forms), x)
     assert set(acc) == {'deploy', 'reference'}
     assert all(a['kind'] == 'fp32' and a['passed'] for a in acc.values())

@@ -156,7 +156,7 @@ BAD_CASES = ['missing_checkpoint', 'verification_fails', 'not_onnx',
              'img_shape_without_postprocess', 'postprocess_fails',
              'bad_cfg_option', 'score_thr_2', 'score_thr_nan',
              'iou_above_1', 'max_per_img_200000', 'min_bbox_size_nan',
-             'shape_6000',
+             'noise_factor_inf', 'noise_factor_below_1', 'shape_6000',
              'test_resize_6000', 'verify_images_100000',
              'output_is_checkpoint', 'output_is_config']
 
@@ -235,6 +235,10 @@ def test_bad_inputs_exit_1_with_one_line_and_no_output(case, models,
         extra = ['--postprocess', '--cfg-options', f'model.{key}={value}']
         expect = f'{TOY_CONFIG}: cannot put the post-processing in the ' \
             f'graph: {key}={value}: must be'
+    elif case in ('noise_factor_inf', 'noise_factor_below_1'):
+        value = 'inf' if case == 'noise_factor_inf' else '0.5'
+        extra = ['--noise-factor', value]
+        expect = f'--noise-factor must be a finite number >= 1, got {value}'
     elif case == 'shape_6000':
         extra = ['--shape', '6000', '6000']
         expect = '--shape must be two integers in [1, 4096], got [6000, 6000]'
